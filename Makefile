@@ -1,0 +1,26 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   creates .venv, installs medclip, runs the main job (run_medclip.sh) on its embedded default
+#   make test   creates .venv, installs medclip with the test and parity extras, runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test bench clean
+
+$(VENV)/.core: pyproject.toml requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.core requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt -e '.[test,parity]'
+	touch $@
+
+demo: $(VENV)/.core
+	PATH="$(abspath $(VENV))/bin:$$PATH" ./run_medclip.sh
+
+test: $(VENV)/.dev
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,6 @@
+"""medclip: fine-tune CLIP-style image-text models on medical data with JAX and Flax NNX."""
+
+from medclip.models.hybrid import FlaxHybridCLIP, HybridCLIPConfig
+
+__all__ = ["FlaxHybridCLIP", "HybridCLIPConfig"]
+__version__ = "0.1.0"

@@ -1,0 +1,235 @@
+"""`from_pretrained`, `from_text_vision_pretrained` and `save_pretrained` for FlaxHybridCLIP.
+
+Saved models use transformers' VisionTextDualEncoderModel layout (config.json + model.safetensors), so
+`transformers.VisionTextDualEncoderModel.from_pretrained(folder)` loads them in PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from medclip.checkpoints import conversion as conv
+from medclip.checkpoints.hub import resolve_model_dir
+from medclip.checkpoints.readers import CheckpointError, find_checkpoint_file, read_checkpoint
+from medclip.models.bert import BertConfig
+from medclip.models.clip_text import CLIPTextConfig
+from medclip.models.hybrid import HybridCLIPConfig, text_config_from_hf_dict, vision_config_from_hf_dict
+
+logger = logging.getLogger(__name__)
+
+
+def text_rules(config: Any) -> list[conv.Rule]:
+    if isinstance(config, CLIPTextConfig):
+        return conv.CLIP_TEXT_RULES
+    if isinstance(config, BertConfig) and config.is_distilbert:
+        return conv.DISTILBERT_RULES
+    return conv.BERT_RULES
+
+
+def hybrid_rules(config: HybridCLIPConfig) -> list[conv.Rule]:
+    """The VisionTextDualEncoderModel layout."""
+    return [
+        *conv.prefixed("vision_model.", conv.CLIP_VISION_RULES, "vision_model."),
+        *conv.prefixed("text_model.", text_rules(config.text_config), "text_model."),
+        *conv.linear("visual_projection", "visual_projection", bias=False),
+        *conv.linear("text_projection", "text_projection", bias=False),
+        conv.Rule("logit_scale", "logit_scale"),
+        conv.Rule("logit_bias", "logit_bias"),
+    ]
+
+
+def read_config_json(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def infer_model_type(data: dict[str, Any], name: str) -> str:
+    """Old checkpoints (SciBERT's, for one) have no `model_type`; transformers then guesses from the
+    architecture list or the repo name, and so do we, in the same order of specificity."""
+    if data.get("model_type"):
+        return data["model_type"]
+    hints = " ".join(data.get("architectures") or []).lower() + " " + name.lower()
+    for model_type in ("distilbert", "xlm-roberta", "roberta", "bert", "clip"):
+        if model_type.replace("-", "") in hints.replace("-", ""):
+            return model_type
+    raise ValueError(f"{name}: config.json has no model_type and none can be inferred from its name or "
+                     "architectures; add \"model_type\" to config.json")
+
+
+def load_tensors(folder: Path) -> tuple[dict[str, np.ndarray], str]:
+    """Reads a folder's weights in PyTorch naming (legacy Flax msgpack keys are renamed)."""
+    path = find_checkpoint_file(folder)
+    tensors = read_checkpoint(path)
+    if path.name.endswith(".msgpack"):
+        tensors = conv.flax_to_hf_keys(tensors)
+    return tensors, str(path)
+
+
+def param_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
+    return {".".join(map(str, path)): tuple(v.shape) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def _collapse_double_prefixes(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """transformers 4.x saved `vision_model.vision_model.*` (and the Flax hybrid did too)."""
+    out = {}
+    for key, value in tensors.items():
+        for tower in ("vision_model.", "text_model."):
+            if key.startswith(tower + tower):
+                key = key[len(tower):]
+        out[key] = value
+    return out
+
+
+def _fill(abstract: nnx.Module, values: dict[str, np.ndarray | jax.Array]) -> nnx.Module:
+    graphdef, state = nnx.split(abstract)
+    flat = nnx.to_flat_state(state)
+    leaves = []
+    for path, variable in flat:
+        key = ".".join(map(str, path))
+        if key not in values:
+            raise conv.WeightMismatchError(f"no value for parameter {key}")
+        leaves.append((path, variable.replace(jnp.asarray(values[key], dtype=variable.dtype))))
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+def _abstract(cls, config: HybridCLIPConfig, dtype, remat: bool) -> nnx.Module:
+    return nnx.eval_shape(lambda: cls(config, dtype=dtype, remat=remat, rngs=nnx.Rngs(0)))
+
+
+def load_hybrid(cls, name_or_path: str | os.PathLike, *, dtype=jnp.float32, remat: bool = False,
+                revision: str | None = None) -> nnx.Module:
+    folder = resolve_model_dir(name_or_path, revision=revision)
+    config = HybridCLIPConfig.from_dict(read_config_json(folder))
+    tensors, source = load_tensors(folder)
+    abstract = _abstract(cls, config, dtype, remat)
+    values = conv.to_ours(_collapse_double_prefixes(tensors), hybrid_rules(config), param_shapes(abstract),
+                          source=source)
+    return _fill(abstract, values)
+
+
+def _tower_values(tensors: dict[str, np.ndarray], tower_rules: list[conv.Rule], prefixes: tuple[str, ...],
+                  our_prefix: str, shapes: dict[str, tuple[int, ...]], source: str,
+                  fresh: dict[str, jax.Array] | None = None) -> dict[str, np.ndarray]:
+    """Picks the key prefix under which the tower lives in the checkpoint (a BertForMaskedLM's `bert.`,
+    a full CLIP's `vision_model.`), converts those keys and reports mismatches; other towers' keys in
+    the same file are skipped, and said so."""
+    tower_shapes = {k[len(our_prefix):]: s for k, s in shapes.items() if k.startswith(our_prefix)}
+
+    def matches(prefix: str) -> int:
+        return sum(1 for k in tensors if k.startswith(prefix) and
+                   any(r.match_hf(conv.normalize_hf_key(k[len(prefix):])) for r in tower_rules))
+
+    prefix = max(prefixes, key=matches)
+    if matches(prefix) == 0:
+        raise conv.WeightMismatchError(f"{source}: no weights of this tower found (looked under prefixes "
+                                       f"{[p or '<none>' for p in prefixes]}); is it the right checkpoint?")
+    selected = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if prefix and len(selected) < len(tensors):
+        logger.info("%s: using the %d keys under %r, skipping %d others", source, len(selected), prefix,
+                    len(tensors) - len(selected))
+    fresh = fresh or {}
+    values = conv.to_ours(selected, tower_rules, tower_shapes, source=source, optional=fresh)
+    for key in sorted(set(fresh) - set(values)):
+        logger.warning("%s has no %s%s: it starts freshly initialised and is trained from scratch",
+                       source, our_prefix, key)
+        values[key] = fresh[key]
+    return {our_prefix + k: v for k, v in values.items()}
+
+
+def _fresh_pooler(config: Any, seed: int) -> dict[str, jax.Array]:
+    """A masked-LM checkpoint (BertForMaskedLM) has no pooler; transformers then initialises one at random
+    with a warning, and so do we."""
+    if not (isinstance(config, BertConfig) and config.has_pooler):
+        return {}
+    pooler = nnx.Linear(config.hidden_size, config.hidden_size, rngs=nnx.Rngs(seed + 1))
+    return {"pooler.kernel": pooler.kernel[...], "pooler.bias": pooler.bias[...]}
+
+
+def _init_heads(config: HybridCLIPConfig, seed: int) -> dict[str, jax.Array]:
+    """Fresh projections and temperature for a model assembled from two separately trained towers."""
+    rngs = nnx.Rngs(seed)
+    init = jax.nn.initializers.normal(0.02)
+    heads = {
+        "visual_projection.kernel": init(rngs.params(), (config.vision_config.hidden_size, config.projection_dim)),
+        "text_projection.kernel": init(rngs.params(), (config.text_config.hidden_size, config.projection_dim)),
+        "logit_scale": jnp.asarray(config.logit_scale_init_value, jnp.float32),
+    }
+    if config.logit_bias_init_value is not None:
+        heads["logit_bias"] = jnp.asarray(config.logit_bias_init_value, jnp.float32)
+    return heads
+
+
+def load_from_towers(cls, text_name_or_path: str | os.PathLike, vision_name_or_path: str | os.PathLike, *,
+                     projection_dim: int = 512, logit_scale_init_value: float = math.log(1 / 0.07),
+                     logit_bias_init_value: float | None = None, vision_config_overrides: dict | None = None,
+                     text_config_overrides: dict | None = None, dtype=jnp.float32, remat: bool = False,
+                     seed: int = 0, revision: str | None = None) -> nnx.Module:
+    """Pairs a pretrained vision tower (a full CLIP checkpoint or a vision-only one) with a pretrained text
+    encoder; projections and temperature start fresh, as in transformers' `from_vision_text_pretrained`.
+    `vision_config_overrides={"image_size": 336}` interpolates the position embeddings."""
+    vision_dir = resolve_model_dir(vision_name_or_path, revision=revision)
+    text_dir = resolve_model_dir(text_name_or_path, revision=revision)
+    vision_data = read_config_json(vision_dir)
+    vision_data.setdefault("model_type", infer_model_type(vision_data, str(vision_name_or_path)))
+    text_data = read_config_json(text_dir)
+    text_data["model_type"] = infer_model_type(text_data, str(text_name_or_path))
+    if text_data["model_type"] == "clip":
+        text_data = {"model_type": "clip_text_model", **text_data.get("text_config", {})}
+    vision_config = vision_config_from_hf_dict(vision_data).replace(**(vision_config_overrides or {}))
+    text_config = text_config_from_hf_dict(text_data).replace(**(text_config_overrides or {}))
+    config = HybridCLIPConfig(vision_config=vision_config, text_config=text_config,
+                              projection_dim=projection_dim, logit_scale_init_value=logit_scale_init_value,
+                              logit_bias_init_value=logit_bias_init_value)
+    abstract = _abstract(cls, config, dtype, remat)
+    shapes = param_shapes(abstract)
+    vision_tensors, vision_source = load_tensors(vision_dir)
+    text_tensors, text_source = load_tensors(text_dir)
+    values = {
+        **_tower_values(_collapse_double_prefixes(vision_tensors), conv.CLIP_VISION_RULES,
+                        ("vision_model.", ""), "vision_model.", shapes, vision_source),
+        **_tower_values(_collapse_double_prefixes(text_tensors), text_rules(text_config),
+                        ("", "bert.", "roberta.", "distilbert.", "text_model.", "model."), "text_model.",
+                        shapes, text_source, fresh=_fresh_pooler(text_config, seed)),
+        **_init_heads(config, seed),
+    }
+    return _fill(abstract, values)
+
+
+def model_tensors_hf(model: nnx.Module) -> dict[str, np.ndarray]:
+    """Our parameters renamed to transformers' VisionTextDualEncoderModel keys, as fp32 NumPy arrays."""
+    ours = {".".join(map(str, p)): np.asarray(v[...], dtype=np.float32)
+            for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    bad = [k for k, v in ours.items() if not np.all(np.isfinite(v))]
+    if bad:
+        raise ValueError(f"refusing to save non-finite parameters: {bad[:10]}{' ...' if len(bad) > 10 else ''}")
+    return conv.to_hf(ours, hybrid_rules(model.config))
+
+
+def save_hybrid(model: nnx.Module, save_directory: str | os.PathLike, *, tokenizer: Any = None) -> None:
+    from safetensors.numpy import save_file
+
+    folder = Path(save_directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = model_tensors_hf(model)
+    model.config.to_json_file(folder / "config.json")
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+
+
+__all__ = ["CheckpointError", "load_from_towers", "load_hybrid", "save_hybrid", "model_tensors_hf"]

@@ -1,0 +1,79 @@
+"""CLIP text transformer tower: causal attention, pooled output at the end-of-text token."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Self
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from medclip.models.config_base import TowerConfig
+from medclip.models.layers import Encoder, PreNormLayer, attention_bias
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTextConfig(TowerConfig):
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    attention_dropout: float = 0.0
+    pad_token_id: int = 1
+    bos_token_id: int = 49406
+    eos_token_id: int = 49407
+
+    model_type: ClassVar[str] = "clip_text_model"
+
+    @classmethod
+    def from_hf_dict(cls, data: dict[str, Any]) -> Self:
+        if data.get("model_type") == "clip" or "text_config" in data:
+            data = data["text_config"]
+        return super().from_hf_dict(data)
+
+    @classmethod
+    def tiny(cls) -> Self:
+        return cls(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, max_position_embeddings=16, pad_token_id=1, bos_token_id=97,
+                   eos_token_id=98)
+
+
+class CLIPTextTower(nnx.Module):
+    """Returns (last_hidden_state, pooled_output) like transformers' CLIPTextModel."""
+
+    def __init__(self, config: CLIPTextConfig, *, dtype=jnp.float32, remat: bool = False, rngs: nnx.Rngs):
+        self.config = config
+        d, eps = config.hidden_size, config.layer_norm_eps
+        self.token_embedding = nnx.Embed(config.vocab_size, d, dtype=dtype, rngs=rngs)
+        self.position_embedding = nnx.Embed(config.max_position_embeddings, d, dtype=dtype, rngs=rngs)
+        self.encoder = Encoder([
+            PreNormLayer(d, config.num_attention_heads, config.intermediate_size, config.hidden_act, eps,
+                         config.attention_dropout, dtype=dtype, rngs=rngs)
+            for _ in range(config.num_hidden_layers)
+        ], remat=remat)
+        self.final_layer_norm = nnx.LayerNorm(d, epsilon=eps, dtype=dtype, rngs=rngs)
+        self.dtype = dtype
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+                 dropout_rng: jax.Array | None = None, **unused: Any):
+        length = input_ids.shape[1]
+        if length > self.config.max_position_embeddings:
+            raise ValueError(f"input_ids has {length} tokens; this CLIP text tower takes at most "
+                             f"{self.config.max_position_embeddings} (max_position_embeddings)")
+        hidden = self.token_embedding(input_ids) + self.position_embedding.embedding[...][:length].astype(self.dtype)
+        bias = attention_bias(attention_mask, length, jnp.float32)
+        hidden = self.final_layer_norm(self.encoder(hidden, bias, dropout_rng))
+        pooled = hidden[jnp.arange(hidden.shape[0]), self._eos_positions(input_ids)]
+        return hidden, pooled
+
+    def _eos_positions(self, input_ids: jax.Array) -> jax.Array:
+        # Legacy CLIP configs say eos_token_id=2 although EOS is the highest id: transformers then
+        # pools at argmax(input_ids); otherwise at the first EOS token.
+        if self.config.eos_token_id == 2:
+            return jnp.argmax(input_ids, axis=-1)
+        return jnp.argmax((input_ids == self.config.eos_token_id).astype(jnp.int32), axis=-1)
