@@ -1,0 +1,219 @@
+"""The `medclip` command: prepare data, evaluate a model, build an embedding index, search it, rank captions,
+classify zero-shot, plot training curves, and start the demo app."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _embedder(model: str, batch_size: int = 32):
+    from medclip.inference.embedder import Embedder
+
+    return Embedder(model, batch_size=batch_size)
+
+
+def cmd_evaluate(args) -> int:
+    from medclip.data.records import DropCounter
+    from medclip.data.sources.auto import load_records
+    from medclip.evaluation.model_eval import evaluate_model
+
+    counter = DropCounter(strict=args.strict)
+    items = load_records(args.data, args.split, counter=counter, min_caption_length=args.min_caption_length)
+    if args.max_samples:
+        items = items[: args.max_samples]
+    if not items:
+        raise SystemExit(f"no usable pairs in {args.data} ({args.split}): {counter.summary()}")
+    results = evaluate_model(_embedder(args.model, args.batch_size), items, seed=args.seed,
+                             zeroshot=not args.no_zeroshot)
+    results["dropped"] = counter.summary()
+    print(results.pop("table"))
+    print(f"dropped while loading: {counter.dropped} {dict(counter.summary()['dropped_by_reason'])}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_embed(args) -> int:
+    from medclip.inference.index import EmbeddingIndex
+
+    embedder = _embedder(args.model, args.batch_size)
+    captions: dict[str, str] = {}
+    if args.data:
+        from medclip.data.records import DropCounter
+        from medclip.data.sources.auto import load_records
+
+        counter = DropCounter()
+        items = load_records(args.data, args.split, counter=counter)
+        paths = [r.image for r in items if isinstance(r.image, str)]
+        captions = {r.image: r.captions[0] for r in items if isinstance(r.image, str)}
+    else:
+        folder = Path(args.images)
+        if not folder.is_dir():
+            raise SystemExit(f"{folder} is not a folder of images")
+        paths = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in
+                       (".jpg", ".jpeg", ".png", ".gif", ".bmp"))
+    if not paths:
+        raise SystemExit("no images to embed")
+    embeds, kept, skipped = embedder.embed_image_files(paths)
+    index = EmbeddingIndex(embeds, kept, [captions.get(p, "") for p in kept], embedder.fingerprint,
+                           str(embedder.model_dir))
+    index.save(args.out)
+    print(f"indexed {len(kept)} images into {args.out}" +
+          (f"; skipped {sum(map(len, skipped.values()))}: " + json.dumps({k: len(v) for k, v in skipped.items()})
+           if skipped else ""))
+    return 0
+
+
+def cmd_search(args) -> int:
+    from medclip.inference.index import EmbeddingIndex
+
+    if not args.query.strip():
+        raise SystemExit("empty query: say what to look for, e.g. \"chest x-ray with pleural effusion\"")
+    index = EmbeddingIndex.load(args.index)
+    embedder = _embedder(args.model or index.model_dir)
+    index.check_model(embedder.fingerprint, embedder.dim)
+    hits = index.search(embedder.embed_texts([args.query]), args.k)[0]
+    for rank, (i, score) in enumerate(hits, 1):
+        caption = f"  {index.captions[i][:100]}" if index.captions[i] else ""
+        print(f"{rank:>3}  {score:.4f}  {index.paths[i]}{caption}")
+    if args.grid:
+        from medclip.evaluation.plots import plot_retrieval_grid
+
+        print(plot_retrieval_grid(args.query, [index.paths[i] for i, _ in hits], [index.captions[i] for i, _ in hits],
+                                  [s for _, s in hits], args.grid))
+    return 0
+
+
+def cmd_rank(args) -> int:
+    import numpy as np
+
+    embedder = _embedder(args.model)
+    image = embedder.embed_images([args.image])
+    texts = embedder.embed_texts(args.captions)
+    logits = embedder.logit_scale() * (texts @ image[0])
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    for rank, i in enumerate(np.argsort(-logits), 1):
+        print(f"{rank:>3}  p={probs[i]:.4f}  cos={texts[i] @ image[0]:.4f}  {args.captions[i]}")
+    return 0
+
+
+def cmd_zeroshot(args) -> int:
+    import numpy as np
+
+    from medclip.evaluation.zeroshot import DEFAULT_TEMPLATES, class_embeddings, zero_shot_scores
+
+    if len(args.labels) < 2:
+        raise SystemExit("give at least two --labels to choose between")
+    embedder = _embedder(args.model)
+    image = embedder.embed_images([args.image])
+    classes = class_embeddings(args.labels, embedder.embed_texts, args.templates or DEFAULT_TEMPLATES)
+    scores = zero_shot_scores(image, classes)[0] * embedder.logit_scale()
+    probs = np.exp(scores - scores.max())
+    probs /= probs.sum()
+    for i in np.argsort(-probs):
+        print(f"{probs[i]:.4f}  {args.labels[i]}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from medclip.evaluation.plots import plot_training_curves
+
+    print(plot_training_curves(args.metrics, args.out))
+    return 0
+
+
+def cmd_prepare(argv: list[str]) -> int:
+    from medclip.data import prepare
+
+    return prepare.main(argv)
+
+
+def cmd_app(argv: list[str]) -> int:
+    from medclip.app.launch import main as launch
+
+    return launch(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medclip", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("prepare", help="ROCO raw files -> JSON lines, with a report of what was dropped", add_help=False)
+    sub.add_parser("app", help="start the Streamlit demo app", add_help=False)
+
+    p = sub.add_parser("evaluate", help="retrieval and zero-shot metrics of a model on a dataset")
+    p.add_argument("model", help="model folder or Hub id")
+    p.add_argument("data", help="ROCO root, .jsonl, .csv or Hugging Face dataset")
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--seed", type=int, default=0, help="seed of the PMC-CLIP 2,000-pair sample")
+    p.add_argument("--max_samples", type=int)
+    p.add_argument("--min_caption_length", type=int, default=10)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--no_zeroshot", action="store_true")
+    p.add_argument("--strict", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("embed", help="embed images into an index file for `search` and the app")
+    p.add_argument("model")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="a folder of images (searched recursively)")
+    source.add_argument("--data", help="a dataset (captions are stored with the images)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", required=True, help="index file (.npz)")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("search", help="top-k images of an index for a text query")
+    p.add_argument("query")
+    p.add_argument("--index", required=True)
+    p.add_argument("--model", help="defaults to the model the index was built with")
+    p.add_argument("-k", type=int, default=5)
+    p.add_argument("--grid", help="also write the query and its top images as a PNG grid here")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("rank", help="rank candidate captions for an image")
+    p.add_argument("model")
+    p.add_argument("image")
+    p.add_argument("captions", nargs="+")
+    p.set_defaults(func=cmd_rank)
+
+    p = sub.add_parser("zeroshot", help="zero-shot classification of an image among labels")
+    p.add_argument("model")
+    p.add_argument("image")
+    p.add_argument("--labels", nargs="+", required=True)
+    p.add_argument("--templates", nargs="+", help="prompt templates with {} for the label")
+    p.set_defaults(func=cmd_zeroshot)
+
+    p = sub.add_parser("plot", help="training curves (PNG) from a run's metrics.jsonl")
+    p.add_argument("metrics")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_plot)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if argv and argv[0] == "prepare":
+        return cmd_prepare(argv[1:])
+    if argv and argv[0] == "app":
+        return cmd_app(argv[1:])
+    args = build_parser().parse_args(argv)
+    from medclip.inference.embedder import ImageError
+    from medclip.inference.index import IndexMismatchError
+
+    try:
+        return args.func(args)
+    except (ImageError, IndexMismatchError, FileNotFoundError, ValueError) as error:
+        print(f"medclip {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,390 @@
+"""The tf.data input pipeline: records -> numpy batches ready to be sharded on the device mesh.
+
+    train = make_train_dataset(records, tokenizer, image_size=224, max_seq_length=128, global_batch_size=256, seed=0)
+    batch = next(train)        # {"pixel_values": (B, H, W, 3) float32, "input_ids": (B, L) int32,
+                               #  "attention_mask": (B, L) int32}; B = global_batch_size / process_count
+    state = train.state()      # save with the model checkpoint; `train.restore(state)` resumes exactly there
+    for batch in make_eval_dataset(...): ...   # the same keys plus "mask": (B,) bool, False on padding
+
+Order. Every epoch is a permutation of all records drawn from (seed, epoch); it is cut into global batches (the
+last partial one is dropped) and each process takes its slice of every global batch, so the data seen does not
+depend on the number of processes. Each process walks a stream of positions (epoch * per_epoch + offset); the
+position after the last delivered element is the iterator state, so restoring skips to it without decoding
+anything. Crops and caption choice are seeded per (seed, epoch, record): parallelism does not change them.
+
+Eval. Records in order, padded with masked copies of record 0 to a whole number of global batches, so every
+record is counted exactly once across processes; every process yields the same number of batches.
+
+Text. Captions are tokenised once, in one vectorised call of the fast tokenizer, padded/truncated to
+`max_seq_length`; the graph only gathers rows.
+
+Bad images. Sources check images before they get here (`medclip.data.image_checks`). An image that still fails to
+decode in the graph is skipped and counted in `counter` as `corrupt_image` with its record's file and line (strict
+mode raises `DataError` instead): elements carry their stream position, and gaps are accounted for in Python.
+
+Horizontal flips are off by default: radiology captions say "left" and "right", and a flip would make them wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import tensorflow as tf
+
+from medclip.data import images, records
+from medclip.data.records import DropCounter, Record
+
+_INFINITE_EPOCHS = 2**40
+
+
+@dataclasses.dataclass(frozen=True)
+class Captions:
+    """All captions of all records tokenised once: record i owns rows first[i] : first[i] + count[i]."""
+
+    input_ids: np.ndarray  # (num_captions, max_seq_length) int32
+    attention_mask: np.ndarray  # (num_captions, max_seq_length) int32
+    first: np.ndarray  # (num_records,) int64
+    count: np.ndarray  # (num_records,) int64
+
+
+def tokenize_captions(items: list[Record], tokenizer, max_seq_length: int) -> Captions:
+    """One batched call of the (Rust) fast tokenizer for every caption of every record."""
+    texts = [caption for record in items for caption in record.captions]
+    count = np.array([len(record.captions) for record in items], np.int64)
+    if (count == 0).any():
+        raise ValueError(f"record {items[int(np.argmin(count))].id} has no caption; load records through a source")
+    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=max_seq_length,
+                        return_attention_mask=True, return_token_type_ids=False, return_tensors="np")
+    return Captions(
+        input_ids=encoded["input_ids"].astype(np.int32),
+        attention_mask=encoded["attention_mask"].astype(np.int32),
+        first=np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64),
+        count=count,
+    )
+
+
+def vision_image_size(config) -> int:
+    """The input resolution of a vision config (or of a dual-encoder config's `vision_config`)."""
+    config = getattr(config, "vision_config", config)
+    return int(config["image_size"] if isinstance(config, dict) else config.image_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How records map onto batches for one process."""
+
+    num_records: int
+    global_batch_size: int
+    process_index: int
+    process_count: int
+
+    @property
+    def batch_size(self) -> int:  # per process
+        return self.global_batch_size // self.process_count
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_records // self.global_batch_size
+
+    @property
+    def per_epoch(self) -> int:  # elements per epoch for this process
+        return self.steps_per_epoch * self.batch_size
+
+    def process_slice(self, global_order: np.ndarray) -> np.ndarray:
+        """This process's slice of every global batch, flattened: (num_batches * batch_size,)."""
+        batches = global_order.reshape(-1, self.global_batch_size)
+        start = self.process_index * self.batch_size
+        return batches[:, start : start + self.batch_size].reshape(-1)
+
+
+def make_layout(num_records: int, global_batch_size: int, process_index: int | None,
+                process_count: int | None) -> Layout:
+    """Checks the batch against the processes (and, when asked of JAX, the local devices)."""
+    local_devices = None
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+        local_devices = jax.local_device_count()
+    if global_batch_size % process_count:
+        raise ValueError(f"global_batch_size={global_batch_size} must divide evenly over {process_count} processes")
+    layout = Layout(num_records, global_batch_size, process_index, process_count)
+    if local_devices and layout.batch_size % local_devices:
+        raise ValueError(f"per-process batch {layout.batch_size} must divide evenly over {local_devices} local devices")
+    return layout
+
+
+def epoch_order(seed: int, epoch: int, layout: Layout) -> np.ndarray:
+    """Record indices this process reads in `epoch`, in order: (layout.per_epoch,) int64."""
+    permutation = np.random.default_rng([seed, epoch]).permutation(layout.num_records)
+    return layout.process_slice(permutation[: layout.steps_per_epoch * layout.global_batch_size]).astype(np.int64)
+
+
+def _image_reader(items: list[Record]) -> Callable[[tf.Tensor], tf.Tensor]:
+    """record index -> encoded image bytes, inside the graph (files are read by TF, bytes served from memory)."""
+    if all(isinstance(record.image, str) for record in items):
+        paths = tf.constant([record.image for record in items], tf.string)
+        return lambda index: tf.io.read_file(tf.gather(paths, index))
+
+    def lookup(index):
+        image = items[int(index)].image
+        if isinstance(image, bytes):
+            return image
+        with open(image, "rb") as f:
+            return f.read()
+
+    def read(index):
+        contents = tf.numpy_function(lookup, [index], tf.string, stateful=False)
+        contents.set_shape([])
+        return contents
+
+    return read
+
+
+def _options(threads: int | None = None) -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True
+    if threads:  # default: TF's shared pool, one thread per core
+        options.threading.private_threadpool_size = threads
+    # One thread per op, many elements in parallel: measured faster than letting ops spawn their own threads.
+    options.threading.max_intra_op_parallelism = 1
+    return options
+
+
+def build_train_dataset(items: list[Record], captions: Captions, layout: Layout, *, image_size: int, seed: int,
+                        crop_scale=images.DEFAULT_CROP_SCALE, hflip: bool = False, position: int = 0,
+                        threads: int | None = None) -> tf.data.Dataset:
+    """The tf.data graph behind `TrainIterator`, starting at stream `position` (skipping costs no decoding)."""
+    per_epoch = layout.per_epoch
+    start_epoch, offset = divmod(position, per_epoch)
+
+    def epoch_elements(epoch):
+        order = tf.numpy_function(lambda e: epoch_order(seed, int(e), layout), [epoch], tf.int64, stateful=False)
+        order.set_shape([per_epoch])
+        positions = epoch * per_epoch + tf.range(per_epoch, dtype=tf.int64)
+        return tf.data.Dataset.from_tensor_slices((positions, tf.fill([per_epoch], epoch), order))
+
+    read_image = _image_reader(items)
+    input_ids, attention_mask = tf.constant(captions.input_ids), tf.constant(captions.attention_mask)
+    first, count = tf.constant(captions.first), tf.constant(captions.count)
+
+    def load(position, epoch, index):
+        element_seed = tf.stack([tf.constant(seed, tf.int64), epoch * layout.num_records + index])
+        caption_seed, image_seed = tf.unstack(tf.random.experimental.stateless_split(element_seed, 2))
+        pick = tf.random.stateless_uniform([], caption_seed, maxval=count[index], dtype=tf.int64)
+        row = first[index] + pick
+        return {
+            "pixel_values": images.train_image(read_image(index), image_seed, image_size, crop_scale, hflip),
+            "input_ids": input_ids[row],
+            "attention_mask": attention_mask[row],
+            "position": position,
+        }
+
+    dataset = tf.data.Dataset.range(start_epoch, _INFINITE_EPOCHS).flat_map(epoch_elements).skip(offset)
+    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+    dataset = dataset.batch(layout.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return dataset.with_options(_options(threads))
+
+
+class _GapAccounting:
+    """Counts the elements the graph skipped (undecodable images), once per record."""
+
+    def __init__(self, items: list[Record], counter: DropCounter, record_at: Callable[[int], int | None]):
+        self.items, self.counter, self.record_at = items, counter, record_at
+        self.reported: set[int] = set()
+
+    def check(self, expected_start: int, positions: np.ndarray) -> None:
+        """`positions` (sorted, real elements only) should be exactly expected_start, expected_start + 1, ..."""
+        if positions.size == 0 or positions[-1] - expected_start + 1 == positions.size:
+            return
+        missing = np.setdiff1d(np.arange(expected_start, positions[-1] + 1), positions)
+        for position in missing:
+            self.report(int(position))
+
+    def report(self, position: int) -> None:
+        index = self.record_at(position)
+        if index is None or index in self.reported:
+            return
+        self.reported.add(index)
+        record = self.items[index]
+        self.counter.drop(records.CORRUPT_IMAGE, record.source or record.id,
+                          f"image {record.image if isinstance(record.image, str) else 'bytes'} could not be read or "
+                          "decoded in the input pipeline; skipped")
+
+
+class TrainIterator(Iterator[dict[str, np.ndarray]]):
+    """Endless training batches with an exact, cheap-to-restore position. Build with `make_train_dataset`."""
+
+    def __init__(self, items: list[Record], captions: Captions, layout: Layout, *, image_size: int, seed: int,
+                 crop_scale=images.DEFAULT_CROP_SCALE, hflip: bool = False, counter: DropCounter | None = None,
+                 threads: int | None = None):
+        if layout.steps_per_epoch == 0:
+            raise ValueError(f"{layout.num_records} records do not fill one global batch of {layout.global_batch_size}")
+        self.items, self.captions, self.layout = items, captions, layout
+        self.settings = dict(image_size=image_size, seed=seed, crop_scale=tuple(crop_scale), hflip=hflip,
+                             threads=threads)
+        self.counter = counter if counter is not None else DropCounter()
+        self.position = 0
+        self._batches = None
+        self._orders: dict[int, np.ndarray] = {}
+        self._gaps = _GapAccounting(items, self.counter, self._record_at)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.layout.steps_per_epoch
+
+    @property
+    def batch_size(self) -> int:
+        return self.layout.batch_size
+
+    def dataset(self, position: int | None = None) -> tf.data.Dataset:
+        """The tf.data.Dataset from `position` (default: the current one); its batches also hold "position"."""
+        return build_train_dataset(self.items, self.captions, self.layout,
+                                   position=self.position if position is None else position, **self.settings)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._batches is None:
+            self._batches = self.dataset().as_numpy_iterator()
+        batch = next(self._batches)
+        positions = batch.pop("position")
+        self._gaps.check(self.position, positions)
+        self.position = int(positions[-1]) + 1
+        return batch
+
+    def state(self) -> dict:
+        """JSON-serialisable; pass to `restore` (on an iterator built from the same records and settings)."""
+        return {"position": self.position, "fingerprint": self._fingerprint()}
+
+    def restore(self, state: dict) -> None:
+        if state.get("fingerprint") != self._fingerprint():
+            raise ValueError(f"iterator state {state.get('fingerprint')} was saved for other data or settings than "
+                             f"{self._fingerprint()}; build the iterator with the same records, seed and batch size")
+        self.position = int(state["position"])
+        self._batches = None
+
+    def _fingerprint(self) -> str:
+        layout = self.layout
+        return (f"records={layout.num_records} seed={self.settings['seed']} global_batch={layout.global_batch_size} "
+                f"process={layout.process_index}/{layout.process_count}")
+
+    def _record_at(self, position: int) -> int:
+        epoch, offset = divmod(position, self.layout.per_epoch)
+        if epoch not in self._orders:  # only needed when an image was skipped
+            self._orders = {epoch: epoch_order(self.settings["seed"], epoch, self.layout)}
+        return int(self._orders[epoch][offset])
+
+
+def make_train_dataset(
+    items: list[Record],
+    tokenizer,
+    *,
+    image_size: int,
+    max_seq_length: int,
+    global_batch_size: int,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    crop_scale: tuple[float, float] = images.DEFAULT_CROP_SCALE,
+    hflip: bool = False,
+    counter: DropCounter | None = None,
+    threads: int | None = None,
+) -> TrainIterator:
+    """Endless shuffled training batches for this process (random resized crop, optional flip, CLIP normalisation).
+
+    `process_index`/`process_count` default to JAX's. `counter` receives images that fail to decode in the graph.
+    `threads` gives the pipeline its own thread pool of that size (default: TF's shared pool, one per core).
+    """
+    layout = make_layout(len(items), global_batch_size, process_index, process_count)
+    captions = tokenize_captions(items, tokenizer, max_seq_length)
+    return TrainIterator(items, captions, layout, image_size=image_size, seed=seed, crop_scale=crop_scale,
+                         hflip=hflip, counter=counter, threads=threads)
+
+
+class EvalDataset:
+    """Every record exactly once (resize + center crop, first caption), in padded batches with a "mask"."""
+
+    def __init__(self, items: list[Record], captions: Captions, layout: Layout, *, image_size: int,
+                 counter: DropCounter | None = None):
+        self.items, self.captions, self.layout, self.image_size = items, captions, layout, image_size
+        self.counter = counter if counter is not None else DropCounter()
+        self.num_batches = math.ceil(len(items) / layout.global_batch_size)
+        padded = np.arange(self.num_batches * layout.global_batch_size)
+        self.order = layout.process_slice(padded)  # global example index per position; >= len(items) is padding
+        self._gaps = _GapAccounting(items, self.counter, self._record_at)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def _record_at(self, position: int) -> int | None:
+        index = int(self.order[position])
+        return index if index < len(self.items) else None  # None: padding
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.items)
+
+    def dataset(self) -> tf.data.Dataset:
+        """The tf.data.Dataset; its batches also hold "position" (-1 for filler after skipped images)."""
+        size, batch = self.image_size, self.layout.batch_size
+        real = self.order < len(self.items)
+        indices = np.where(real, self.order, 0)
+        read_image = _image_reader(self.items)
+        first = tf.constant(self.captions.first)
+        input_ids, attention_mask = tf.constant(self.captions.input_ids), tf.constant(self.captions.attention_mask)
+
+        def load(position, index, mask):
+            row = first[index]
+            return {
+                "pixel_values": images.eval_image(read_image(index), size),
+                "input_ids": input_ids[row],
+                "attention_mask": attention_mask[row],
+                "mask": mask,
+                "position": position,
+            }
+
+        filler = {
+            "pixel_values": tf.zeros([size, size, 3], tf.float32),
+            "input_ids": tf.zeros([self.captions.input_ids.shape[1]], tf.int32),
+            "attention_mask": tf.zeros([self.captions.input_ids.shape[1]], tf.int32),
+            "mask": tf.constant(False),
+            "position": tf.constant(-1, tf.int64),
+        }
+        elements = tf.data.Dataset.from_tensor_slices((np.arange(len(self.order), dtype=np.int64), indices, real))
+        dataset = elements.map(load, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+        # Skipped images would leave this process short: top up with filler so every process has num_batches.
+        dataset = dataset.concatenate(tf.data.Dataset.from_tensors(filler).repeat())
+        dataset = dataset.take(self.num_batches * batch).batch(batch, drop_remainder=True)
+        return dataset.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        expected = 0
+        for batch in self.dataset().as_numpy_iterator():
+            positions = batch.pop("position")
+            positions = positions[positions >= 0]
+            self._gaps.check(expected, positions)
+            expected = int(positions[-1]) + 1 if positions.size else expected
+            yield batch
+        if expected < len(self.order):  # skipped images at the very end
+            for position in range(expected, len(self.order)):
+                if self.order[position] < len(self.items):
+                    self._gaps.report(position)
+
+
+def make_eval_dataset(
+    items: list[Record],
+    tokenizer,
+    *,
+    image_size: int,
+    max_seq_length: int,
+    global_batch_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    counter: DropCounter | None = None,
+) -> EvalDataset:
+    """Eval batches for this process: resize + center crop, CLIP normalisation, first caption, "mask" for padding."""
+    layout = make_layout(len(items), global_batch_size, process_index, process_count)
+    captions = tokenize_captions(items, tokenizer, max_seq_length)
+    return EvalDataset(items, captions, layout, image_size=image_size, counter=counter)

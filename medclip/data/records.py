@@ -1,0 +1,129 @@
+"""The record every source yields, and the counter that accounts for every record a source drops."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+
+@dataclasses.dataclass
+class Record:
+    """One image with its captions.
+
+    `image` is a path to an encoded image file or the encoded bytes themselves. `source` says where the record
+    came from ("captions.txt:12") so that errors can name it.
+    """
+
+    id: str
+    image: str | bytes
+    captions: list[str]
+    concepts: list[str] = dataclasses.field(default_factory=list)
+    keywords: list[str] = dataclasses.field(default_factory=list)
+    source: str = ""
+
+    def to_json(self, relative_to: str | Path | None = None) -> dict:
+        """The JSON-lines form (`image_path` + `captions`, the original medclip format, plus our fields).
+
+        With `relative_to`, the image path is written relative to that folder (with `..` where needed) unless the
+        two share nothing but the filesystem root; otherwise it is absolute.
+        """
+        if isinstance(self.image, bytes):
+            raise TypeError(f"record {self.id} holds image bytes; write them to a file before exporting to JSON lines")
+        image_path = str(Path(self.image).resolve())
+        if relative_to is not None:
+            folder = str(Path(relative_to).resolve())
+            if os.path.commonpath([image_path, folder]) != os.path.abspath(os.sep):
+                image_path = os.path.relpath(image_path, folder)
+        return {
+            "id": self.id,
+            "image_path": image_path,
+            "captions": list(self.captions),
+            "concepts": list(self.concepts),
+            "keywords": list(self.keywords),
+        }
+
+
+# Reasons for dropping a record. Sources may add their own; these are the ones the library uses.
+MISSING_FILE = "missing_file"
+EMPTY_FILE = "empty_file"
+NOT_AN_IMAGE = "not_an_image"
+UNSUPPORTED_IMAGE = "unsupported_image"
+TRUNCATED_IMAGE = "truncated_image"
+CORRUPT_IMAGE = "corrupt_image"
+DECOMPRESSION_BOMB = "decompression_bomb"
+CMYK_IMAGE = "cmyk_image"
+DARK_IMAGE = "dark_image"
+EMPTY_CAPTION = "empty_caption"
+SHORT_CAPTION = "short_caption"
+NO_CAPTION = "no_caption"
+INVALID_UTF8 = "invalid_utf8"
+MALFORMED_LINE = "malformed_line"
+MALFORMED_JSON = "malformed_json"
+DUPLICATE_ID = "duplicate_id"
+
+
+class DataError(ValueError):
+    """A bad record under strict mode. The message names the file and line (or record) and the reason."""
+
+
+class DropCounter:
+    """Counts dropped records by reason, so that nothing is lost silently.
+
+    Default mode skips and counts; `strict=True` raises `DataError` at the first drop instead. `where` should be
+    "file:line" (or "file" for a record without a line), which both the error and the summary repeat.
+    """
+
+    def __init__(self, strict: bool = False, examples_per_reason: int = 5):
+        self.strict = strict
+        self.examples_per_reason = examples_per_reason
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.examples: dict[str, list[str]] = collections.defaultdict(list)
+        self.kept = 0
+
+    def drop(self, reason: str, where: str, detail: str = "") -> None:
+        message = f"{where}: {reason}" + (f" ({detail})" if detail else "")
+        if self.strict:
+            raise DataError(f"{message}. Fix or remove this record, or run without --strict to skip and count it.")
+        self.counts[reason] += 1
+        if len(self.examples[reason]) < self.examples_per_reason:
+            self.examples[reason].append(message)
+
+    @property
+    def dropped(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> dict:
+        return {
+            "kept": self.kept,
+            "dropped": self.dropped,
+            "dropped_by_reason": dict(sorted(self.counts.items())),
+            "examples": {reason: list(found) for reason, found in sorted(self.examples.items())},
+        }
+
+    def report(self) -> str:
+        """A human-readable report: what was kept, what was dropped and why (with a few examples each)."""
+        lines = [f"kept {self.kept} records, dropped {self.dropped}"]
+        for reason, count in sorted(self.counts.items(), key=lambda item: (-item[1], item[0])):
+            lines.append(f"  {reason}: {count}")
+            lines.extend(f"    e.g. {example}" for example in self.examples[reason][:3])
+        return "\n".join(lines)
+
+    def write_json(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(self.summary(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def drop_duplicate_ids(records: list[Record], counter: DropCounter) -> list[Record]:
+    """Keeps the first record of each id; later ones are dropped as `duplicate_id`."""
+    seen: dict[str, str] = {}
+    kept = []
+    for record in records:
+        if record.id in seen:
+            counter.drop(DUPLICATE_ID, record.source or record.id, f"id {record.id} first seen at {seen[record.id]}")
+            continue
+        seen[record.id] = record.source or record.id
+        kept.append(record)
+    return kept

@@ -1,0 +1,57 @@
+"""What every source shares: reading text lines without trusting their encoding, and the common finishing steps."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+from medclip.data import image_checks, records
+from medclip.data.records import DropCounter, Record
+
+log = logging.getLogger(__name__)
+
+
+def read_lines(path: str | Path, counter: DropCounter | None) -> Iterator[tuple[int, str]]:
+    """(line number, text) for each non-blank line, decoded as UTF-8 line by line.
+
+    A line that is not valid UTF-8 is counted as `invalid_utf8` and skipped when `counter` is given; without a
+    counter (auxiliary files such as keywords.txt) undecodable bytes become U+FFFD and the line is kept.
+    """
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            raw = raw.rstrip(b"\r\n")
+            if not raw.strip():
+                continue
+            if counter is None:
+                yield number, raw.decode("utf-8", errors="replace")
+                continue
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                bad_bytes = raw[error.start : error.start + 4]
+                counter.drop(records.INVALID_UTF8, f"{path}:{number}", f"byte {error.start}: {bad_bytes!r}")
+
+
+def finish(
+    items: list[Record],
+    counter: DropCounter,
+    *,
+    check_images: bool = True,
+    max_pixels: int = image_checks.DEFAULT_MAX_PIXELS,
+    verify_decode: bool = False,
+    min_mean_intensity: float | None = None,
+) -> list[Record]:
+    """Drops duplicate ids and bad images, counts what is kept, and returns the usable records."""
+    items = records.drop_duplicate_ids(items, counter)
+    if check_images:
+        items = image_checks.check_images(items, counter, max_pixels)
+    if verify_decode or min_mean_intensity is not None:
+        items = image_checks.verify_decode(items, counter, min_mean_intensity)
+    counter.kept += len(items)
+    return items
+
+
+def log_report(name: str, counter: DropCounter) -> None:
+    level = logging.WARNING if counter.dropped else logging.INFO
+    log.log(level, "%s: %s", name, counter.report())

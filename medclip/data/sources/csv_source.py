@@ -1,0 +1,146 @@
+"""CSV files with configurable image and caption columns, and ROCOv2 (`{split}_captions.csv` with `ID,Caption`,
+`{split}_concepts.csv` with `ID,CUIs` separated by ";", images in `{split}/ID.jpg`)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from medclip.data import captions as caption_cleaning
+from medclip.data import image_checks, records
+from medclip.data.records import DropCounter, Record
+from medclip.data.sources import base
+
+
+def _rows(path: Path, counter: DropCounter | None, delimiter: str):
+    """(line number, row dict) per data row. Fields with bytes that are not UTF-8 drop the row (`invalid_utf8`)."""
+    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    reader = csv.DictReader(io.StringIO(text.removeprefix("\ufeff"), newline=""), delimiter=delimiter)
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:
+            if counter is not None:
+                counter.drop(records.MALFORMED_LINE, f"{path}:{reader.line_num}", str(error))
+            continue
+        where = f"{path}:{reader.line_num}"
+        bad = [key for key, value in row.items() if isinstance(value, str) and _has_surrogates(value)]
+        if bad:
+            if counter is not None:
+                counter.drop(records.INVALID_UTF8, where, f"column {bad[0]!r} is not valid UTF-8")
+            continue
+        yield where, row
+
+
+def _has_surrogates(text: str) -> bool:
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+def read_concepts(path: str | Path, id_column: str = "ID", concepts_column: str = "CUIs",
+                  separator: str = ";", delimiter: str = ",") -> dict[str, list[str]]:
+    """id -> concepts from a concepts CSV (ROCOv2: `ID,CUIs` with CUIs joined by ";")."""
+    table = {}
+    for _, row in _rows(Path(path), None, delimiter):
+        value = row.get(concepts_column) or ""
+        table[(row.get(id_column) or "").strip()] = [c.strip() for c in value.split(separator) if c.strip()]
+    return table
+
+
+def read_csv(
+    path: str | Path,
+    counter: DropCounter,
+    *,
+    image_column: str,
+    caption_column: str,
+    id_column: str | None = None,
+    image_dir: str | Path | None = None,
+    image_suffix: str = "",
+    concepts: dict[str, list[str]] | None = None,
+    delimiter: str = ",",
+    min_caption_length: int = caption_cleaning.DEFAULT_MIN_CAPTION_LENGTH,
+) -> list[Record]:
+    """Parses a CSV file. The image is `image_dir / (row[image_column] + image_suffix)`; `image_dir` defaults to
+    the CSV's folder. The id is `row[id_column]`, or the image column's value."""
+    path = Path(path)
+    image_dir = Path(image_dir) if image_dir is not None else path.parent
+    concepts = concepts or {}
+    items = []
+    for where, row in _rows(path, counter, delimiter):
+        missing = [column for column in (image_column, caption_column, id_column) if column and row.get(column) is None]
+        if missing:
+            counter.drop(records.MALFORMED_LINE, where, f"no value for column {missing[0]!r}")
+            continue
+        image_name = row[image_column].strip()
+        if not image_name:
+            counter.drop(records.MALFORMED_LINE, where, f"empty {image_column!r}")
+            continue
+        cleaned = caption_cleaning.clean_captions([row[caption_column]], where, counter, min_caption_length)
+        if cleaned is None:
+            continue
+        record_id = row[id_column].strip() if id_column else image_name
+        image = Path(image_name + image_suffix)
+        items.append(Record(
+            id=record_id,
+            image=str(image if image.is_absolute() else image_dir / image),
+            captions=cleaned,
+            concepts=concepts.get(record_id, []),
+            source=where,
+        ))
+    return items
+
+
+def load_csv(
+    path: str | Path,
+    *,
+    image_column: str = "image",
+    caption_column: str = "caption",
+    id_column: str | None = None,
+    image_dir: str | Path | None = None,
+    image_suffix: str = "",
+    concepts_path: str | Path | None = None,
+    concepts_column: str = "CUIs",
+    concepts_separator: str = ";",
+    delimiter: str = ",",
+    counter: DropCounter | None = None,
+    strict: bool = False,
+    min_caption_length: int = caption_cleaning.DEFAULT_MIN_CAPTION_LENGTH,
+    check_images: bool = True,
+    max_pixels: int = image_checks.DEFAULT_MAX_PIXELS,
+    verify_decode: bool = False,
+    min_mean_intensity: float | None = None,
+) -> list[Record]:
+    """Loads any image-caption CSV. Drops are counted in `counter` (a new one, logged at the end, if None)."""
+    owns_counter = counter is None
+    counter = counter or DropCounter(strict=strict)
+    concepts = None
+    if concepts_path is not None:
+        concepts = read_concepts(concepts_path, id_column or image_column, concepts_column, concepts_separator,
+                                 delimiter)
+    items = read_csv(path, counter, image_column=image_column, caption_column=caption_column, id_column=id_column,
+                     image_dir=image_dir, image_suffix=image_suffix, concepts=concepts, delimiter=delimiter,
+                     min_caption_length=min_caption_length)
+    items = base.finish(items, counter, check_images=check_images, max_pixels=max_pixels,
+                        verify_decode=verify_decode, min_mean_intensity=min_mean_intensity)
+    if owns_counter:
+        base.log_report(str(path), counter)
+    return items
+
+
+def load_rocov2(root: str | Path, split: str = "train", **kwargs) -> list[Record]:
+    """ROCOv2: `root/{split}_captions.csv` (ID,Caption), `root/{split}_concepts.csv` (ID,CUIs) when present,
+    images `root/{split}/ID.jpg`. Other keyword arguments go to `load_csv`."""
+    root = Path(root)
+    concepts_path = root / f"{split}_concepts.csv"
+    return load_csv(
+        root / f"{split}_captions.csv",
+        image_column="ID",
+        caption_column="Caption",
+        id_column="ID",
+        image_dir=root / split,
+        image_suffix=".jpg",
+        concepts_path=concepts_path if concepts_path.is_file() else None,
+        **kwargs,
+    )

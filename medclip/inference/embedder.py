@@ -1,0 +1,137 @@
+"""Embeds images and texts with a saved FlaxHybridCLIP, in fixed-size jitted batches.
+
+Fixed batch shapes (padded, then cut) mean one compilation per model, however many images come in.
+Images go through the same resize + center-crop + normalisation as evaluation, in tf.data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from medclip.checkpoints.hub import resolve_model_dir
+from medclip.data.image_checks import image_problem
+from medclip.models.hybrid import FlaxHybridCLIP, l2_normalize
+
+
+class ImageError(ValueError):
+    """An input image that cannot be used; names the file and why."""
+
+
+def model_fingerprint(folder: Path) -> str:
+    """Identifies the weights an index was built with (sha256 of config and weights files)."""
+    digest = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        path = folder / name
+        if path.exists():
+            with path.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+class Embedder:
+    def __init__(self, model_dir: str | os.PathLike, *, batch_size: int = 32, max_seq_length: int = 77):
+        from medclip.training.model_setup import load_tokenizer
+
+        self.model_dir = resolve_model_dir(model_dir)
+        self.model = FlaxHybridCLIP.from_pretrained(self.model_dir)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.fingerprint = model_fingerprint(self.model_dir)
+        self.batch_size = batch_size
+        text = self.model.config.text_config
+        self.max_seq_length = min(max_seq_length, text.max_position_embeddings
+                                  - (text.pad_token_id + 1 if getattr(text, "is_roberta", False) else 0))
+        self.image_size = self.model.config.vision_config.image_size
+        graphdef, params = nnx.split(self.model)
+        self._image_fn = jax.jit(lambda p, x: l2_normalize(nnx.merge(graphdef, p).get_image_features(x)))
+        self._text_fn = jax.jit(lambda p, ids, mask: l2_normalize(
+            nnx.merge(graphdef, p).get_text_features(ids, mask)))
+        self._params = params
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.projection_dim
+
+    def logit_scale(self) -> float:
+        return float(self.model.temperature_scale())
+
+    # -- texts ---------------------------------------------------------------------------------------------
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """(len(texts), dim) L2-normalised; empty strings are refused (they embed to noise)."""
+        texts = list(texts)
+        empty = [i for i, t in enumerate(texts) if not t or not t.strip()]
+        if empty:
+            raise ValueError(f"empty text at position(s) {empty}: give a non-empty query or caption")
+        encoded = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_seq_length,
+                                 return_tensors="np")
+        ids, mask = encoded["input_ids"].astype(np.int32), encoded["attention_mask"].astype(np.int32)
+        return self._batched(lambda a, b: self._text_fn(self._params, a, b), ids, mask)
+
+    # -- images --------------------------------------------------------------------------------------------
+    def preprocess(self, images: Sequence[str | bytes]) -> np.ndarray:
+        """Checks then decodes; (n, size, size, 3) float32. Raises ImageError naming the first bad image."""
+        import tensorflow as tf
+
+        from medclip.data.images import eval_image
+
+        for image in images:
+            problem = image_problem(image)
+            if problem is not None:
+                name = image if isinstance(image, str) else f"<{len(image)} uploaded bytes>"
+                raise ImageError(f"{name}: cannot use this image ({problem[0]}: {problem[1]})")
+        contents = [tf.io.read_file(i) if isinstance(i, str) else tf.constant(i) for i in images]
+        try:
+            return np.stack([eval_image(c, self.image_size).numpy() for c in contents])
+        except tf.errors.InvalidArgumentError as error:
+            raise ImageError(f"an image failed to decode: {error.message}") from None
+
+    def embed_images(self, images: Sequence[str | bytes]) -> np.ndarray:
+        return self.embed_pixels(self.preprocess(images))
+
+    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        return self._batched(lambda x: self._image_fn(self._params, x), pixels)
+
+    def embed_image_files(self, paths: Sequence[str], *, progress: bool = True) -> tuple[np.ndarray, list[str], dict]:
+        """Embeds many files through tf.data; unusable files are skipped and returned by reason, not lost."""
+        import tensorflow as tf
+
+        from medclip.data.images import eval_image
+
+        kept, skipped = [], {}
+        for path in paths:
+            problem = image_problem(path)
+            if problem is None:
+                kept.append(path)
+            else:
+                skipped.setdefault(problem[0], []).append(path)
+        dataset = tf.data.Dataset.from_tensor_slices(kept or [""]).take(len(kept))
+        dataset = dataset.map(lambda p: eval_image(tf.io.read_file(p), self.image_size),
+                              num_parallel_calls=tf.data.AUTOTUNE).batch(self.batch_size).prefetch(2)
+        chunks = []
+        bar = tqdm(total=len(kept), desc="embed images", unit="img", disable=not progress)
+        for batch in dataset.as_numpy_iterator():
+            chunks.append(self.embed_pixels(batch))
+            bar.update(len(batch))
+        bar.close()
+        embeds = np.concatenate(chunks) if chunks else np.zeros((0, self.dim), np.float32)
+        return embeds, kept, skipped
+
+    def _batched(self, fn, *arrays: np.ndarray) -> np.ndarray:
+        n, size = len(arrays[0]), self.batch_size
+        out = []
+        for start in range(0, n, size):
+            chunk = [a[start:start + size] for a in arrays]
+            real = len(chunk[0])
+            if real < size:  # pad to the compiled shape
+                chunk = [np.concatenate([c, np.repeat(c[-1:], size - real, axis=0)]) for c in chunk]
+            out.append(np.asarray(fn(*[jnp.asarray(c) for c in chunk]))[:real])
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)

@@ -1,0 +1,76 @@
+"""An embedding index: image embeddings with their files (and captions), tied to the model that made them.
+
+Stored as one `.npz`. Searching with another model's embeddings would return confident nonsense, so
+the index records the model's fingerprint and embedding size and refuses a mismatch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+class IndexMismatchError(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class EmbeddingIndex:
+    embeddings: np.ndarray  # (n, dim) float32, L2-normalised
+    paths: list[str]
+    captions: list[str]  # "" where unknown
+    model_fingerprint: str
+    model_dir: str = ""
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"model_fingerprint": self.model_fingerprint, "model_dir": self.model_dir, "dim": self.dim}
+        with path.open("wb") as f:  # a file object keeps numpy from appending ".npz"
+            np.savez(f, embeddings=self.embeddings.astype(np.float32), paths=np.array(self.paths, dtype=str),
+                     captions=np.array(self.captions, dtype=str), meta=np.array(json.dumps(meta)))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "EmbeddingIndex":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no embedding index at {path}; build one with `medclip embed`")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(str(data["meta"]))
+                return cls(embeddings=data["embeddings"], paths=data["paths"].tolist(),
+                           captions=data["captions"].tolist(), model_fingerprint=meta["model_fingerprint"],
+                           model_dir=meta.get("model_dir", ""))
+        except (ValueError, KeyError, OSError) as error:
+            raise ValueError(f"{path} is not a medclip embedding index ({error})") from None
+
+    def check_model(self, fingerprint: str, dim: int) -> None:
+        if dim != self.dim:
+            raise IndexMismatchError(f"the index holds {self.dim}-d embeddings but the model makes {dim}-d ones; "
+                                     "rebuild the index with this model (`medclip embed`)")
+        if fingerprint != self.model_fingerprint:
+            raise IndexMismatchError(f"the index was built by another model (fingerprint {self.model_fingerprint}, "
+                                     f"this model {fingerprint}); rebuild it with `medclip embed`")
+
+    def search(self, query_embeds: np.ndarray, k: int = 5) -> list[list[tuple[int, float]]]:
+        """Top-k (index, cosine similarity) per query row, best first."""
+        scores = np.atleast_2d(query_embeds) @ self.embeddings.T  # (queries, n)
+        k = min(k, len(self))
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        results = []
+        for row, candidates in zip(scores, top):
+            order = candidates[np.argsort(-row[candidates], kind="stable")]
+            results.append([(int(i), float(row[i])) for i in order])
+        return results

@@ -1,0 +1,1 @@
+"""Training: losses, optimizer, the data-parallel step, checkpoints and the training loop."""

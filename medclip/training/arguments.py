@@ -1,0 +1,97 @@
+"""Flags of `run_hybrid_clip.py`, as dataclasses for `transformers.HfArgumentParser`.
+
+The original flax-community script's flag names are kept (our users know them); transformers'
+`TrainingArguments` is not used because it needs torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import field
+
+
+@dataclasses.dataclass
+class ModelArguments:
+    text_model_name_or_path: str | None = field(default=None, metadata={"help": "Text encoder: Hub id or folder."})
+    vision_model_name_or_path: str | None = field(default=None, metadata={"help": "CLIP (vision) checkpoint."})
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "A saved FlaxHybridCLIP (or transformers VisionTextDualEncoder) to continue from."})
+    model_preset: str | None = field(default=None, metadata={
+        "help": "Build towers from a preset instead of checkpoints: 'demo' (tiny, for the embedded demo)."})
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Defaults to the text model's."})
+    from_pt: bool = field(default=True, metadata={"help": "Accepted for compatibility; .bin files are always "
+                                                          "read (safely, without torch)."})
+    dtype: str = field(default="float32", metadata={"help": "Compute dtype: float32, bfloat16 or float16."})
+    projection_dim: int = 512
+    image_size: int | None = field(default=None, metadata={
+        "help": "Train at this resolution; position embeddings are interpolated."})
+    remat: bool = field(default=False, metadata={"help": "Rematerialise encoder layers (saves memory)."})
+    logit_bias_init: float | None = field(default=None, metadata={"help": "Learned logit bias (sigmoid loss)."})
+    text_dropout: bool = field(default=True, metadata={"help": "Use the text config's dropout when training."})
+
+
+@dataclasses.dataclass
+class DataArguments:
+    data_dir: str | None = field(default=None, metadata={
+        "help": "ROCO root (data/{train,validation,test}/radiology/...) as ROCO's fetch script leaves it."})
+    train_file: str | None = field(default=None, metadata={"help": "JSON lines or CSV of training pairs."})
+    validation_file: str | None = field(default=None, metadata={"help": "JSON lines or CSV for evaluation."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Hugging Face dataset (folder or id)."})
+    image_column: str | None = field(default=None, metadata={"help": "CSV / HF datasets image column (image)."})
+    caption_column: str | None = field(default=None, metadata={"help": "CSV / HF datasets caption column (caption)."})
+    synthetic_train_samples: int = field(default=0, metadata={
+        "help": "Generate this many synthetic radiology-like pairs (the embedded demo); 0 = off."})
+    synthetic_validation_samples: int = 256
+    synthetic_image_size: int = 64
+    max_seq_length: int = 72
+    min_caption_length: int = field(default=10, metadata={"help": "Drop captions shorter than this."})
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Decode threads (AUTOTUNE)."})
+    crop_scale_min: float = 0.5
+    hflip: bool = field(default=False, metadata={
+        "help": "Random horizontal flips. Off: radiology captions say left and right."})
+    strict: bool = field(default=False, metadata={"help": "Stop at the first bad record instead of skipping it."})
+
+
+@dataclasses.dataclass
+class TrainingArguments:
+    output_dir: str = field(metadata={"help": "Checkpoints, logs and the exported model go here."})
+    overwrite_output_dir: bool = False
+    do_train: bool = False
+    do_eval: bool = False
+    num_train_epochs: float = 3.0
+    max_steps: int = field(default=-1, metadata={"help": "Stop after this many steps (overrides epochs)."})
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    learning_rate: float = 5e-5
+    vision_learning_rate: float | None = None
+    text_learning_rate: float | None = None
+    warmup_steps: int = 0
+    lr_schedule: str = field(default="linear", metadata={"help": "linear (original), cosine or constant."})
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    gradient_accumulation_steps: int = 1
+    freeze_vision: bool = field(default=False, metadata={"help": "Locked-image tuning: train the text side only."})
+    freeze_text: bool = False
+    loss: str = field(default="clip", metadata={"help": "clip (symmetric InfoNCE), hybrid or sigmoid."})
+    hybrid_alpha: float = 0.5
+    seed: int = 42
+    logging_steps: int = 20
+    save_steps: int = 500
+    save_total_limit: int = 3
+    resume: bool = field(default=True, metadata={"help": "Continue from the latest checkpoint in output_dir."})
+    metric_for_best_model: str = "t2i_R@5"
+    early_stopping_patience: int = field(default=5, metadata={"help": "Epochs without improvement; 0 = off."})
+    max_nonfinite_steps: int = field(default=10, metadata={"help": "Stop after this many non-finite steps in a row."})
+    fully_sharded: bool = field(default=False, metadata={"help": "Shard parameters over devices too (FSDP)."})
+    report_to: str = field(default="tensorboard", metadata={"help": "Comma list: tensorboard, wandb, none."})
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_private_repo: bool = False
+    coordinator_address: str | None = field(default=None, metadata={"help": "Multi-host: host:port of process 0."})
+    num_processes: int | None = None
+    process_id: int | None = None

@@ -1,0 +1,72 @@
+"""Which model and tokenizer a run starts from: the tiny `demo` preset, a saved dual encoder, or two
+pretrained towers (the ROCO recipe: CLIP ViT-B/32 + SciBERT)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from flax import nnx
+
+from medclip.checkpoints.hub import resolve_model_dir
+from medclip.models import BertConfig, CLIPVisionConfig, FlaxHybridCLIP, HybridCLIPConfig
+from medclip.training.arguments import DataArguments, ModelArguments
+
+logger = logging.getLogger(__name__)
+
+
+def demo_config(vocab_size: int, image_size: int, max_seq_length: int) -> HybridCLIPConfig:
+    """Small enough to train in minutes on 2 CPU cores, big enough to learn the synthetic captions."""
+    vision = CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=image_size, patch_size=8)
+    text = BertConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=max(max_seq_length, 16),
+                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return HybridCLIPConfig(vision_config=vision, text_config=text, projection_dim=64)
+
+
+def load_tokenizer(name_or_path: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    folder = resolve_model_dir(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    if not tokenizer.is_fast:
+        raise SystemExit(f"{name_or_path}: no fast tokenizer; medclip tokenises whole datasets at once with one")
+    return tokenizer
+
+
+def build_model_and_tokenizer(model_args: ModelArguments, data_args: DataArguments, dtype, seed: int,
+                              output_dir: Path) -> tuple[FlaxHybridCLIP, Any]:
+    if model_args.model_preset is not None:
+        if model_args.model_preset != "demo":
+            raise SystemExit(f"unknown --model_preset {model_args.model_preset!r}; available: demo")
+        from medclip.data.synthetic import write_synthetic_tokenizer
+
+        tokenizer = (load_tokenizer(model_args.tokenizer_name) if model_args.tokenizer_name
+                     else write_synthetic_tokenizer(output_dir / "demo_tokenizer"))
+        image_size = model_args.image_size or data_args.synthetic_image_size
+        config = demo_config(len(tokenizer), image_size, data_args.max_seq_length)
+        model = FlaxHybridCLIP(config, dtype=dtype, remat=model_args.remat, rngs=nnx.Rngs(seed))
+    elif model_args.model_name_or_path is not None:
+        model = FlaxHybridCLIP.from_pretrained(model_args.model_name_or_path, dtype=dtype, remat=model_args.remat)
+        tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path)
+    else:
+        if not (model_args.text_model_name_or_path and model_args.vision_model_name_or_path):
+            raise SystemExit("give --model_name_or_path, or both --text_model_name_or_path and "
+                             "--vision_model_name_or_path, or --model_preset demo")
+        overrides = {"image_size": model_args.image_size} if model_args.image_size else None
+        model = FlaxHybridCLIP.from_text_vision_pretrained(
+            model_args.text_model_name_or_path, model_args.vision_model_name_or_path,
+            projection_dim=model_args.projection_dim, logit_bias_init_value=model_args.logit_bias_init,
+            vision_config_overrides=overrides, dtype=dtype, remat=model_args.remat, seed=seed)
+        tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.text_model_name_or_path)
+    text = model.config.text_config
+    if len(tokenizer) > text.vocab_size:
+        raise SystemExit(f"the tokenizer has {len(tokenizer)} tokens but the text model's vocabulary is "
+                         f"{text.vocab_size}: they do not belong together (--tokenizer_name?)")
+    max_positions = text.max_position_embeddings - (text.pad_token_id + 1 if getattr(text, "is_roberta", False) else 0)
+    if data_args.max_seq_length > max_positions:
+        raise SystemExit(f"--max_seq_length {data_args.max_seq_length} exceeds the text model's "
+                         f"{max_positions} positions")
+    return model, tokenizer

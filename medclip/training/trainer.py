@@ -1,0 +1,308 @@
+"""The training loop: data-parallel steps on a device mesh, checkpoints with exact resume, evaluation each
+epoch, best-model export and early stopping. `run_hybrid_clip.py` only parses flags and calls `train`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
+
+from medclip.models.hybrid import LOGIT_SCALE_MAX, FlaxHybridCLIP
+from medclip.training import mesh as mesh_lib
+from medclip.training.arguments import DataArguments, ModelArguments, TrainingArguments
+from medclip.training.checkpointing import Checkpointer
+from medclip.training.data_feed import DataFeed, build_data, write_data_report
+from medclip.training.logger import MetricsLogger
+from medclip.training.model_setup import build_model_and_tokenizer
+from medclip.training.optim import OptimizerConfig, make_optimizer
+from medclip.training.step import StepConfig, TrainState, init_state, make_embed_step, make_train_step
+
+logger = logging.getLogger(__name__)
+LOWER_IS_BETTER = ("loss", "rank")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class Progress:
+    """Saved with every checkpoint (with the data iterator's state) so a resumed run continues exactly."""
+
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    epochs_without_improvement: int = 0
+    stopped_early: bool = False
+
+
+def _is_better(metric: str, value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return value < best if any(w in metric for w in LOWER_IS_BETTER) else value > best
+
+
+def _prepare_output_dir(args: TrainingArguments) -> Path:
+    out = Path(args.output_dir)
+    has_checkpoint = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite_output_dir and not (args.resume and has_checkpoint):
+        raise SystemExit(f"output directory {out} exists and is not empty; use --overwrite_output_dir, "
+                         "or keep --resume to continue its checkpoint")
+    if args.overwrite_output_dir and out.is_dir() and jax.process_index() == 0:
+        import shutil
+
+        shutil.rmtree(out)
+    multihost_utils.sync_global_devices("output_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _dtype(name: str):
+    try:
+        return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+    except KeyError:
+        raise SystemExit(f"--dtype must be float32, bfloat16 or float16, not {name!r}") from None
+
+
+class Trainer:
+    def __init__(self, model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments):
+        self.model_args, self.data_args, self.args = model_args, data_args, train_args
+        self.output_dir = _prepare_output_dir(train_args)
+        self.mesh = mesh_lib.make_mesh()
+        self.model, self.tokenizer = build_model_and_tokenizer(model_args, data_args, _dtype(model_args.dtype),
+                                                               train_args.seed, self.output_dir)
+        self.data: DataFeed = build_data(data_args, train_args, self.tokenizer, self.model.config,
+                                         self.output_dir, num_devices=jax.device_count())
+        self.graphdef, params = nnx.split(self.model, nnx.Param)
+        self.params = nnx.to_pure_dict(params)
+        steps_per_epoch = self.data.steps_per_epoch if self.data.has_train else 0
+        self.total_steps = (train_args.max_steps if train_args.max_steps > 0
+                            else math.ceil(train_args.num_train_epochs * max(steps_per_epoch, 1)))
+        self.optimizer_config = OptimizerConfig(
+            learning_rate=train_args.learning_rate, warmup_steps=train_args.warmup_steps,
+            total_steps=max(self.total_steps // train_args.gradient_accumulation_steps, 1),
+            schedule=train_args.lr_schedule, weight_decay=train_args.weight_decay,
+            adam_beta1=train_args.adam_beta1, adam_beta2=train_args.adam_beta2,
+            adam_epsilon=train_args.adam_epsilon, max_grad_norm=train_args.max_grad_norm or None,
+            gradient_accumulation_steps=train_args.gradient_accumulation_steps,
+            vision_learning_rate=train_args.vision_learning_rate, text_learning_rate=train_args.text_learning_rate,
+            freeze_vision=train_args.freeze_vision, freeze_text=train_args.freeze_text)
+        self.tx, self.schedules = make_optimizer(self.params, self.optimizer_config)
+        self.step_config = StepConfig(loss=train_args.loss, hybrid_alpha=train_args.hybrid_alpha,
+                                      dropout=model_args.text_dropout, freeze_vision=train_args.freeze_vision,
+                                      freeze_text=train_args.freeze_text)
+        self.checkpointer = Checkpointer(self.output_dir / "checkpoints", max_to_keep=train_args.save_total_limit)
+        self.metrics = MetricsLogger(self.output_dir, train_args.report_to,
+                                     run_config={**dataclasses.asdict(model_args), **dataclasses.asdict(data_args),
+                                                 **dataclasses.asdict(train_args)})
+        self._compile()
+
+    # -- set-up --------------------------------------------------------------------------------------------
+    def _compile(self) -> None:
+        abstract = jax.eval_shape(lambda p: init_state(p, self.tx, self.args.seed), self.params)
+        self.state_shardings = mesh_lib.state_shardings(self.mesh, abstract, self.args.fully_sharded)
+        batch_sharding = mesh_lib.batch_sharding(self.mesh)
+        self.abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                           abstract, self.state_shardings)
+        self.train_step = jax.jit(make_train_step(self.graphdef, self.tx, self.step_config),
+                                  in_shardings=(self.state_shardings, batch_sharding),
+                                  out_shardings=(self.state_shardings, mesh_lib.replicated(self.mesh)),
+                                  donate_argnums=0)
+        self.embed_step = jax.jit(make_embed_step(self.graphdef),
+                                  in_shardings=(self.state_shardings.params, batch_sharding))
+
+    def _initial_state(self) -> tuple[TrainState, Progress]:
+        if self.args.resume and self.checkpointer.latest_step() is not None:
+            state, meta = self.checkpointer.restore(self.abstract_state)
+            if self.data.has_train:
+                self.data.train.restore(meta["data"])
+            logger.info("resumed from step %d", int(state.step))
+            self.metrics.truncate_after(int(state.step))
+            return state, Progress(**meta["progress"])
+        init = jax.jit(lambda p: init_state(p, self.tx, self.args.seed), out_shardings=self.state_shardings)
+        return init(self.params), Progress()
+
+    def _save(self, step: int, state: TrainState, progress: Progress) -> None:
+        self.checkpointer.save(step, state, {"progress": dataclasses.asdict(progress),
+                                             "data": self.data.train.state()})
+
+    # -- the loop ------------------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        args = self.args
+        state, progress = self._initial_state()
+        step = int(state.step)
+        steps_per_epoch = self.data.steps_per_epoch
+        global_batch = self.data.global_train_batch_size
+        summary: dict[str, Any] = {}
+        bar = tqdm(total=self.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=jax.process_index() != 0)
+        last_time, last_step = time.perf_counter(), step
+        while step < self.total_steps and not progress.stopped_early:
+            batch = next(self.data.train)
+            state, metrics = self.train_step(state, mesh_lib.global_batch(self.mesh, batch))
+            step += 1
+            bar.update(1)
+            epoch = (step - 1) // steps_per_epoch
+            if step % args.logging_steps == 0 or step == self.total_steps:
+                now = time.perf_counter()
+                rate = (step - last_step) * global_batch / (now - last_time)
+                last_time, last_step = now, step
+                logged = self._log_train(step, epoch, metrics, rate)
+                bar.set_postfix(loss=f"{logged['train_loss']:.4f}", pairs_per_s=f"{rate:.1f}")
+            self._check_finite(state)
+            end_of_epoch = step % steps_per_epoch == 0 or step == self.total_steps
+            if end_of_epoch and self.data.has_eval:
+                summary["eval"] = self.evaluate(state.params, step, epoch)
+                self._track_best(state, summary["eval"], progress, epoch)
+                last_time = time.perf_counter()  # evaluation time is not training throughput
+            if end_of_epoch or (args.save_steps > 0 and step % args.save_steps == 0):
+                self._save(step, state, progress)
+        bar.close()
+        self._check_finite(state, final=True)
+        summary.update(self._export_final(state, summary.get("eval")))
+        summary.update(steps=step, nonfinite_steps_skipped=int(state.nonfinite_total),
+                       stopped_early=progress.stopped_early, best_metric=progress.best_metric,
+                       best_epoch=progress.best_epoch, dropped=self.data.drop_summary)
+        write_data_report(self.data, self.output_dir)
+        self.metrics.close()
+        self.checkpointer.close()
+        return summary
+
+    def evaluate_only(self) -> dict[str, Any]:
+        """--do_eval without --do_train: the starting (or latest checkpointed) model on the validation set."""
+        if not self.data.has_eval:
+            raise SystemExit("--do_eval needs --validation_file, --data_dir or synthetic validation data")
+        state, progress = self._initial_state()
+        return {"eval": self.evaluate(state.params, int(state.step), int(state.step) // max(self.data.steps_per_epoch, 1)),
+                "dropped": self.data.drop_summary}
+
+    def _log_train(self, step: int, epoch: int, metrics: dict, rate: float) -> dict[str, float]:
+        fetched = {f"train_{k}": float(v) for k, v in jax.device_get(metrics).items()}
+        fetched["learning_rate"] = float(self.schedules["head"](step // self.args.gradient_accumulation_steps))
+        fetched["pairs_per_s"] = rate
+        fetched["epoch"] = epoch
+        self.metrics.log(step, fetched)
+        return fetched
+
+    def _check_finite(self, state: TrainState, final: bool = False) -> None:
+        in_a_row = int(state.nonfinite_in_a_row) if final or self.args.max_nonfinite_steps else 0
+        if in_a_row >= max(self.args.max_nonfinite_steps, 1):
+            raise NonFiniteLossError(
+                f"{in_a_row} steps in a row had a non-finite loss or gradient (updates skipped); stopping. "
+                "Lower --learning_rate, raise --warmup_steps, or use --dtype float32.")
+
+    # -- evaluation and export -----------------------------------------------------------------------------
+    def embed_eval_set(self, params: Any) -> tuple[np.ndarray, np.ndarray]:
+        images, texts = [], []
+        for batch in self.data.eval_batches():
+            mask = batch.pop("mask")
+            image_embeds, text_embeds = self.embed_step(params, mesh_lib.global_batch(self.mesh, batch))
+            mask = multihost_utils.process_allgather(mask, tiled=True) if jax.process_count() > 1 else mask
+            image_embeds = multihost_utils.process_allgather(image_embeds, tiled=True)
+            text_embeds = multihost_utils.process_allgather(text_embeds, tiled=True)
+            images.append(np.asarray(image_embeds)[mask])
+            texts.append(np.asarray(text_embeds)[mask])
+        return np.concatenate(images), np.concatenate(texts)
+
+    def evaluate(self, params: Any, step: int, epoch: int) -> dict[str, float]:
+        from medclip.evaluation.retrieval import evaluate_retrieval
+
+        image_embeds, text_embeds = self.embed_eval_set(params)
+        captions = self.data.eval_captions
+        if len(captions) != len(image_embeds):
+            raise RuntimeError(f"evaluation saw {len(image_embeds)} examples but the split has {len(captions)}")
+        scale = min(math.exp(float(jax.device_get(params["logit_scale"]))), LOGIT_SCALE_MAX)
+        result = evaluate_retrieval(image_embeds, text_embeds, captions)
+        metrics = {"eval_loss": _eval_loss(image_embeds, text_embeds, scale, self.data.per_process_eval_batch),
+                   **{f"eval_{k}": v for k, v in result.metrics.items()}, "epoch": epoch,
+                   "eval_examples": len(image_embeds)}
+        self.metrics.log(step, metrics)
+        logger.info("epoch %d eval: %s", epoch, {k: round(v, 4) for k, v in metrics.items()})
+        return metrics
+
+    def _model(self, params: Any) -> FlaxHybridCLIP:
+        return nnx.merge(self.graphdef, jax.device_get(params))
+
+    def _track_best(self, state: TrainState, metrics: dict, progress: Progress, epoch: int) -> None:
+        """Exports each new best model to output_dir/best; sets `stopped_early` when patience runs out."""
+        name = f"eval_{self.args.metric_for_best_model}"
+        if name not in metrics:
+            raise SystemExit(f"--metric_for_best_model {self.args.metric_for_best_model!r} is not an eval metric; "
+                             f"choose from {sorted(k[5:] for k in metrics if k.startswith('eval_'))}")
+        value = metrics[name]
+        if _is_better(name, value, progress.best_metric):
+            progress.best_metric, progress.best_epoch, progress.epochs_without_improvement = value, epoch, 0
+            if jax.process_index() == 0:
+                self._model(state.params).save_pretrained(self.output_dir / "best", tokenizer=self.tokenizer)
+            return
+        progress.epochs_without_improvement += 1
+        patience = self.args.early_stopping_patience
+        if patience and progress.epochs_without_improvement >= patience:
+            logger.info("early stopping: %s has not improved for %d epochs", name, patience)
+            progress.stopped_early = True
+
+    def _model_card(self, eval_metrics: dict[str, float] | None) -> str:
+        from medclip.checkpoints.model_card import render_model_card
+
+        m, d, a = self.model_args, self.data_args, self.args
+        source = d.data_dir or d.train_file or d.dataset_name or (
+            f"{d.synthetic_train_samples} synthetic radiology-like pairs (medclip demo)" if d.synthetic_train_samples else "")
+        training = {"steps": self.total_steps, "global batch": self.data.global_train_batch_size,
+                    "learning rate": a.learning_rate, "schedule": f"{a.lr_schedule}, warmup {a.warmup_steps}",
+                    "weight decay": a.weight_decay, "loss": a.loss, "max_seq_length": d.max_seq_length,
+                    "compute dtype": m.dtype}
+        bases = tuple(x for x in (m.vision_model_name_or_path, m.text_model_name_or_path, m.model_name_or_path) if x)
+        metrics = {k[5:]: v for k, v in (eval_metrics or {}).items() if k.startswith("eval_") and isinstance(v, float)}
+        return render_model_card(self.model.config, training=training, eval_metrics=metrics, dataset=source,
+                                 base_models=bases)
+
+    def _export_final(self, state: TrainState, eval_metrics: dict[str, float] | None) -> dict[str, Any]:
+        """Final model (and its card, curves) in output_dir; best model in output_dir/best; optional push."""
+        if jax.process_index() != 0:
+            return {}
+        from medclip.evaluation.plots import plot_training_curves
+
+        card = self._model_card(eval_metrics)
+        self._model(state.params).save_pretrained(self.output_dir, tokenizer=self.tokenizer)
+        (self.output_dir / "README.md").write_text(card)
+        best = self.output_dir / "best"
+        if best.is_dir():
+            (best / "README.md").write_text(card)
+        plot_training_curves(self.output_dir / "metrics.jsonl", self.output_dir / "training_curves.png")
+        exported = {"model_dir": str(self.output_dir), "training_curves": str(self.output_dir / "training_curves.png")}
+        if self.args.push_to_hub:
+            from medclip.checkpoints.hub import push_model_to_hub
+
+            repo_id = self.args.hub_model_id or self.output_dir.name
+            model = FlaxHybridCLIP.from_pretrained(best) if best.is_dir() else self._model(state.params)
+            exported["hub_commit"] = push_model_to_hub(
+                model, repo_id, tokenizer=self.tokenizer, private=self.args.hub_private_repo, model_card=card,
+                extra_files={"metrics.jsonl": self.output_dir / "metrics.jsonl",
+                             "training_curves.png": self.output_dir / "training_curves.png"})
+        return exported
+
+
+def _eval_loss(image_embeds: np.ndarray, text_embeds: np.ndarray, scale: float, batch: int) -> float:
+    """Symmetric InfoNCE averaged over eval batches of the training batch size (comparable to train loss)."""
+    losses = []
+    for start in range(0, len(image_embeds), batch):
+        logits = scale * text_embeds[start:start + batch] @ image_embeds[start:start + batch].T
+        logits = logits - logits.max()
+        t2i = -np.mean(np.diag(logits) - np.log(np.exp(logits).sum(1)))
+        i2t = -np.mean(np.diag(logits) - np.log(np.exp(logits).sum(0)))
+        losses.append((t2i + i2t) / 2)
+    return float(np.mean(losses))
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments) -> dict[str, Any]:
+    return Trainer(model_args, data_args, train_args).train()

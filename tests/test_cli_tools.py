@@ -1,0 +1,108 @@
+"""The `medclip` command's tools on a small model and synthetic images, including their error messages."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from medclip import FlaxHybridCLIP
+from medclip.cli import main
+from medclip.data.synthetic import write_synthetic_dataset, write_synthetic_tokenizer
+from medclip.training.model_setup import demo_config
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    tokenizer = write_synthetic_tokenizer(root / "tok")
+    for name, seed in (("model", 0), ("other_model", 1)):
+        model = FlaxHybridCLIP(demo_config(len(tokenizer), 32, 24), rngs=nnx.Rngs(seed))
+        model.save_pretrained(root / name, tokenizer=tokenizer)
+    jsonl = write_synthetic_dataset(root / "data", 24, seed=5, image_size=32)
+    return root, jsonl
+
+
+def test_embed_then_search(workspace, capsys):
+    root, jsonl = workspace
+    assert main(["embed", str(root / "model"), "--images", str(root / "data" / "images"),
+                 "--out", str(root / "index.npz")]) == 0
+    assert "indexed 24 images" in capsys.readouterr().out
+    assert main(["search", "CT of the chest showing a mass", "--index", str(root / "index.npz"), "-k", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3
+    scores = [float(line.split()[1]) for line in lines]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_embed_a_dataset_keeps_captions_and_counts_skips(workspace, capsys):
+    root, jsonl = workspace
+    (root / "data" / "images" / "broken.png").write_bytes(b"not a png at all")
+    try:
+        assert main(["embed", str(root / "model"), "--images", str(root / "data" / "images"),
+                     "--out", str(root / "index2.npz")]) == 0
+        out = capsys.readouterr().out
+        assert "indexed 24 images" in out and '"not_an_image": 1' in out
+    finally:
+        (root / "data" / "images" / "broken.png").unlink()
+    assert main(["embed", str(root / "model"), "--data", str(jsonl), "--out", str(root / "index3.npz")]) == 0
+    from medclip.inference.index import EmbeddingIndex
+
+    index = EmbeddingIndex.load(root / "index3.npz")
+    assert len(index) == 24 and all(index.captions)
+    np.testing.assert_allclose(np.linalg.norm(index.embeddings, axis=1), 1.0, rtol=1e-5)
+
+
+def test_search_refuses_an_index_from_another_model(workspace, capsys):
+    root, _ = workspace
+    main(["embed", str(root / "model"), "--images", str(root / "data" / "images"), "--out", str(root / "i.npz")])
+    capsys.readouterr()
+    assert main(["search", "a chest x-ray", "--index", str(root / "i.npz"), "--model", str(root / "other_model")]) == 2
+    assert "built by another model" in capsys.readouterr().err
+
+
+def test_search_errors_are_clear(workspace, capsys):
+    root, _ = workspace
+    with pytest.raises(SystemExit, match="empty query"):
+        main(["search", "   ", "--index", str(root / "index.npz")])
+    assert main(["search", "mass", "--index", str(root / "missing.npz")]) == 2
+    assert "no embedding index" in capsys.readouterr().err
+
+
+def test_rank_and_zeroshot(workspace, capsys):
+    root, _ = workspace
+    image = sorted((root / "data" / "images").iterdir())[0]
+    captions = ["CT of the head.", "Ultrasound of the pelvis showing a cyst.", "Chest X-ray with an effusion."]
+    assert main(["rank", str(root / "model"), str(image), *captions]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    parsed = [re.match(r"\s*(\d+)\s+p=(\S+)\s+cos=(\S+)\s+(.*)$", line).groups() for line in lines]
+    assert sorted(p[3] for p in parsed) == sorted(captions)
+    assert abs(sum(float(p[1]) for p in parsed) - 1.0) < 1e-3
+    assert [float(p[1]) for p in parsed] == sorted((float(p[1]) for p in parsed), reverse=True)
+    assert main(["zeroshot", str(root / "model"), str(image), "--labels", "CT", "MRI", "ultrasound"]) == 0
+    probs = [float(line.split()[0]) for line in capsys.readouterr().out.strip().splitlines()]
+    assert len(probs) == 3 and abs(sum(probs) - 1) < 1e-3
+
+
+def test_unreadable_image_is_a_clear_error(workspace, tmp_path, capsys):
+    root, _ = workspace
+    bad = tmp_path / "scan.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    assert main(["rank", str(root / "model"), str(bad), "a caption here", "another caption"]) == 2
+    err = capsys.readouterr().err
+    assert "scan.jpg" in err and "cannot use this image" in err
+
+
+def test_evaluate_writes_a_table_and_json(workspace, tmp_path, capsys):
+    root, jsonl = workspace
+    out = tmp_path / "results.json"
+    assert main(["evaluate", str(root / "model"), str(jsonl), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "R@1" in printed and "zero-shot over keywords" in printed
+    results = json.loads(out.read_text())
+    assert results["n_pairs"] == 24
+    assert 0 <= results["retrieval_full"]["t2i_R@10"] <= 1
+    assert "2" in results["zeroshot_keywords"]
