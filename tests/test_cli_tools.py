@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,3 +107,25 @@ def test_evaluate_writes_a_table_and_json(workspace, tmp_path, capsys):
     assert results["n_pairs"] == 24
     assert 0 <= results["retrieval_full"]["t2i_R@10"] <= 1
     assert "2" in results["zeroshot_keywords"]
+
+
+def test_index_paths_resolve_wherever_the_index_is_read(workspace, tmp_path, monkeypatch):
+    root, _ = workspace
+    from medclip.inference.index import EmbeddingIndex
+
+    main(["embed", str(root / "model"), "--images", str(root / "data" / "images"), "--out", str(root / "rel.npz")])
+    monkeypatch.chdir(tmp_path)  # another working directory
+    index = EmbeddingIndex.load(root / "rel.npz")
+    assert all(Path(p).is_absolute() and Path(p).exists() for p in index.paths)
+    assert Path(index.model_dir).resolve() == (root / "model").resolve()
+
+
+def test_text_padding_does_not_change_embeddings(workspace):
+    root, _ = workspace
+    from medclip.inference.embedder import Embedder
+
+    embedder = Embedder(root / "model")
+    texts = ["CT of the head.", "Axial MRI of the pelvis showing a small cyst in the right lower quadrant."]
+    together = embedder.embed_texts(texts)
+    alone = np.concatenate([embedder.embed_texts([t]) for t in texts])
+    np.testing.assert_allclose(together, alone, atol=1e-5)

@@ -36,9 +36,11 @@ class EmbeddingIndex:
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"model_fingerprint": self.model_fingerprint, "model_dir": self.model_dir, "dim": self.dim}
+        meta = {"model_fingerprint": self.model_fingerprint, "model_dir": _relative(self.model_dir, path.parent),
+                "dim": self.dim}
+        stored = [_relative(p, path.parent) for p in self.paths]  # the index moves with its images
         with path.open("wb") as f:  # a file object keeps numpy from appending ".npz"
-            np.savez(f, embeddings=self.embeddings.astype(np.float32), paths=np.array(self.paths, dtype=str),
+            np.savez(f, embeddings=self.embeddings.astype(np.float32), paths=np.array(stored, dtype=str),
                      captions=np.array(self.captions, dtype=str), meta=np.array(json.dumps(meta)))
         return path
 
@@ -50,9 +52,10 @@ class EmbeddingIndex:
         try:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
-                return cls(embeddings=data["embeddings"], paths=data["paths"].tolist(),
+                return cls(embeddings=data["embeddings"],
+                           paths=[_resolve(p, path.parent) for p in data["paths"].tolist()],
                            captions=data["captions"].tolist(), model_fingerprint=meta["model_fingerprint"],
-                           model_dir=meta.get("model_dir", ""))
+                           model_dir=_resolve(meta.get("model_dir", ""), path.parent))
         except (ValueError, KeyError, OSError) as error:
             raise ValueError(f"{path} is not a medclip embedding index ({error})") from None
 
@@ -74,3 +77,15 @@ class EmbeddingIndex:
             order = candidates[np.argsort(-row[candidates], kind="stable")]
             results.append([(int(i), float(row[i])) for i in order])
         return results
+
+
+def _relative(path: str, folder: Path) -> str:
+    if not path:
+        return path
+    return os.path.relpath(Path(path).absolute(), folder.absolute())
+
+
+def _resolve(path: str, folder: Path) -> str:
+    if not path or os.path.isabs(path):
+        return path
+    return os.path.normpath(folder.absolute() / path)

@@ -88,6 +88,8 @@ class TrainingArguments:
     early_stopping_patience: int = field(default=5, metadata={"help": "Epochs without improvement; 0 = off."})
     max_nonfinite_steps: int = field(default=10, metadata={"help": "Stop after this many non-finite steps in a row."})
     fully_sharded: bool = field(default=False, metadata={"help": "Shard parameters over devices too (FSDP)."})
+    log_data_order: bool = field(default=False, metadata={
+        "help": "Audit: each process writes the ids it trains on per step to data_order.process<i>.jsonl."})
     report_to: str = field(default="tensorboard", metadata={"help": "Comma list: tensorboard, wandb, none."})
     push_to_hub: bool = False
     hub_model_id: str | None = None

@@ -13,10 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
-from medclip.data.pipeline import EvalDataset, TrainIterator, make_eval_dataset, make_train_dataset
+from medclip.data.pipeline import EvalDataset, TrainIterator, epoch_order, make_eval_dataset, make_train_dataset
 from medclip.data.records import DropCounter, Record
 from medclip.data.sources.auto import load_records
+from medclip.training.distributed import barrier
 from medclip.training.arguments import DataArguments, TrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -30,9 +33,12 @@ def load_split(args: DataArguments, split: str, output_dir: Path, seed: int) -> 
         from medclip.data.synthetic import write_synthetic_dataset
 
         n = args.synthetic_train_samples if split == "train" else args.synthetic_validation_samples
-        source = write_synthetic_dataset(output_dir / "synthetic" / split, n,
-                                         seed=seed + (0 if split == "train" else 1),
-                                         image_size=args.synthetic_image_size, name=split)
+        folder = output_dir / "synthetic" / split
+        source = folder / f"{split}.jsonl"
+        if jax.process_index() == 0:  # one writer; the other processes read it after the barrier
+            write_synthetic_dataset(folder, n, seed=seed + (0 if split == "train" else 1),
+                                    image_size=args.synthetic_image_size, name=split)
+        barrier(f"synthetic {split}")
     else:
         source = file or args.data_dir or args.dataset_name
     if source is None:
@@ -50,7 +56,7 @@ class DataFeed:
     eval_captions: list[str]
     counters: dict[str, tuple[int, DropCounter]]  # split -> (records kept at load, drop counter)
     global_train_batch_size: int
-    per_process_eval_batch: int
+    global_eval_batch_size: int
 
     @property
     def drop_summary(self) -> dict[str, Any]:
@@ -68,6 +74,37 @@ class DataFeed:
     @property
     def steps_per_epoch(self) -> int:
         return self.train.steps_per_epoch if self.train is not None else 0
+
+    def _data_fingerprint(self) -> str:
+        layout, seed = self.train.layout, self.train.settings["seed"]
+        return (f"records={layout.num_records} seed={seed} global_batch={layout.global_batch_size} "
+                f"processes={layout.process_count}")
+
+    def train_state(self) -> dict[str, Any]:
+        """Every process's stream position, for the checkpoint (orbax writes JSON from process 0 only, so
+        the positions are gathered first). Collective: all processes call it."""
+        position = np.asarray([self.train.position], np.int64)
+        if jax.process_count() > 1:
+            position = multihost_utils.process_allgather(position, tiled=True)
+        return {"positions": [int(p) for p in position], "fingerprint": self._data_fingerprint()}
+
+    def restore_train(self, state: dict[str, Any]) -> None:
+        if state.get("fingerprint") != self._data_fingerprint():
+            raise SystemExit(f"the checkpoint's data ({state.get('fingerprint')}) is not this run's "
+                             f"({self._data_fingerprint()}): resume with the same data, seed, batch size and "
+                             "number of processes, or start a new --output_dir")
+        self.train.restore({**self.train.state(), "position": state["positions"][jax.process_index()]})
+
+    def train_ids(self, start: int, end: int) -> list[str]:
+        """Record ids at train-stream positions [start, end) of this process (for the data-order audit)."""
+        layout, seed = self.train.layout, self.train.settings["seed"]
+        ids, orders = [], {}
+        for position in range(start, end):
+            epoch, offset = divmod(position, layout.per_epoch)
+            if epoch not in orders:
+                orders = {epoch: epoch_order(seed, epoch, layout)}
+            ids.append(self.train.items[int(orders[epoch][offset])].id)
+        return ids
 
     def eval_batches(self):
         return iter(self.eval)
@@ -103,7 +140,7 @@ def build_data(args: DataArguments, train_args: TrainingArguments, tokenizer, mo
             eval_captions = [record.captions[0] for record in items]
     feed = DataFeed(train=train, eval=evaluation, eval_captions=eval_captions, counters=counters,
                     global_train_batch_size=global_train,
-                    per_process_eval_batch=global_eval // jax.process_count())
+                    global_eval_batch_size=global_eval)
     write_data_report(feed, output_dir)
     return feed
 

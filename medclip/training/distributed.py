@@ -7,6 +7,7 @@ A process launched alone does nothing here and behaves exactly as before.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 
@@ -29,7 +30,18 @@ def launched_as_multi_process(coordinator_address: str | None, num_processes: in
         return True
     if (_int_env("SLURM_NTASKS") or 1) > 1:
         return True
-    return bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))  # a multi-host TPU slice
+    if os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","):  # a multi-host TPU slice on GKE
+        return True
+    return _on_cloud_tpu_vm()  # GCE TPU VMs: JAX finds its peers through the metadata server
+
+
+def _on_cloud_tpu_vm() -> bool:
+    """JAX's own check; initialising on a single-host TPU VM is harmless (one process)."""
+    try:
+        from jax._src.clusters.cloud_tpu_cluster import running_in_cloud_tpu_vm
+    except ImportError:
+        return False
+    return bool(running_in_cloud_tpu_vm)
 
 
 def maybe_initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -53,3 +65,24 @@ def maybe_initialize(coordinator_address: str | None = None, num_processes: int 
     logger.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
                 jax.process_count(), jax.local_device_count(), jax.device_count())
     return True
+
+
+BARRIER_TIMEOUT_S = 600
+_barrier_ids = itertools.count()
+
+
+def barrier(name: str, timeout_s: int = BARRIER_TIMEOUT_S) -> None:
+    """Waits until every process gets here, through the coordination service.
+
+    Not `multihost_utils.sync_global_devices`: on CPU that is a gloo collective whose rendezvous times out
+    after 30 s, and processes can drift further apart than that (one writes an export, or the machine is
+    loaded). Collectives after a barrier start together. A no-op in a single process.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed
+
+    client = jax_distributed.global_state.client
+    if client is None:
+        raise RuntimeError("jax.distributed is not initialised but there are several processes")
+    client.wait_at_barrier(f"medclip:{next(_barrier_ids)}:{name}", timeout_s * 1000)

@@ -35,11 +35,8 @@ class MetricsLogger:
 
     def truncate_after(self, step: int) -> None:
         """On resume, forget what was logged after the restored checkpoint: those steps run again."""
-        if not self.enabled or not self.jsonl.exists():
-            return
-        lines = self.jsonl.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.jsonl.write_text("".join(line + "\n" for line in kept))
+        if self.enabled:
+            truncate_jsonl(self.jsonl, step)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -63,6 +60,13 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Drops the lines of a JSON-lines log whose "step" is after `step`."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(line + "\n" for line in kept))
 
 
 def _plain(value: Any) -> Any:

@@ -7,10 +7,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import jax
 from flax import nnx
 
 from medclip.checkpoints.hub import resolve_model_dir
 from medclip.models import BertConfig, CLIPVisionConfig, FlaxHybridCLIP, HybridCLIPConfig
+from medclip.training.distributed import barrier
 from medclip.training.arguments import DataArguments, ModelArguments
 
 logger = logging.getLogger(__name__)
@@ -43,8 +45,13 @@ def build_model_and_tokenizer(model_args: ModelArguments, data_args: DataArgumen
             raise SystemExit(f"unknown --model_preset {model_args.model_preset!r}; available: demo")
         from medclip.data.synthetic import write_synthetic_tokenizer
 
-        tokenizer = (load_tokenizer(model_args.tokenizer_name) if model_args.tokenizer_name
-                     else write_synthetic_tokenizer(output_dir / "demo_tokenizer"))
+        if model_args.tokenizer_name:
+            tokenizer = load_tokenizer(model_args.tokenizer_name)
+        else:
+            if jax.process_index() == 0:  # one writer; the other processes read it after the barrier
+                write_synthetic_tokenizer(output_dir / "demo_tokenizer")
+            barrier("demo tokenizer")
+            tokenizer = load_tokenizer(output_dir / "demo_tokenizer")
         image_size = model_args.image_size or data_args.synthetic_image_size
         config = demo_config(len(tokenizer), image_size, data_args.max_seq_length)
         model = FlaxHybridCLIP(config, dtype=dtype, remat=model_args.remat, rngs=nnx.Rngs(seed))

@@ -5,6 +5,7 @@ epoch, best-model export and early stopping. `run_hybrid_clip.py` only parses fl
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -20,10 +21,11 @@ from tqdm.auto import tqdm
 
 from medclip.models.hybrid import LOGIT_SCALE_MAX, FlaxHybridCLIP
 from medclip.training import mesh as mesh_lib
+from medclip.training.distributed import barrier
 from medclip.training.arguments import DataArguments, ModelArguments, TrainingArguments
 from medclip.training.checkpointing import Checkpointer
 from medclip.training.data_feed import DataFeed, build_data, write_data_report
-from medclip.training.logger import MetricsLogger
+from medclip.training.logger import MetricsLogger, truncate_jsonl
 from medclip.training.model_setup import build_model_and_tokenizer
 from medclip.training.optim import OptimizerConfig, make_optimizer
 from medclip.training.step import StepConfig, TrainState, init_state, make_embed_step, make_train_step
@@ -58,12 +60,14 @@ def _prepare_output_dir(args: TrainingArguments) -> Path:
     if out.is_dir() and any(out.iterdir()) and not args.overwrite_output_dir and not (args.resume and has_checkpoint):
         raise SystemExit(f"output directory {out} exists and is not empty; use --overwrite_output_dir, "
                          "or keep --resume to continue its checkpoint")
-    if args.overwrite_output_dir and out.is_dir() and jax.process_index() == 0:
-        import shutil
+    barrier("output_dir checked")  # every process looked before anyone deletes
+    if jax.process_index() == 0:
+        if args.overwrite_output_dir and out.is_dir():
+            import shutil
 
-        shutil.rmtree(out)
-    multihost_utils.sync_global_devices("output_dir")
-    out.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+    barrier("output_dir ready")
     return out
 
 
@@ -125,22 +129,25 @@ class Trainer:
         if self.args.resume and self.checkpointer.latest_step() is not None:
             state, meta = self.checkpointer.restore(self.abstract_state)
             if self.data.has_train:
-                self.data.train.restore(meta["data"])
+                self.data.restore_train(meta["data"])
             logger.info("resumed from step %d", int(state.step))
             self.metrics.truncate_after(int(state.step))
+            truncate_jsonl(self.output_dir / f"data_order.process{jax.process_index()}.jsonl", int(state.step))
             return state, Progress(**meta["progress"])
         init = jax.jit(lambda p: init_state(p, self.tx, self.args.seed), out_shardings=self.state_shardings)
         return init(self.params), Progress()
 
     def _save(self, step: int, state: TrainState, progress: Progress) -> None:
+        barrier(f"save {step}")  # process 0 may still be writing an export
         self.checkpointer.save(step, state, {"progress": dataclasses.asdict(progress),
-                                             "data": self.data.train.state()})
+                                             "data": self.data.train_state()})
 
     # -- the loop ------------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
         args = self.args
         state, progress = self._initial_state()
         step = int(state.step)
+        barrier("train start")
         steps_per_epoch = self.data.steps_per_epoch
         global_batch = self.data.global_train_batch_size
         summary: dict[str, Any] = {}
@@ -148,9 +155,12 @@ class Trainer:
                    disable=jax.process_index() != 0)
         last_time, last_step = time.perf_counter(), step
         while step < self.total_steps and not progress.stopped_early:
+            start = self.data.train.position
             batch = next(self.data.train)
             state, metrics = self.train_step(state, mesh_lib.global_batch(self.mesh, batch))
             step += 1
+            if args.log_data_order:
+                self._log_data_order(step, self.data.train_ids(start, self.data.train.position))
             bar.update(1)
             epoch = (step - 1) // steps_per_epoch
             if step % args.logging_steps == 0 or step == self.total_steps:
@@ -186,6 +196,11 @@ class Trainer:
         return {"eval": self.evaluate(state.params, int(state.step), int(state.step) // max(self.data.steps_per_epoch, 1)),
                 "dropped": self.data.drop_summary}
 
+    def _log_data_order(self, step: int, ids: list[str]) -> None:
+        path = self.output_dir / f"data_order.process{jax.process_index()}.jsonl"
+        with path.open("a") as f:
+            f.write(json.dumps({"step": step, "ids": ids}) + "\n")
+
     def _log_train(self, step: int, epoch: int, metrics: dict, rate: float) -> dict[str, float]:
         fetched = {f"train_{k}": float(v) for k, v in jax.device_get(metrics).items()}
         fetched["learning_rate"] = float(self.schedules["head"](step // self.args.gradient_accumulation_steps))
@@ -217,13 +232,15 @@ class Trainer:
     def evaluate(self, params: Any, step: int, epoch: int) -> dict[str, float]:
         from medclip.evaluation.retrieval import evaluate_retrieval
 
+        barrier(f"evaluate {step}")
+
         image_embeds, text_embeds = self.embed_eval_set(params)
         captions = self.data.eval_captions
         if len(captions) != len(image_embeds):
             raise RuntimeError(f"evaluation saw {len(image_embeds)} examples but the split has {len(captions)}")
         scale = min(math.exp(float(jax.device_get(params["logit_scale"]))), LOGIT_SCALE_MAX)
         result = evaluate_retrieval(image_embeds, text_embeds, captions)
-        metrics = {"eval_loss": _eval_loss(image_embeds, text_embeds, scale, self.data.per_process_eval_batch),
+        metrics = {"eval_loss": _eval_loss(image_embeds, text_embeds, scale, self.data.global_eval_batch_size),
                    **{f"eval_{k}": v for k, v in result.metrics.items()}, "epoch": epoch,
                    "eval_examples": len(image_embeds)}
         self.metrics.log(step, metrics)
@@ -231,7 +248,13 @@ class Trainer:
         return metrics
 
     def _model(self, params: Any) -> FlaxHybridCLIP:
-        return nnx.merge(self.graphdef, jax.device_get(params))
+        """A host copy of the model. Collective when parameters are sharded across processes: every process
+        must call it, whichever one then writes."""
+        if all(leaf.is_fully_addressable for leaf in jax.tree.leaves(params)):
+            host = jax.device_get(params)
+        else:
+            host = multihost_utils.process_allgather(params, tiled=True)
+        return nnx.merge(self.graphdef, host)
 
     def _track_best(self, state: TrainState, metrics: dict, progress: Progress, epoch: int) -> None:
         """Exports each new best model to output_dir/best; sets `stopped_early` when patience runs out."""
@@ -242,8 +265,9 @@ class Trainer:
         value = metrics[name]
         if _is_better(name, value, progress.best_metric):
             progress.best_metric, progress.best_epoch, progress.epochs_without_improvement = value, epoch, 0
+            model = self._model(state.params)
             if jax.process_index() == 0:
-                self._model(state.params).save_pretrained(self.output_dir / "best", tokenizer=self.tokenizer)
+                model.save_pretrained(self.output_dir / "best", tokenizer=self.tokenizer)
             return
         progress.epochs_without_improvement += 1
         patience = self.args.early_stopping_patience
@@ -268,12 +292,13 @@ class Trainer:
 
     def _export_final(self, state: TrainState, eval_metrics: dict[str, float] | None) -> dict[str, Any]:
         """Final model (and its card, curves) in output_dir; best model in output_dir/best; optional push."""
+        final = self._model(state.params)
         if jax.process_index() != 0:
             return {}
         from medclip.evaluation.plots import plot_training_curves
 
         card = self._model_card(eval_metrics)
-        self._model(state.params).save_pretrained(self.output_dir, tokenizer=self.tokenizer)
+        final.save_pretrained(self.output_dir, tokenizer=self.tokenizer)
         (self.output_dir / "README.md").write_text(card)
         best = self.output_dir / "best"
         if best.is_dir():
@@ -284,7 +309,7 @@ class Trainer:
             from medclip.checkpoints.hub import push_model_to_hub
 
             repo_id = self.args.hub_model_id or self.output_dir.name
-            model = FlaxHybridCLIP.from_pretrained(best) if best.is_dir() else self._model(state.params)
+            model = FlaxHybridCLIP.from_pretrained(best) if best.is_dir() else final
             exported["hub_commit"] = push_model_to_hub(
                 model, repo_id, tokenizer=self.tokenizer, private=self.args.hub_private_repo, model_card=card,
                 extra_files={"metrics.jsonl": self.output_dir / "metrics.jsonl",

@@ -1,0 +1,171 @@
+"""The tf.data train/eval pipelines: shapes, determinism, sharding, exact resume, eval padding, bad images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medclip.data import pipeline
+from medclip.data.records import DataError, DropCounter, Record
+from tests.data import bad_files
+
+SIZE, LENGTH = 24, 16
+
+
+def train(items, tokenizer, **kwargs):
+    settings = dict(image_size=SIZE, max_seq_length=LENGTH, global_batch_size=8, seed=0, process_index=0,
+                    process_count=1)
+    return pipeline.make_train_dataset(items, tokenizer, **{**settings, **kwargs})
+
+
+def evaluation(items, tokenizer, **kwargs):
+    settings = dict(image_size=SIZE, max_seq_length=LENGTH, global_batch_size=8, process_index=0, process_count=1)
+    return pipeline.make_eval_dataset(items, tokenizer, **{**settings, **kwargs})
+
+
+def take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def test_train_batches_shapes_and_dtypes(synthetic_records, tokenizer):
+    batch = next(train(synthetic_records, tokenizer))
+    assert set(batch) == {"pixel_values", "input_ids", "attention_mask"}
+    assert batch["pixel_values"].shape == (8, SIZE, SIZE, 3) and batch["pixel_values"].dtype == np.float32
+    assert batch["input_ids"].shape == (8, LENGTH) and batch["input_ids"].dtype == np.int32
+    assert batch["attention_mask"].dtype == np.int32 and batch["attention_mask"][:, 0].all()
+    assert -2.5 < batch["pixel_values"].min() and batch["pixel_values"].max() < 2.7  # CLIP-normalised range
+
+
+def test_tokenized_once_to_max_seq_length(synthetic_records, tokenizer):
+    multi = Record("multi", synthetic_records[3].image, ["First caption here.", "Second one."])
+    items = synthetic_records[:3] + [multi]
+    captions = pipeline.tokenize_captions(items, tokenizer, LENGTH)
+    assert captions.input_ids.shape == (5, LENGTH)
+    assert list(captions.first) == [0, 1, 2, 3] and list(captions.count) == [1, 1, 1, 2]
+    expected = tokenizer("Second one.", padding="max_length", max_length=LENGTH)["input_ids"]
+    assert list(captions.input_ids[4]) == expected
+
+
+def test_train_is_deterministic_from_the_seed(synthetic_records, tokenizer):
+    first = take(train(synthetic_records, tokenizer), 2)
+    assert_same_batches(first, take(train(synthetic_records, tokenizer), 2))
+    other = take(train(synthetic_records, tokenizer, seed=1), 2)
+    assert not np.array_equal(first[0]["input_ids"], other[0]["input_ids"])
+
+
+def test_epochs_drop_the_partial_batch_and_see_each_record_once(synthetic_records, tokenizer):
+    items = synthetic_records[:21]  # 21 records, batch 8: 2 steps per epoch, 5 records left out each epoch
+    iterator = train(items, tokenizer)
+    assert iterator.steps_per_epoch == 2
+    layout = iterator.layout
+    for epoch in range(3):
+        order = pipeline.epoch_order(0, epoch, layout)
+        assert len(order) == 16 and len(set(order)) == 16
+    assert not np.array_equal(pipeline.epoch_order(0, 0, layout), pipeline.epoch_order(0, 1, layout))
+
+
+def test_processes_split_each_global_batch(synthetic_records, tokenizer):
+    single = take(train(synthetic_records, tokenizer), 3)
+    halves = [take(train(synthetic_records, tokenizer, process_index=i, process_count=2), 3) for i in range(2)]
+    for step in range(3):
+        assert halves[0][step]["pixel_values"].shape[0] == 4
+        for key in single[step]:
+            joined = np.concatenate([halves[0][step][key], halves[1][step][key]])
+            np.testing.assert_allclose(joined, single[step][key], atol=1e-5, err_msg=key)
+
+
+def test_restore_gives_the_identical_next_batches(synthetic_records, tokenizer):
+    iterator = train(synthetic_records, tokenizer)
+    take(iterator, 4)  # 40 records / 8 = 5 steps per epoch: the next batches cross into epoch 1
+    state = iterator.state()
+    expected = take(iterator, 3)
+    restored = train(synthetic_records, tokenizer)
+    restored.restore(state)
+    assert_same_batches(take(restored, 3), expected)
+    with pytest.raises(ValueError, match="other data or settings"):
+        train(synthetic_records[:-1], tokenizer).restore(state)
+
+
+def test_eval_counts_every_example_exactly_once(synthetic_records, tokenizer):
+    items = synthetic_records[:21]
+    seen = []
+    batches_per_process = []
+    for process in range(2):
+        dataset = evaluation(items, tokenizer, process_index=process, process_count=2)
+        batches = list(dataset)
+        batches_per_process.append(len(batches))
+        assert len(batches) == len(dataset) == 3  # ceil(21 / 8)
+        for batch in batches:
+            assert batch["pixel_values"].shape == (4, SIZE, SIZE, 3) and batch["mask"].dtype == bool
+            seen += [tuple(ids) for ids in batch["input_ids"][batch["mask"]]]
+    assert batches_per_process[0] == batches_per_process[1]
+    assert len(seen) == 21
+    expected = pipeline.tokenize_captions(items, tokenizer, LENGTH).input_ids
+    assert sorted(seen) == sorted(tuple(ids) for ids in expected)
+
+
+def test_eval_is_deterministic(synthetic_records, tokenizer):
+    dataset = evaluation(synthetic_records[:10], tokenizer)
+    assert_same_batches(list(dataset), list(dataset))
+
+
+def test_records_holding_bytes(synthetic_records, tokenizer, tmp_path):
+    from pathlib import Path
+
+    in_memory = [Record(r.id, Path(r.image).read_bytes(), r.captions) for r in synthetic_records[:16]]
+    from_bytes = take(train(in_memory, tokenizer), 2)
+    from_files = take(train(synthetic_records[:16], tokenizer), 2)
+    assert_same_batches(from_bytes, from_files)
+
+
+def _with_corrupt_image(tmp_path, synthetic_records):
+    """Records where one image cannot be decoded (a truncated JPEG that reached the graph unchecked)."""
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(bad_files.jpeg_bytes(size=(96, 96))[:-300])
+    bad = Record("corrupt", str(corrupt), ["A caption that is long enough."], source="corrupt.jsonl:7")
+    return synthetic_records[:8] + [bad] + synthetic_records[8:16]
+
+
+def test_undecodable_image_in_training_is_skipped_and_counted(synthetic_records, tokenizer, tmp_path):
+    items = _with_corrupt_image(tmp_path, synthetic_records)
+    counter = DropCounter()
+    iterator = train(items, tokenizer, global_batch_size=4, counter=counter)
+    take(iterator, 12)  # three epochs of 17 records: the corrupt one comes up every epoch, counted once
+    assert dict(counter.counts) == {"corrupt_image": 1}
+    assert "corrupt.jsonl:7: corrupt_image" in counter.examples["corrupt_image"][0]
+    strict = train(items, tokenizer, global_batch_size=4, counter=DropCounter(strict=True))
+    with pytest.raises(DataError, match="corrupt.jsonl:7"):
+        take(strict, 12)
+
+
+def test_undecodable_image_in_eval_is_counted_not_lost(synthetic_records, tokenizer, tmp_path):
+    items = _with_corrupt_image(tmp_path, synthetic_records)
+    counter = DropCounter()
+    dataset = evaluation(items, tokenizer, counter=counter)
+    batches = list(dataset)
+    assert len(batches) == 3 and sum(int(b["mask"].sum()) for b in batches) == len(items) - 1
+    assert dict(counter.counts) == {"corrupt_image": 1}
+
+
+def test_vision_image_size():
+    class Vision:
+        image_size = 64
+
+    class DualEncoder:
+        vision_config = Vision()
+
+    assert pipeline.vision_image_size(DualEncoder()) == 64
+    assert pipeline.vision_image_size({"image_size": 96}) == 96
+
+
+def test_batch_must_divide_over_processes(synthetic_records, tokenizer):
+    with pytest.raises(ValueError, match="divide evenly"):
+        train(synthetic_records, tokenizer, global_batch_size=9, process_count=2)
