@@ -83,12 +83,72 @@ def time_it(fn: Callable[[], object], repeats: int) -> tuple[float, float, objec
     return min(times), float(np.median(times)), result
 
 
-def measure_embedding_throughput(encode_images=None, encode_texts=None) -> None:
-    """TODO(model): time encode_images / encode_texts (pairs/s) once the model exists."""
-    if encode_images is None or encode_texts is None:
-        print("embedding throughput: TODO, not measured (no model yet); hook: measure_embedding_throughput()")
-        return
-    raise NotImplementedError("wire the model's jitted image/text encoders in here")
+def _embedding_config(name: str, vocab_size: int):
+    from medclip.models import BertConfig, CLIPVisionConfig, HybridCLIPConfig
+    from medclip.training.model_setup import demo_config
+
+    if name == "demo":
+        return demo_config(vocab_size, 64, 32)
+    if name == "base":  # ViT-B/32 at 224 px + BERT-base, random weights (the recipe's sizes)
+        return HybridCLIPConfig(vision_config=CLIPVisionConfig(), text_config=BertConfig(vocab_size=30522),
+                                projection_dim=512)
+    raise SystemExit(f"unknown --embed-config {name!r}: demo or base")
+
+
+def measure_embedding_throughput(config_name: str, n: int, batch_size: int) -> None:
+    """Images/s and texts/s of medclip's jitted Embedder against transformers' PyTorch dual encoder with the
+    same weights (saved once, loaded by both), same batch size, same inputs, 2 threads, warm-up excluded."""
+    import tempfile
+
+    from flax import nnx
+
+    from medclip import FlaxHybridCLIP
+    from medclip.data.synthetic import write_synthetic_tokenizer
+    from medclip.inference.embedder import Embedder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = write_synthetic_tokenizer(f"{tmp}/tok")
+        config = _embedding_config(config_name, len(tokenizer))
+        FlaxHybridCLIP(config, rngs=nnx.Rngs(0)).save_pretrained(f"{tmp}/model", tokenizer=tokenizer)
+        embedder = Embedder(f"{tmp}/model", batch_size=batch_size, max_seq_length=32)
+        size = config.vision_config.image_size
+        pixels = np.random.default_rng(0).normal(size=(n, size, size, 3)).astype(np.float32)
+        texts = [f"Axial CT of the chest showing a mass in the left upper lobe, case {i}." for i in range(n)]
+        embedder.embed_pixels(pixels[:batch_size]), embedder.embed_texts(texts[:batch_size])  # compile
+        ours_img, _, ours_embeds = time_it(lambda: embedder.embed_pixels(pixels), 3)
+        ours_txt, _, _ = time_it(lambda: embedder.embed_texts(texts), 3)
+        print(f"\n== embedding throughput, {config_name} config, {n} images / {n} texts, batch {batch_size}")
+        print(f"  medclip (jax jit)   images {n / ours_img:8.1f}/s   texts {n / ours_txt:8.1f}/s")
+        try:
+            import torch
+            from transformers import VisionTextDualEncoderModel
+        except ImportError:
+            print("  PyTorch peer skipped: install the parity extra (torch==2.13.0)")
+            return
+        torch.set_num_threads(os.cpu_count() or 1)
+        peer = VisionTextDualEncoderModel.from_pretrained(f"{tmp}/model").eval()
+        nchw = torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy())
+        encoded = tokenizer(texts, padding="longest", truncation=True, max_length=32, return_tensors="pt")
+
+        def torch_images():
+            with torch.no_grad():
+                return torch.cat([peer.get_image_features(pixel_values=nchw[i:i + batch_size]).pooler_output
+                                  for i in range(0, n, batch_size)])  # transformers 5: projected pooler_output
+
+        def torch_texts():
+            with torch.no_grad():
+                return torch.cat([peer.get_text_features(input_ids=encoded["input_ids"][i:i + batch_size],
+                                                         attention_mask=encoded["attention_mask"][i:i + batch_size]
+                                                         ).pooler_output
+                                  for i in range(0, n, batch_size)])
+
+        torch_images(), torch_texts()  # warm-up
+        peer_img, _, peer_embeds = time_it(torch_images, 3)
+        peer_txt, _, _ = time_it(torch_texts, 3)
+        peer_unit = peer_embeds.numpy() / np.linalg.norm(peer_embeds.numpy(), axis=1, keepdims=True)
+        print(f"  transformers torch  images {n / peer_img:8.1f}/s   texts {n / peer_txt:8.1f}/s")
+        print(f"  ours/peer           images {peer_img / ours_img:8.2f}x   texts {peer_txt / ours_txt:8.2f}x   "
+              f"(max |embedding difference| {np.abs(ours_embeds - peer_unit).max():.1e})")
 
 
 def peak_rss_gib() -> float:
@@ -104,18 +164,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="repeats for sizes <= 20k (1 above)")
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
     parser.add_argument("--naive-max-gib", type=float, default=4.0, help="skip naive runs needing more")
+    parser.add_argument("--embed-config", default="demo", help="demo or base (ViT-B/32 + BERT-base); none to skip")
+    parser.add_argument("--embed-n", type=int, default=256, help="images and texts to embed")
+    parser.add_argument("--embed-batch", type=int, default=32)
     args = parser.parse_args()
 
     print(
         "Measures: wall time to compute image->text and text->image retrieval metrics (R@1/5/10, MRR, "
         f"median/mean rank) from precomputed random L2-normalised {args.dim}-d float32 embeddings, "
-        "N images x N texts, pair i<->i, CPU. Model embedding time is NOT included."
+        "N images x N texts, pair i<->i, CPU; and, first, embedding throughput against transformers' PyTorch "
+        "dual encoder."
     )
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, numpy {np.__version__}, "
         f"load average {os.getloadavg()[0]:.2f} at start (other processes skew timings)"
     )
-    measure_embedding_throughput()
+    if args.embed_config != "none":
+        measure_embedding_throughput(args.embed_config, args.embed_n, args.embed_batch)
     for n in args.sizes:
         images, texts = random_pairs(n, args.dim)
         repeats = args.repeats if n <= 20_000 else 1

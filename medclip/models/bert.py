@@ -116,7 +116,6 @@ class BertEmbeddings(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array | None,
                  position_ids: jax.Array | None) -> jax.Array:
-        cfg = self.config
         if position_ids is None:
             position_ids = self._default_positions(input_ids)
         hidden = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
@@ -133,10 +132,9 @@ class BertEmbeddings(nnx.Module):
             # RoBERTa numbers real tokens from pad_token_id + 1 and gives padding the pad position.
             not_pad = (input_ids != cfg.pad_token_id).astype(jnp.int32)
             positions = jnp.cumsum(not_pad, axis=1) * not_pad + cfg.pad_token_id
-            limit = cfg.max_position_embeddings
         else:
             positions = jnp.broadcast_to(jnp.arange(length), input_ids.shape)
-            limit = cfg.max_position_embeddings
+        limit = cfg.max_position_embeddings
         needed = length + (cfg.pad_token_id + 1 if cfg.is_roberta else 0)
         if needed > limit:
             raise ValueError(f"input_ids has {length} tokens; this {cfg.model_type} tower takes at most "

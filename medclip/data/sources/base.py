@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+from medclip.data import captions as caption_cleaning
 from medclip.data import image_checks, records
 from medclip.data.records import DropCounter, Record
 
@@ -55,3 +58,30 @@ def finish(
 def log_report(name: str, counter: DropCounter) -> None:
     level = logging.WARNING if counter.dropped else logging.INFO
     log.log(level, "%s: %s", name, counter.report())
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadOptions:
+    """Keyword options every `load_*` takes besides its source's own."""
+
+    strict: bool = False  # stop at the first bad record (file:line in the error) instead of counting it
+    min_caption_length: int = caption_cleaning.DEFAULT_MIN_CAPTION_LENGTH
+    check_images: bool = True
+    max_pixels: int = image_checks.DEFAULT_MAX_PIXELS
+    verify_decode: bool = False
+    min_mean_intensity: float | None = None
+
+
+def load(name: str, read: Callable[[DropCounter, int], list[Record]], counter: DropCounter | None,
+         options: dict[str, Any]) -> list[Record]:
+    """What every `load_*` does around its reader: `read(counter, min_caption_length)`, then duplicate ids and
+    bad images dropped; the report is logged when the caller brought no counter of its own."""
+    opts = LoadOptions(**options)  # an unknown option fails here, naming it
+    owns_counter = counter is None
+    counter = counter or DropCounter(strict=opts.strict)
+    items = finish(read(counter, opts.min_caption_length), counter, check_images=opts.check_images,
+                   max_pixels=opts.max_pixels, verify_decode=opts.verify_decode,
+                   min_mean_intensity=opts.min_mean_intensity)
+    if owns_counter:
+        log_report(name, counter)
+    return items

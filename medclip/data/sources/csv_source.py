@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import csv
 import io
 from pathlib import Path
 
 from medclip.data import captions as caption_cleaning
-from medclip.data import image_checks, records
+from medclip.data import records
 from medclip.data.records import DropCounter, Record
 from medclip.data.sources import base
 
@@ -105,28 +107,21 @@ def load_csv(
     concepts_separator: str = ";",
     delimiter: str = ",",
     counter: DropCounter | None = None,
-    strict: bool = False,
-    min_caption_length: int = caption_cleaning.DEFAULT_MIN_CAPTION_LENGTH,
-    check_images: bool = True,
-    max_pixels: int = image_checks.DEFAULT_MAX_PIXELS,
-    verify_decode: bool = False,
-    min_mean_intensity: float | None = None,
+    **options: Any,
 ) -> list[Record]:
-    """Loads any image-caption CSV. Drops are counted in `counter` (a new one, logged at the end, if None)."""
-    owns_counter = counter is None
-    counter = counter or DropCounter(strict=strict)
+    """Loads any image-caption CSV. Drops are counted in `counter` (a new one, logged at the end, if None);
+    `options` are `base.LoadOptions`."""
     concepts = None
     if concepts_path is not None:
         concepts = read_concepts(concepts_path, id_column or image_column, concepts_column, concepts_separator,
                                  delimiter)
-    items = read_csv(path, counter, image_column=image_column, caption_column=caption_column, id_column=id_column,
-                     image_dir=image_dir, image_suffix=image_suffix, concepts=concepts, delimiter=delimiter,
-                     min_caption_length=min_caption_length)
-    items = base.finish(items, counter, check_images=check_images, max_pixels=max_pixels,
-                        verify_decode=verify_decode, min_mean_intensity=min_mean_intensity)
-    if owns_counter:
-        base.log_report(str(path), counter)
-    return items
+
+    def read(counter: DropCounter, min_caption_length: int) -> list[Record]:
+        return read_csv(path, counter, image_column=image_column, caption_column=caption_column,
+                        id_column=id_column, image_dir=image_dir, image_suffix=image_suffix, concepts=concepts,
+                        delimiter=delimiter, min_caption_length=min_caption_length)
+
+    return base.load(str(path), read, counter, options)
 
 
 def load_rocov2(root: str | Path, split: str = "train", **kwargs) -> list[Record]:

@@ -7,10 +7,12 @@ Images are never decoded here: an `Image` column is read with `decode=False` and
 
 from __future__ import annotations
 
+from typing import Any
+
 from pathlib import Path
 
 from medclip.data import captions as caption_cleaning
-from medclip.data import image_checks, records
+from medclip.data import records
 from medclip.data.records import DropCounter, Record
 from medclip.data.sources import base
 
@@ -102,22 +104,16 @@ def load_hf_dataset(
     id_column: str | None = None,
     concepts_column: str | None = None,
     counter: DropCounter | None = None,
-    strict: bool = False,
-    min_caption_length: int = caption_cleaning.DEFAULT_MIN_CAPTION_LENGTH,
-    check_images: bool = True,
-    max_pixels: int = image_checks.DEFAULT_MAX_PIXELS,
-    verify_decode: bool = False,
-    min_mean_intensity: float | None = None,
+    **options: Any,
 ) -> list[Record]:
-    """Loads one split of a Hugging Face dataset. Drops are counted in `counter` (new and logged if None)."""
-    owns_counter = counter is None
-    counter = counter or DropCounter(strict=strict)
+    """Loads one split of a Hugging Face dataset. Drops are counted in `counter` (new and logged if None);
+    `options` are `base.LoadOptions`."""
     dataset = open_dataset(name_or_path, split)
-    items = read_dataset(dataset, counter, name=f"{name_or_path}[{split}]", image_column=image_column,
-                         caption_column=caption_column, id_column=id_column, concepts_column=concepts_column,
-                         min_caption_length=min_caption_length)
-    items = base.finish(items, counter, check_images=check_images, max_pixels=max_pixels,
-                        verify_decode=verify_decode, min_mean_intensity=min_mean_intensity)
-    if owns_counter:
-        base.log_report(f"{name_or_path}[{split}]", counter)
-    return items
+    name = f"{name_or_path}[{split}]"
+
+    def read(counter: DropCounter, min_caption_length: int) -> list[Record]:
+        return read_dataset(dataset, counter, name=name, image_column=image_column, caption_column=caption_column,
+                            id_column=id_column, concepts_column=concepts_column,
+                            min_caption_length=min_caption_length)
+
+    return base.load(name, read, counter, options)

@@ -7,11 +7,13 @@ resolved against `base_dir`, by default the folder holding the JSON lines file.
 
 from __future__ import annotations
 
+from typing import Any
+
 import json
 from pathlib import Path
 
 from medclip.data import captions as caption_cleaning
-from medclip.data import image_checks, records
+from medclip.data import records
 from medclip.data.records import DropCounter, Record
 from medclip.data.sources import base
 
@@ -77,22 +79,12 @@ def load_jsonl(
     *,
     base_dir: str | Path | None = None,
     counter: DropCounter | None = None,
-    strict: bool = False,
-    min_caption_length: int = caption_cleaning.DEFAULT_MIN_CAPTION_LENGTH,
-    check_images: bool = True,
-    max_pixels: int = image_checks.DEFAULT_MAX_PIXELS,
-    verify_decode: bool = False,
-    min_mean_intensity: float | None = None,
+    **options: Any,
 ) -> list[Record]:
-    """Loads a JSON lines file. Drops are counted in `counter` (a new one, logged at the end, if None)."""
-    owns_counter = counter is None
-    counter = counter or DropCounter(strict=strict)
-    items = read_jsonl(path, counter, base_dir, min_caption_length)
-    items = base.finish(items, counter, check_images=check_images, max_pixels=max_pixels,
-                        verify_decode=verify_decode, min_mean_intensity=min_mean_intensity)
-    if owns_counter:
-        base.log_report(str(path), counter)
-    return items
+    """Loads a JSON lines file. Drops are counted in `counter` (a new one, logged at the end, if None);
+    `options` are `base.LoadOptions`."""
+    return base.load(str(path), lambda counter, min_length: read_jsonl(path, counter, base_dir, min_length),
+                     counter, options)
 
 
 def write_jsonl(items: list[Record], path: str | Path, relative_paths: bool = True) -> Path:

@@ -12,10 +12,12 @@ One record per line of captions.txt: concepts are the CUIs, keywords the keyword
 
 from __future__ import annotations
 
+from typing import Any
+
 from pathlib import Path
 
 from medclip.data import captions as caption_cleaning
-from medclip.data import image_checks, records
+from medclip.data import records
 from medclip.data.records import DropCounter, Record
 from medclip.data.sources import base
 
@@ -88,21 +90,13 @@ def load_roco(
     subsets: tuple[str, ...] = ("radiology",),
     *,
     counter: DropCounter | None = None,
-    strict: bool = False,
-    min_caption_length: int = caption_cleaning.DEFAULT_MIN_CAPTION_LENGTH,
-    check_images: bool = True,
-    max_pixels: int = image_checks.DEFAULT_MAX_PIXELS,
-    verify_decode: bool = False,
-    min_mean_intensity: float | None = None,
+    **options: Any,
 ) -> list[Record]:
-    """Loads one split of ROCO. Drops are counted in `counter` (a new one, logged at the end, if None)."""
-    owns_counter = counter is None
-    counter = counter or DropCounter(strict=strict)
-    items = []
-    for subset in subsets:
-        items += read_subset(subset_dir(root, split, subset), counter, min_caption_length)
-    items = base.finish(items, counter, check_images=check_images, max_pixels=max_pixels,
-                        verify_decode=verify_decode, min_mean_intensity=min_mean_intensity)
-    if owns_counter:
-        base.log_report(f"ROCO {split} {'+'.join(subsets)}", counter)
-    return items
+    """Loads one split of ROCO. Drops are counted in `counter` (a new one, logged at the end, if None);
+    `options` are `base.LoadOptions`."""
+
+    def read(counter: DropCounter, min_caption_length: int) -> list[Record]:
+        return [record for subset in subsets
+                for record in read_subset(subset_dir(root, split, subset), counter, min_caption_length)]
+
+    return base.load(f"ROCO {split} {'+'.join(subsets)}", read, counter, options)
