@@ -121,3 +121,24 @@ def test_position_embeddings_interpolate_like_pytorch(tmp_path):
     with torch.no_grad():
         ref = hf_vision(pixel_values=torch.tensor(px), interpolate_pos_encoding=True).pooler_output
     _close(ours.vision_model(jnp.asarray(px.transpose(0, 2, 3, 1)))[1], ref, "interpolated vision pooled")
+
+
+def test_towers_from_a_full_clip_checkpoint(tmp_path):
+    """openai/clip-vit-base-patch32 style: one CLIPModel checkpoint gives the vision tower (and can give the
+    CLIP text tower too); its own projections are not reused."""
+    import jax.numpy as jnp
+
+    config = transformers.CLIPConfig(text_config=fx.hf_text_config("clip_text_model").to_dict(),
+                                     vision_config=fx.hf_vision_config().to_dict(), projection_dim=16)
+    clip = transformers.CLIPModel(config).eval()
+    fx.randomize(clip, 9)
+    folder = fx.save(clip, tmp_path / "clip")
+    ours = FlaxHybridCLIP.from_text_vision_pretrained(folder, folder, projection_dim=16)
+    assert ours.config.text_config.model_type == "clip_text_model"
+    ids, mask = fx.text_inputs("clip_text_model")
+    px = fx.pixels()
+    with torch.no_grad():
+        ref_v = clip.vision_model(pixel_values=torch.tensor(px)).pooler_output
+        ref_t = clip.text_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).pooler_output
+    _close(ours.vision_model(jnp.asarray(px.transpose(0, 2, 3, 1)))[1], ref_v, "vision from full CLIP")
+    _close(ours.text_model(jnp.asarray(ids), jnp.asarray(mask))[1], ref_t, "text from full CLIP")
