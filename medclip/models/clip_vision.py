@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from medclip.models.config_base import TowerConfig
-from medclip.models.layers import Encoder, PreNormLayer
+from medclip.models.layers import Encoder, PreNormLayer, dense
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +74,7 @@ class CLIPVisionEmbeddings(nnx.Module):
         patches = x.reshape(batch, grid, p, grid, p, channels).transpose(0, 1, 3, 2, 4, 5)
         patches = patches.reshape(batch, grid * grid, p * p * channels)
         kernel = self.patch_embedding[...].reshape(p * p * channels, -1).astype(self.dtype)
-        embeds = patches @ kernel  # (batch, patches, hidden)
+        embeds = dense(patches, kernel)  # (batch, patches, hidden)
         cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (batch, 1, embeds.shape[-1]))
         embeds = jnp.concatenate([cls, embeds], axis=1)
         return embeds + self.position_embedding.embedding[...].astype(self.dtype)[None]

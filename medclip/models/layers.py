@@ -20,9 +20,18 @@ def _quick_gelu(x: Array) -> Array:
     return x * jax.nn.sigmoid(1.702 * x)
 
 
+def _gelu(x: Array) -> Array:
+    """Exact GELU in PyTorch's form, 0.5 x (1 + erf(x / sqrt 2)).
+
+    `jax.nn.gelu(approximate=False)` computes the same function through erfc, whose XLA:CPU expansion is
+    2.6x slower (forward of a 4096x1024 block: 6.5 ms against 2.5 ms; a tiny-config training step 3.5% faster).
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * 0.7071067811865476))
+
+
 # Names as Hugging Face configs spell them (`hidden_act` / DistilBERT's `activation`).
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": _gelu,
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
@@ -39,6 +48,51 @@ def activation(name: str) -> Callable[[Array], Array]:
         return ACTIVATIONS[name]
     except KeyError:
         raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}") from None
+
+
+def _weight_grad(x: Array, dy: Array) -> Array:
+    """x^T dy for x (tokens, in) and dy (tokens, out): a dense layer's kernel gradient.
+
+    XLA:CPU hands a dot to YNNPACK only if its lhs contracts the minor dimension; x^T dy contracts the token
+    dimension of both operands, so XLA runs it on its Eigen fallback at half speed (one core, 4096 tokens,
+    256 -> 1024: 45 against 83 GFLOP/s; 2048 tokens, 768 -> 3072: 46 against 91). Transposing the narrower
+    operand first keeps the dot on YNNPACK; `optimization_barrier` stops XLA folding the transpose back into
+    the dot (and, on the dy side, the transpose of the result). Other backends take x^T dy as it is.
+    """
+    if jax.default_backend() != "cpu":
+        return x.T @ dy
+    barrier = jax.lax.optimization_barrier
+    if x.shape[1] <= dy.shape[1]:
+        return barrier(x.T) @ dy
+    return barrier(barrier(dy.T) @ x).T
+
+
+@jax.custom_vjp
+def dense(x: Array, kernel: Array, bias: Array | None = None) -> Array:
+    """x @ kernel (+ bias) over the last axis of x, with a kernel gradient that runs at full speed on CPU."""
+    y = x @ kernel
+    return y if bias is None else y + bias
+
+
+def _dense_fwd(x, kernel, bias):
+    return dense(x, kernel, bias), (x, kernel, bias is None)
+
+
+def _dense_bwd(residuals, dy):
+    x, kernel, no_bias = residuals
+    x2d, dy2d = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    bias_grad = None if no_bias else dy2d.sum(axis=0)
+    return dy @ kernel.T, _weight_grad(x2d, dy2d), bias_grad
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def linear(layer: nnx.Linear, x: Array) -> Array:
+    """Applies an `nnx.Linear` through `dense`; the module keeps its parameters (and checkpoint names)."""
+    dtype = layer.dtype or x.dtype
+    bias = layer.bias[...].astype(dtype) if layer.bias is not None else None
+    return dense(x.astype(dtype), layer.kernel[...].astype(dtype), bias)
 
 
 def dropout(x: Array, rate: float, rng: Array | None) -> Array:
@@ -87,17 +141,25 @@ class SelfAttention(nnx.Module):
 
     def __call__(self, x: Array, bias: Array | None, rng: Array | None = None) -> Array:
         batch, length, _ = x.shape
-        heads = lambda t: t.reshape(batch, length, self.num_heads, self.head_dim)  # noqa: E731
-        # Scaling q before the product is cheaper than scaling the (q, k) scores.
-        q = heads(self.q_proj(x) * (1.0 / math.sqrt(self.head_dim)))
-        k, v = heads(self.k_proj(x)), heads(self.v_proj(x))
+        qkv = self._qkv(x).reshape(batch, length, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)  # (b, h, q, k)
         if bias is not None:
             scores = scores + bias
         probs = jax.nn.softmax(scores, axis=-1)
         probs = dropout(probs, self.dropout_rate, rng).astype(v.dtype)
         context = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, length, -1)
-        return self.out_proj(context)
+        return linear(self.out_proj, context)
+
+    def _qkv(self, x: Array) -> Array:
+        """q, k and v from one (hidden, 3 hidden) matmul: the kernels are concatenated inside the traced step
+        (parameters stay separate), so each direction runs one wide matmul instead of three narrow ones.
+        q is pre-scaled by 1/sqrt(head_dim) through its kernel and bias, cheaper than scaling the scores."""
+        scale = 1.0 / math.sqrt(self.head_dim)
+        projections = ((self.q_proj, scale), (self.k_proj, 1.0), (self.v_proj, 1.0))
+        kernel = jnp.concatenate([p.kernel[...] * s for p, s in projections], axis=1)
+        bias = jnp.concatenate([p.bias[...] * s for p, s in projections])
+        return dense(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
 
 
 class MLP(nnx.Module):
@@ -109,7 +171,7 @@ class MLP(nnx.Module):
         self.act = activation(act)
 
     def __call__(self, x: Array) -> Array:
-        return self.fc2(self.act(self.fc1(x)))
+        return linear(self.fc2, self.act(linear(self.fc1, x)))
 
 
 class PreNormLayer(nnx.Module):
