@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("absl", "jax._src", "orbax", "tensorflow", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from medclip.training.distributed import maybe_initialize
+    from medclip.training.host_memory import keep_host_memory_mapped
+
+    keep_host_memory_mapped()  # before JAX starts its CPU client
 
     maybe_initialize(train_args.coordinator_address, train_args.num_processes, train_args.process_id)
     if not (train_args.do_train or train_args.do_eval):

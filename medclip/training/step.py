@@ -7,6 +7,7 @@ lets us donate the state buffers. The loss sees the global batch: logits are (gl
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -55,8 +56,14 @@ def compute_loss(config: StepConfig, out: Any) -> jax.Array:
     raise ValueError(f"unknown loss {config.loss!r}; choose from {losses.LOSSES}")
 
 
-def _all_finite(tree: Any) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+def _apply_update(tx: optax.GradientTransformation, grads: Any, opt_state: Any, params: Any) -> tuple[Any, Any]:
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
+def _keep_state(grads: Any, opt_state: Any, params: Any) -> tuple[Any, Any]:
+    del grads
+    return params, opt_state
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
@@ -80,17 +87,23 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
-        finite = jnp.isfinite(loss) & _all_finite(grads)
-        updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        # The global norm is finite exactly when every gradient is (or when their squares overflow fp32, which
+        # is as good a reason to skip): one reduction that clipping and the metrics share, instead of a
+        # separate isfinite pass over every gradient (0.7-1.3% of a tiny-config step on one core).
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # The update runs only when the step is finite: a conditional rather than a select between the new
+        # and old value of every parameter and moment, which read and wrote the whole state once more
+        # (1.4% of a tiny-config step in a CPU profile).
+        new_params, new_opt_state = jax.lax.cond(finite, functools.partial(_apply_update, tx), _keep_state,
+                                                 grads, state.opt_state, state.params)
         in_a_row = jnp.where(finite, 0, state.nonfinite_in_a_row + 1)
-        new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
-                               opt_state=keep(new_opt_state, state.opt_state), rng=state.rng,
+        new_state = TrainState(step=state.step + 1, params=new_params,
+                               opt_state=new_opt_state, rng=state.rng,
                                nonfinite_in_a_row=in_a_row,
                                nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
         accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == jnp.arange(logits.shape[0]))
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "finite": finite,
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
                    "logit_scale": jnp.exp(state.params["logit_scale"]), "in_batch_t2i_acc": accuracy}
         return new_state, metrics
 
