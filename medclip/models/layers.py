@@ -107,9 +107,14 @@ def attention(q: Array, k: Array, v: Array, bias: Array | None) -> Array:
     return _attention_fwd(q, k, v, bias)[0]
 
 
-def _attention_fwd(q, k, v, bias):
+def _attention_probs(q: Array, k: Array, bias: Array | None) -> Array:
+    """softmax(q k^T + bias) in fp32, (batch, heads, q, k)."""
     scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(scores if bias is None else scores + bias, axis=-1)
+    return jax.nn.softmax(scores if bias is None else scores + bias, axis=-1)
+
+
+def _attention_fwd(q, k, v, bias):
+    probs = _attention_probs(q, k, bias)
     out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
     return out, (q, k, v, probs, out)
 
@@ -179,9 +184,8 @@ class SelfAttention(nnx.Module):
         if rng is None or self.dropout_rate == 0.0:
             context = attention(q, k, v, bias)
         else:  # dropout on the probabilities: plain autodiff
-            scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-            probs = jax.nn.softmax(scores if bias is None else scores + bias, axis=-1)
-            context = jnp.einsum("bhqk,bhkd->bhqd", dropout(probs, self.dropout_rate, rng).astype(v.dtype), v)
+            probs = dropout(_attention_probs(q, k, bias), self.dropout_rate, rng)
+            context = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
         return linear(self.out_proj, context.transpose(0, 2, 1, 3).reshape(batch, length, -1))
 
     def _qkv(self, x: Array) -> Array:
