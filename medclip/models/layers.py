@@ -122,12 +122,25 @@ def _attention_fwd(q, k, v, bias):
 def _attention_bwd(residuals, d_out):
     q, k, v, probs, out = residuals
     d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_out, v, preferred_element_type=jnp.float32)
-    d_v = jnp.einsum("bhqk,bhqd->bhkd", probs.astype(d_out.dtype), d_out)
+    d_v = _keys_grad(probs.astype(d_out.dtype), d_out)
     row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     d_scores = (probs * (d_probs - row)).astype(q.dtype)
     d_q = jnp.einsum("bhqk,bhkd->bhqd", d_scores, k)
-    d_k = jnp.einsum("bhqk,bhqd->bhkd", d_scores, q)
+    d_k = _keys_grad(d_scores, q)
     return d_q, d_k, d_v, None  # the bias comes from the padding mask: no gradient
+
+
+def _keys_grad(a: Array, b: Array) -> Array:
+    """a^T b per head for a (batch, heads, q, k) and b (batch, heads, q, d): the gradients of k and v.
+
+    Like `_weight_grad`: this contracts the query axis, which is not a's minor one, so XLA:CPU would run it
+    on its Eigen fallback (about 20 GFLOP/s per core at 65 tokens). A materialised a^T (64 KB per head at 128
+    tokens) puts it on YNNPACK: a tiny-config training step 1.4-3.3% faster (three interleaved A/B runs).
+    """
+    if jax.default_backend() != "cpu":
+        return jnp.einsum("bhqk,bhqd->bhkd", a, b)
+    a_t = jax.lax.optimization_barrier(jnp.swapaxes(a, -1, -2))
+    return jnp.einsum("bhkq,bhqd->bhkd", a_t, b)
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)
