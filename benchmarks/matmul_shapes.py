@@ -18,12 +18,11 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_step import CONFIGS  # noqa: E402
+from train_step import CONFIGS, best_seconds  # noqa: E402
 
 
 def shapes(config_name: str) -> list[tuple[str, int, int, int]]:
@@ -32,15 +31,6 @@ def shapes(config_name: str) -> list[tuple[str, int, int, int]]:
     tokens, hidden = cfg.batch * cfg.text_length, cfg.text_hidden
     return [("qkv", tokens, hidden, 3 * hidden), ("attn out", tokens, hidden, hidden),
             ("fc1", tokens, hidden, 4 * hidden), ("fc2", tokens, 4 * hidden, hidden)]
-
-
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def time_pair(lhs, rhs, transposed: bool, rounds: int, repeats: int) -> list[tuple[float, float]]:
@@ -52,15 +42,10 @@ def time_pair(lhs, rhs, transposed: bool, rounds: int, repeats: int) -> list[tup
     jl, jr = jnp.asarray(lhs), jnp.asarray(rhs)
     tl, tr = torch.from_numpy(lhs), torch.from_numpy(rhs)
     product = jax.jit(lambda a, b: a @ (b.T if transposed else b))
-
-    def run_jax() -> None:
-        product(jl, jr).block_until_ready()
-
-    def run_torch() -> None:
-        tl @ (tr.T if transposed else tr)
-
-    run_jax(), run_torch()  # compile and warm up
-    return [(best_of(run_jax, repeats), best_of(run_torch, repeats)) for _ in range(rounds)]
+    run_jax, run_torch = (lambda: product(jl, jr)), (lambda: tl @ (tr.T if transposed else tr))
+    no_sync = lambda _: None  # noqa: E731  (torch on CPU returns when done)
+    return [(best_seconds(run_jax, jax.block_until_ready, repeats), best_seconds(run_torch, no_sync, repeats))
+            for _ in range(rounds)]
 
 
 def main(argv: list[str] | None = None) -> None:

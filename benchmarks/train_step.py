@@ -117,7 +117,8 @@ def xla_flops(compiled) -> float | None:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def _best_seconds(run, sync, repeats: int) -> float:
+def best_seconds(run, sync, repeats: int) -> float:
+    """Fastest of `repeats` timed calls of sync(run()), after one untimed call (warm-up, compilation)."""
     sync(run())
     times = []
     for _ in range(repeats):
@@ -136,13 +137,13 @@ def matmul_peak(jax_device, torch_device: str | None, repeats: int = 10) -> dict
     a, b = (jax.device_put(jax.random.normal(jax.random.PRNGKey(i), (n, n), jnp.float32), jax_device)
             for i in range(2))
     matmul = jax.jit(lambda x, y: x @ y)
-    peaks = {"jax": 2 * n ** 3 / _best_seconds(lambda: matmul(a, b), jax.block_until_ready, repeats)}
+    peaks = {"jax": 2 * n ** 3 / best_seconds(lambda: matmul(a, b), jax.block_until_ready, repeats)}
     if torch_device:
         import torch
 
         ta, tb = torch.randn(n, n, device=torch_device), torch.randn(n, n, device=torch_device)
         sync = (lambda _: torch.cuda.synchronize()) if torch_device == "cuda" else (lambda _: None)
-        peaks["torch"] = 2 * n ** 3 / _best_seconds(lambda: ta @ tb, sync, repeats)
+        peaks["torch"] = 2 * n ** 3 / best_seconds(lambda: ta @ tb, sync, repeats)
     return peaks
 
 
