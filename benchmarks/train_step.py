@@ -26,11 +26,19 @@ alike. Pairs/s is the median over windows; CPU s/step (process CPU time, all thr
 much less sensitive to other load on the machine than wall time. Shared machines are noisy: the load
 average is recorded, and `--cores 1` compares single-core work.
 
-FLOPs and MFU: model FLOPs per step come from XLA's cost analysis of our compiled step (layers are unrolled,
-so it counts every layer), cross-checked against an analytic matmul count; the analytic count is used if
-they differ by more than 10%. The PyTorch figure uses the same count (same work). MFU divides by an fp32
-matmul peak measured in this run (2048^3 on CPU, 8192^3 on GPU; the best of JAX and torch, measured before
-every config, highest value kept).
+Same result, less work, as our trainer runs it: (1) the loss reads one token per sequence from each tower
+(CLS, or CLIP text's end token), so the towers' last layers run for that token only (keys and values still
+from every token); (2) the text tower runs on the real tokens only, packed (`medclip.models.packing`; the
+batch has ragged captions, a quarter of its positions padding), attention alone on the padded layout. Same
+loss and gradients (first losses printed). `--same-work` turns both off: ours then does exactly PyTorch's
+work, the like-for-like comparison of the two implementations' kernels.
+
+FLOPs and MFU: MFU uses model FLOPs, an analytic matmul count of the full model (what PyTorch runs), for
+both implementations, so it compares pairs/s on one scale. Our executed FLOPs come from XLA's cost analysis of
+the compiled step (layers are unrolled, so it counts every layer), cross-checked against the analytic count of
+what our step computes (the analytic count is used if they differ by more than 10%); "ours executed GFLOP/s"
+is the rate our hardware work ran at. MFU divides by an fp32 matmul peak measured in this run (2048^3 on CPU,
+8192^3 on GPU; the best of JAX and torch, measured before every config, highest value kept).
 
 Host memory: like run_hybrid_clip.py, this calls `medclip.training.host_memory.keep_host_memory_mapped`
 before JAX starts (glibc keeps XLA's per-step scratch memory mapped instead of page-faulting it in every
@@ -91,19 +99,24 @@ CONFIGS = {
 
 # ---------------------------------------------------------------------------------------------------------
 # FLOPs and peak
-def analytic_flops(cfg: BenchConfig) -> float:
+def analytic_flops(cfg: BenchConfig, pooled_only: bool = False, text_tokens: int | None = None) -> float:
     """Matmul FLOPs of one training step: 3x the forward (forward, input gradient, weight gradient), except
     the patch embedding, which needs no input gradient. Elementwise work, softmax, norms and the optimizer
-    are left out (a few percent)."""
-
-    def encoder(tokens: int, hidden: int, layers: int) -> float:
-        dense = 2 * tokens * (4 * hidden * hidden + 2 * hidden * 4 * hidden)  # q, k, v, out, fc1, fc2
-        attention = 2 * 2 * tokens * tokens * hidden  # scores and context
-        return layers * (dense + attention)
-
+    are left out (a few percent). Defaults: the full model, as PyTorch runs it. `pooled_only`: each tower's
+    last layer for the pooled token only (its keys and values still for every token); `text_tokens`: the
+    text tower's per-token work on that many (packed) tokens, attention still on the padded layout."""
     b = cfg.batch
-    vision = b * encoder(cfg.patches + 1, cfg.vision_hidden, cfg.vision_layers)
-    text = b * encoder(cfg.text_length, cfg.text_hidden, cfg.text_layers)
+
+    def encoder(tokens: int, length: int, hidden: int, layers: int) -> float:
+        def layer(queries: int, query_tokens: int) -> float:  # k, v from every token; q, out, MLP per query
+            dense = 2 * tokens * 2 * hidden * hidden + 2 * query_tokens * (2 + 8) * hidden * hidden
+            return dense + 2 * 2 * b * queries * length * hidden  # scores and context
+
+        last = layer(1, b) if pooled_only else layer(length, tokens)
+        return (layers - 1) * layer(length, tokens) + last
+
+    vision = encoder(b * (cfg.patches + 1), cfg.patches + 1, cfg.vision_hidden, cfg.vision_layers)
+    text = encoder(text_tokens or b * cfg.text_length, cfg.text_length, cfg.text_hidden, cfg.text_layers)
     heads = 2 * b * (cfg.text_hidden * cfg.text_hidden  # BERT pooler
                      + (cfg.vision_hidden + cfg.text_hidden) * cfg.projection_dim) + 2 * b * b * cfg.projection_dim
     patch_embed = 2 * b * cfg.patches * 3 * cfg.patch_size ** 2 * cfg.vision_hidden
@@ -177,29 +190,47 @@ def build_torch_model(cfg: BenchConfig):
     return tf.VisionTextDualEncoderModel(config)
 
 
-def build_ours(cfg: BenchConfig, torch_model=None):
+def full_last_layer_class():
+    """FlaxHybridCLIP computing every token in the towers' last layers, as PyTorch does (`--same-work`)."""
+    from medclip.models import FlaxHybridCLIP
+
+    class FullLastLayerCLIP(FlaxHybridCLIP):
+        def get_image_features(self, pixel_values, *, dropout_rng=None):
+            return self.visual_projection(self.vision_model(pixel_values, dropout_rng=dropout_rng)[1])
+
+        def get_text_features(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
+                              dropout_rng=None, text_packing=None):
+            _, pooled = self.text_model(input_ids, attention_mask, token_type_ids=token_type_ids,
+                                        position_ids=position_ids, dropout_rng=dropout_rng, packing=text_packing)
+            return self.text_projection(pooled)
+
+    return FullLastLayerCLIP
+
+
+def build_ours(cfg: BenchConfig, torch_model=None, full_last_layer: bool = False):
     """Our model; with the PyTorch model's weights (through the real checkpoint loader) when there is one."""
     import jax.numpy as jnp
 
     from medclip.models import BertConfig, CLIPVisionConfig, FlaxHybridCLIP, HybridCLIPConfig
 
+    model_class = full_last_layer_class() if full_last_layer else FlaxHybridCLIP
     if torch_model is not None:
         with tempfile.TemporaryDirectory() as folder:
             torch_model.save_pretrained(folder)
-            return FlaxHybridCLIP.from_pretrained(folder, dtype=jnp.float32)
+            return model_class.from_pretrained(folder, dtype=jnp.float32)
     vision = CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=4 * cfg.vision_hidden,
                               num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_hidden // 64,
                               image_size=cfg.image_size, patch_size=cfg.patch_size)
     text = BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.text_hidden, intermediate_size=4 * cfg.text_hidden,
                       num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_hidden // 64,
                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return FlaxHybridCLIP(HybridCLIPConfig(vision, text, projection_dim=cfg.projection_dim))
+    return model_class(HybridCLIPConfig(vision, text, projection_dim=cfg.projection_dim))
 
 
 class JaxStep:
     """Our real training step, jitted with the state donated."""
 
-    def __init__(self, model, batch: dict[str, np.ndarray], device, total_steps: int):
+    def __init__(self, model, batch: dict[str, np.ndarray], device, total_steps: int, text_packing=None):
         import jax
         from flax import nnx
 
@@ -213,7 +244,7 @@ class JaxStep:
                                                        weight_decay=0.1, max_grad_norm=1.0))
         self.state = init_state(params, tx, seed=0)
         self.batch = jax.device_put({k: jax.numpy.asarray(v) for k, v in batch.items()}, device)
-        step = jax.jit(make_train_step(graphdef, tx, StepConfig(loss="clip")), donate_argnums=0)
+        step = jax.jit(make_train_step(graphdef, tx, StepConfig(loss="clip"), text_packing), donate_argnums=0)
         t = time.perf_counter()
         self.compiled = step.lower(self.state, self.batch).compile()
         self.compile_seconds = time.perf_counter() - t
@@ -286,9 +317,16 @@ def run_config(cfg: BenchConfig, args, jax_device, torch_device: str | None) -> 
     steps = args.steps or cfg.steps_per_window * (10 if jax_device.platform != "cpu" else 1)
     total_steps = 10_000
     torch_model = build_torch_model(cfg) if torch_device else None
-    ours = JaxStep(build_ours(cfg, torch_model), batch, jax_device, total_steps)
-    flops_xla, flops_analytic = xla_flops(ours.compiled), analytic_flops(cfg)
-    agree = flops_xla is not None and abs(flops_xla / flops_analytic - 1) < 0.10
+    from medclip.models.packing import plan_packing
+
+    # The trainer's text packing (single device: one group, --text_packing_sizes default 8).
+    plan = None if args.same_work else plan_packing(batch["attention_mask"], groups=1, sizes=8)
+    ours = JaxStep(build_ours(cfg, torch_model, args.same_work), batch, jax_device, total_steps, plan)
+    # Model FLOPs (MFU's numerator, both sides): the full model, as PyTorch runs it. Our executed FLOPs come
+    # from XLA's cost analysis, checked against the analytic count of what our step computes.
+    flops_model, flops_xla = analytic_flops(cfg), xla_flops(ours.compiled)
+    flops_ours = analytic_flops(cfg, pooled_only=not args.same_work, text_tokens=plan and plan.tokens)
+    agree = flops_xla is not None and abs(flops_xla / flops_ours - 1) < 0.10
     peer = TorchStep(torch_model, batch, torch_device, total_steps) if torch_model is not None else None
     steppers = {"ours": ours, "torch": peer} if peer is not None else {"ours": ours}
 
@@ -315,8 +353,10 @@ def run_config(cfg: BenchConfig, args, jax_device, torch_device: str | None) -> 
     return {
         "config": cfg.name, "batch": cfg.batch, "steps_per_window": steps, "windows": args.windows,
         "ours": summary("ours"), "torch": summary("torch"),
-        "flops_per_step": flops_xla if agree else flops_analytic, "flops_source": "xla" if agree else "analytic",
-        "flops_xla": flops_xla, "flops_analytic": flops_analytic,
+        "flops_model": flops_model, "flops_executed": flops_xla if agree else flops_ours,
+        "flops_executed_source": "xla" if agree else "analytic", "flops_xla": flops_xla,
+        "flops_analytic_executed": flops_ours, "same_work": args.same_work,
+        "real_text_tokens": int(batch["attention_mask"].sum()), "packed_text_tokens": plan and plan.tokens,
         "first_loss_ours": first_loss["ours"], "first_loss_torch": first_loss.get("torch"),
         "compile_seconds": ours.compile_seconds, "bench_config": dataclasses.asdict(cfg),
     }
@@ -324,11 +364,11 @@ def run_config(cfg: BenchConfig, args, jax_device, torch_device: str | None) -> 
 
 def add_rates(result: dict, peak: float) -> None:
     ours, torch = result["ours"]["pairs_per_s"], result["torch"]["pairs_per_s"]
-    flops_per_pair = result["flops_per_step"] / result["batch"]
+    model_per_pair, executed_per_pair = (result[k] / result["batch"] for k in ("flops_model", "flops_executed"))
     result["ratio"] = ours / torch if torch else None
-    result["ours_gflops"] = flops_per_pair * ours / 1e9
-    result["ours_mfu"] = flops_per_pair * ours / peak
-    result["torch_mfu"] = flops_per_pair * torch / peak if torch else None
+    result["ours_gflops"] = executed_per_pair * ours / 1e9
+    result["ours_mfu"] = model_per_pair * ours / peak
+    result["torch_mfu"] = model_per_pair * torch / peak if torch else None
 
 
 def format_table(results: list[dict], peak: float) -> str:
@@ -336,13 +376,15 @@ def format_table(results: list[dict], peak: float) -> str:
         return "-" if x is None else format(x, spec)
 
     lines = [f"fp32 matmul peak (best measured in this run): {peak / 1e9:.1f} GFLOP/s", "",
-             "| config | batch | ours pairs/s | PyTorch pairs/s | ours/PyTorch | GFLOP/step | ours GFLOP/s "
-             "| ours MFU | PyTorch MFU | CPU s/step ours / PyTorch | first loss ours / PyTorch |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| config | batch | ours pairs/s | PyTorch pairs/s | ours/PyTorch | model GFLOP/step "
+             "| ours executed GFLOP/step | ours executed GFLOP/s | ours MFU | PyTorch MFU "
+             "| CPU s/step ours / PyTorch | first loss ours / PyTorch |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(
             f"| {r['config']} | {r['batch']} | {r['ours']['pairs_per_s']:.2f} | {f(r['torch']['pairs_per_s'], '.2f')} "
-            f"| {f(r['ratio'], '.3f')} | {r['flops_per_step'] / 1e9:.1f} ({r['flops_source']}) "
+            f"| {f(r['ratio'], '.3f')} | {r['flops_model'] / 1e9:.1f} "
+            f"| {r['flops_executed'] / 1e9:.1f} ({r['flops_executed_source']}) "
             f"| {r['ours_gflops']:.1f} | {r['ours_mfu']:.1%} | {f(r['torch_mfu'], '.1%')} "
             f"| {r['ours']['cpu_seconds_per_step']:.2f} / {f(r['torch']['cpu_seconds_per_step'], '.2f')} "
             f"| {r['first_loss_ours']:.4f} / {f(r['first_loss_torch'], '.4f')} |")
@@ -359,6 +401,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cores", type=int, default=0,
                         help="pin the process to this many cores, for JAX and torch alike (0: all it may use)")
     parser.add_argument("--no-torch", action="store_true", help="time ours only")
+    parser.add_argument("--same-work", action="store_true",
+                        help="ours does PyTorch's work: text padded, every token in the last layers")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.configs.split(",")]
@@ -412,7 +456,8 @@ def main(argv: list[str] | None = None) -> None:
         print(format_table([result], max(peaks.values())).splitlines()[-1], flush=True)
         print(f"  windows (s): ours {['%.2f' % t for t in result['ours']['window_seconds']]}, "
               f"torch {['%.2f' % t for t in result['torch']['window_seconds']]}; compile {result['compile_seconds']:.1f} s; "
-              f"FLOPs xla {result['flops_xla'] or 0:.3e}, analytic {result['flops_analytic']:.3e}", flush=True)
+              f"executed FLOPs xla {result['flops_xla'] or 0:.3e}, analytic {result['flops_analytic_executed']:.3e}",
+              flush=True)
     peak = max(peaks.values())
     for result in results:  # MFU against the best peak seen in the whole run
         add_rates(result, peak)

@@ -1,4 +1,5 @@
-"""8 simulated devices give the same losses, gradients and parameters as 1 device on the same global batch."""
+"""8 simulated devices give the same losses, gradients and parameters as 1 device on the same global batch,
+with parameters replicated or sharded, and with the text tower packed per device against padded on one."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def test_eight_devices_match_one():
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     losses = report["losses"]
     assert losses[0] > losses[-1] or len(set(losses)) > 1  # the steps really trained
-    for layout in ("replicated", "fully_sharded"):
+    for layout in ("replicated", "fully_sharded", "packed"):
         assert report[layout]["loss_diff"] < 1e-5, report
         assert report[layout]["grad_norm_diff"] < 1e-4, report
         # Adam divides by |g|: reduction-order noise in near-zero gradients moves a parameter by up to ~lr,

@@ -17,6 +17,7 @@ from flax import nnx
 
 from medclip.models.config_base import TowerConfig
 from medclip.models.layers import Encoder, PostNormLayer, attention_bias, dropout, split_rng
+from medclip.models.packing import PackingPlan, make_packing
 
 BERT_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert")
 # DistilBERT's config.json spells the same fields differently.
@@ -162,11 +163,22 @@ class BertTower(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  token_type_ids: jax.Array | None = None, position_ids: jax.Array | None = None, *,
-                 dropout_rng: jax.Array | None = None):
+                 dropout_rng: jax.Array | None = None, pooled_only: bool = False,
+                 packing: PackingPlan | None = None):
+        """`pooled_only` skips the last layer's work for every token but [CLS] (last_hidden_state is then
+        None); `packing` runs the layers on the real tokens only (medclip.models.packing)."""
         embed_rng, encoder_rng = split_rng(dropout_rng, 2)
         hidden = self.embeddings(input_ids, token_type_ids, position_ids)
+        packed = None if packing is None else make_packing(attention_mask, packing)
+        if packed is not None:
+            hidden = packed.pack(hidden)
         hidden = dropout(hidden, self.config.hidden_dropout_prob, embed_rng)
-        hidden = self.encoder(hidden, attention_bias(attention_mask, None, jnp.float32), encoder_rng)
+        cls_rows = jnp.zeros(input_ids.shape[0], jnp.int32) if pooled_only else None
+        hidden = self.encoder(hidden, attention_bias(attention_mask, None, jnp.float32), encoder_rng, cls_rows,
+                              packed)
+        if packed is not None and not pooled_only:
+            hidden = packed.unpack(hidden)
         cls = hidden[:, 0]
         pooled = jnp.tanh(self.pooler(cls)) if self.pooler is not None else cls
-        return hidden, pooled
+        return (None if pooled_only else hidden), pooled
+

@@ -11,6 +11,7 @@ from flax import nnx
 
 from medclip.models.config_base import TowerConfig
 from medclip.models.layers import Encoder, PreNormLayer, attention_bias
+from medclip.models.packing import PackingPlan, make_packing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,16 +61,27 @@ class CLIPTextTower(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
-                 dropout_rng: jax.Array | None = None, **unused: Any):
+                 dropout_rng: jax.Array | None = None, pooled_only: bool = False,
+                 packing: PackingPlan | None = None, **unused: Any):
+        """`pooled_only` skips the last layer's work for every token but the end-of-text one (last_hidden_state
+        is then None); `packing` runs the layers on the real tokens only (medclip.models.packing)."""
         length = input_ids.shape[1]
         if length > self.config.max_position_embeddings:
             raise ValueError(f"input_ids has {length} tokens; this CLIP text tower takes at most "
                              f"{self.config.max_position_embeddings} (max_position_embeddings)")
         hidden = self.token_embedding(input_ids) + self.position_embedding.embedding[...][:length].astype(self.dtype)
         bias = attention_bias(attention_mask, length, jnp.float32)
-        hidden = self.final_layer_norm(self.encoder(hidden, bias, dropout_rng))
-        pooled = hidden[jnp.arange(hidden.shape[0]), self._eos_positions(input_ids)]
-        return hidden, pooled
+        eos = self._eos_positions(input_ids)
+        packed = None if packing is None else make_packing(attention_mask, packing)
+        if packed is not None:
+            hidden = packed.pack(hidden)
+        hidden = self.encoder(hidden, bias, dropout_rng, eos if pooled_only else None, packed)
+        hidden = self.final_layer_norm(hidden)
+        if pooled_only:
+            return None, hidden[:, 0]
+        if packed is not None:
+            hidden = packed.unpack(hidden)
+        return hidden, hidden[jnp.arange(hidden.shape[0]), eos]
 
     def _eos_positions(self, input_ids: jax.Array) -> jax.Array:
         # Legacy CLIP configs say eos_token_id=2 although EOS is the highest id: transformers then

@@ -95,8 +95,11 @@ class CLIPVisionTower(nnx.Module):
         ], remat=remat)
         self.post_layernorm = nnx.LayerNorm(d, epsilon=eps, dtype=dtype, rngs=rngs)
 
-    def __call__(self, pixel_values: jax.Array, *, dropout_rng: jax.Array | None = None):
+    def __call__(self, pixel_values: jax.Array, *, dropout_rng: jax.Array | None = None,
+                 pooled_only: bool = False):
+        """`pooled_only` skips the last layer's work for every token but CLS (last_hidden_state is then None)."""
         hidden = self.pre_layernorm(self.embeddings(pixel_values))
-        hidden = self.encoder(hidden, None, dropout_rng)
+        cls_rows = jnp.zeros(hidden.shape[0], jnp.int32) if pooled_only else None
+        hidden = self.encoder(hidden, None, dropout_rng, cls_rows)
         pooled = self.post_layernorm(hidden[:, 0])
-        return hidden, pooled
+        return (None if pooled_only else hidden), pooled

@@ -17,6 +17,7 @@ from flax import nnx, struct
 from medclip.models.bert import BERT_MODEL_TYPES, BertConfig, BertTower
 from medclip.models.clip_text import CLIPTextConfig, CLIPTextTower
 from medclip.models.clip_vision import CLIPVisionConfig, CLIPVisionTower
+from medclip.models.packing import PackingPlan
 
 TextConfig = CLIPTextConfig | BertConfig
 LOGIT_SCALE_MAX = 100.0  # exp(logit_scale) is clamped here, as in CLIP, so the temperature cannot run away
@@ -142,15 +143,17 @@ class FlaxHybridCLIP(nnx.Module):
 
     def get_image_features(self, pixel_values: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
         """Projected, unnormalised image embeddings (batch, projection_dim); pixel_values are NHWC."""
-        _, pooled = self.vision_model(pixel_values, dropout_rng=dropout_rng)
+        _, pooled = self.vision_model(pixel_values, dropout_rng=dropout_rng, pooled_only=True)
         return self.visual_projection(pooled)
 
     def get_text_features(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                           token_type_ids: jax.Array | None = None, position_ids: jax.Array | None = None, *,
-                          dropout_rng: jax.Array | None = None) -> jax.Array:
-        """Projected, unnormalised text embeddings (batch, projection_dim)."""
+                          dropout_rng: jax.Array | None = None, text_packing: PackingPlan | None = None) -> jax.Array:
+        """Projected, unnormalised text embeddings (batch, projection_dim). `text_packing` (from
+        `medclip.models.packing.plan_packing` on this batch's mask) skips the padding's work."""
         _, pooled = self.text_model(input_ids, attention_mask, token_type_ids=token_type_ids,
-                                    position_ids=position_ids, dropout_rng=dropout_rng)
+                                    position_ids=position_ids, dropout_rng=dropout_rng, pooled_only=True,
+                                    packing=text_packing)
         return self.text_projection(pooled)
 
     def temperature_scale(self) -> jax.Array:
@@ -158,11 +161,12 @@ class FlaxHybridCLIP(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, pixel_values: jax.Array, attention_mask: jax.Array | None = None,
                  token_type_ids: jax.Array | None = None, position_ids: jax.Array | None = None, *,
-                 dropout_rng: jax.Array | None = None) -> HybridCLIPOutput:
+                 dropout_rng: jax.Array | None = None, text_packing: PackingPlan | None = None) -> HybridCLIPOutput:
         vision_rng, text_rng = (None, None) if dropout_rng is None else tuple(jax.random.split(dropout_rng))
         image_embeds = l2_normalize(self.get_image_features(pixel_values, dropout_rng=vision_rng))
         text_embeds = l2_normalize(self.get_text_features(input_ids, attention_mask, token_type_ids,
-                                                          position_ids, dropout_rng=text_rng))
+                                                          position_ids, dropout_rng=text_rng,
+                                                          text_packing=text_packing))
         logits_per_text = text_embeds @ image_embeds.T * self.temperature_scale()
         if self.logit_bias is not None:
             logits_per_text = logits_per_text + self.logit_bias[...]

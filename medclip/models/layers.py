@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from medclip.models.packing import Packing
+
 Array = jax.Array
 
 
@@ -177,6 +179,16 @@ def attention_bias(attention_mask: Array | None, causal_length: int | None, dtyp
     return bias
 
 
+def take_rows(x: Array, rows: Array | None, packing: Packing | None = None) -> Array:
+    """Token rows[b] of each sequence b, keeping a length-1 axis: (batch, 1, ...), from x padded (batch,
+    length, ...) or packed (groups, tokens, ...); all of x when `rows` is None."""
+    if rows is None:
+        return x
+    if packing is not None:
+        return packing.take(x, rows)
+    return jnp.take_along_axis(x, rows.reshape((-1, 1) + (1,) * (x.ndim - 2)), axis=1)
+
+
 class SelfAttention(nnx.Module):
     """Multi-head self-attention with biased q/k/v/out projections (CLIP and BERT share this form)."""
 
@@ -190,26 +202,44 @@ class SelfAttention(nnx.Module):
         linear = lambda: nnx.Linear(hidden_size, hidden_size, dtype=dtype, rngs=rngs)  # noqa: E731
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = linear(), linear(), linear(), linear()
 
-    def __call__(self, x: Array, bias: Array | None, rng: Array | None = None) -> Array:
-        batch, length, _ = x.shape
-        qkv = self._qkv(x).reshape(batch, length, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (b, h, l, d)
+    def __call__(self, x: Array, bias: Array | None, rng: Array | None = None, rows: Array | None = None,
+                 packing: Packing | None = None) -> Array:
+        """Attends from every token, or (with `rows`, one position per sequence) from those tokens only:
+        x's shape out, or (batch, 1, hidden). `bias` must then be the rows' own bias. With `packing`, x holds
+        packed tokens; only the attention itself runs on the padded layout."""
+        padded = (lambda y: y) if packing is None else packing.unpack
+        if rows is None:
+            q, k, v = self._heads(padded(self._project(x, "qkv")))
+        else:
+            (q,) = self._heads(self._project(take_rows(x, rows, packing), "q"))
+            k, v = self._heads(padded(self._project(x, "kv")))
         if rng is None or self.dropout_rate == 0.0:
             context = attention(q, k, v, bias)
         else:  # dropout on the probabilities: plain autodiff
             probs = dropout(_attention_probs(q, k, bias), self.dropout_rate, rng)
             context = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
-        return linear(self.out_proj, context.transpose(0, 2, 1, 3).reshape(batch, length, -1))
+        batch, _, queries, _ = q.shape
+        context = context.transpose(0, 2, 1, 3).reshape(batch, queries, -1)
+        if rows is None and packing is not None:
+            context = packing.pack(context)
+        return linear(self.out_proj, context)
 
-    def _qkv(self, x: Array) -> Array:
-        """q, k and v from one (hidden, 3 hidden) matmul: the kernels are concatenated inside the traced step
-        (parameters stay separate), so each direction runs one wide matmul instead of three narrow ones.
-        q is pre-scaled by 1/sqrt(head_dim) through its kernel and bias, cheaper than scaling the scores."""
+    def _project(self, x: Array, which: str) -> Array:
+        """The projections named in `which` ("qkv", "kv", "q") from one matmul: their kernels are concatenated
+        inside the traced step (parameters stay separate), so each direction runs one wide matmul instead of
+        narrow ones. q is pre-scaled by 1/sqrt(head_dim) through its kernel and bias, cheaper than scaling
+        the scores."""
         scale = 1.0 / math.sqrt(self.head_dim)
-        projections = ((self.q_proj, scale), (self.k_proj, 1.0), (self.v_proj, 1.0))
+        projections = [(getattr(self, f"{name}_proj"), scale if name == "q" else 1.0) for name in which]
         kernel = jnp.concatenate([p.kernel[...] * s for p, s in projections], axis=1)
         bias = jnp.concatenate([p.bias[...] * s for p, s in projections])
         return dense(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
+
+    def _heads(self, projected: Array) -> list[Array]:
+        """(batch, length, n * hidden) -> n arrays (batch, heads, length, head_dim)."""
+        batch, length, width = projected.shape
+        n = width // (self.num_heads * self.head_dim)
+        return list(projected.reshape(batch, length, n, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4))
 
 
 class MLP(nnx.Module):
@@ -234,8 +264,10 @@ class PreNormLayer(nnx.Module):
         self.layer_norm2 = nnx.LayerNorm(hidden_size, epsilon=eps, dtype=dtype, rngs=rngs)
         self.mlp = MLP(hidden_size, intermediate_size, act, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: Array, bias: Array | None, rng: Array | None = None) -> Array:
-        x = x + self.self_attn(self.layer_norm1(x), bias, rng)
+    def __call__(self, x: Array, bias: Array | None, rng: Array | None = None, rows: Array | None = None,
+                 packing: Packing | None = None) -> Array:
+        attended = self.self_attn(self.layer_norm1(x), bias, rng, rows, packing)
+        x = take_rows(x, rows, packing) + attended
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -250,10 +282,11 @@ class PostNormLayer(nnx.Module):
         self.output_norm = nnx.LayerNorm(hidden_size, epsilon=eps, dtype=dtype, rngs=rngs)
         self.hidden_dropout = hidden_dropout
 
-    def __call__(self, x: Array, bias: Array | None, rng: Array | None = None) -> Array:
+    def __call__(self, x: Array, bias: Array | None, rng: Array | None = None, rows: Array | None = None,
+                 packing: Packing | None = None) -> Array:
         attn_rng, hidden_rng1, hidden_rng2 = split_rng(rng, 3)
-        attended = dropout(self.self_attn(x, bias, attn_rng), self.hidden_dropout, hidden_rng1)
-        x = self.attention_norm(x + attended)
+        attended = dropout(self.self_attn(x, bias, attn_rng, rows, packing), self.hidden_dropout, hidden_rng1)
+        x = self.attention_norm(take_rows(x, rows, packing) + attended)
         return self.output_norm(x + dropout(self.mlp(x), self.hidden_dropout, hidden_rng2))
 
 
@@ -268,11 +301,30 @@ class Encoder(nnx.Module):
         self.layers = nnx.List(layers)
         self.remat = remat
 
-    def __call__(self, x: Array, bias: Array | None, rng: Array | None = None) -> Array:
+    def __call__(self, x: Array, bias: Array | None, rng: Array | None = None, rows: Array | None = None,
+                 packing: Packing | None = None) -> Array:
+        """x is padded (batch, length, hidden), or packed (groups, tokens, hidden) with `packing`.
+
+        `rows` (one token position per sequence) asks for those tokens' final states only, (batch, 1, hidden):
+        a pooled output reads one token, and nothing else in the last layer reaches it but that token's
+        query, attention output and MLP (keys and values still come from every token). The last layer then
+        costs about a sixth of a full one: a base tower's step does 7% fewer FLOPs, a 4-layer one 20%."""
         rngs = split_rng(rng, len(self.layers))
-        for layer, layer_rng in zip(self.layers, rngs):
+        last = len(self.layers) - 1
+        for i, (layer, layer_rng) in enumerate(zip(self.layers, rngs)):
+            layer_rows, layer_bias = (rows, _rows_bias(bias, rows)) if i == last else (None, bias)
             if self.remat:
-                x = nnx.remat(lambda module, h, b, r: module(h, b, r))(layer, x, bias, layer_rng)
+                x = nnx.remat(lambda module, *args: module(*args))(layer, x, layer_bias, layer_rng, layer_rows,
+                                                                   packing)
             else:
-                x = layer(x, bias, layer_rng)
+                x = layer(x, layer_bias, layer_rng, layer_rows, packing)
         return x
+
+
+def _rows_bias(bias: Array | None, rows: Array | None) -> Array | None:
+    """The attention bias (batch or 1, 1, q, k) of the query rows `rows` only; a padding-only bias (q = 1)
+    already serves every query."""
+    if bias is None or rows is None or bias.shape[2] == 1:
+        return bias
+    full = jnp.broadcast_to(bias, (rows.shape[0],) + bias.shape[1:])
+    return jnp.take_along_axis(full, rows.reshape(-1, 1, 1, 1), axis=2)

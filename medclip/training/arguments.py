@@ -88,6 +88,9 @@ class TrainingArguments:
     early_stopping_patience: int = field(default=5, metadata={"help": "Epochs without improvement; 0 = off."})
     max_nonfinite_steps: int = field(default=10, metadata={"help": "Stop after this many non-finite steps in a row."})
     fully_sharded: bool = field(default=False, metadata={"help": "Shard parameters over devices too (FSDP)."})
+    text_packing_sizes: int = field(default=8, metadata={
+        "help": "Run the text tower on real tokens only, in buffers of k/N of the padded size (N this value: at "
+                "most N compilations of the step); 0 = padded. Single-process runs only."})
     log_data_order: bool = field(default=False, metadata={
         "help": "Audit: each process writes the ids it trains on per step to data_order.process<i>.jsonl."})
     report_to: str = field(default="tensorboard", metadata={"help": "Comma list: tensorboard, wandb, none."})

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from medclip.models.packing import PackingPlan
 from medclip.training import losses
 
 
@@ -66,12 +67,13 @@ def _keep_state(grads: Any, opt_state: Any, params: Any) -> tuple[Any, Any]:
     return params, opt_state
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    config: StepConfig) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config: StepConfig,
+                    text_packing: PackingPlan | None = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Returns step(state, batch) -> (state, metrics), not yet jitted (the trainer jits with shardings).
 
     A non-finite loss or gradient skips the update (parameters and optimizer state unchanged) and is
-    counted; the trainer stops after too many in a row.
+    counted; the trainer stops after too many in a row. `text_packing` runs the text tower on the batch's
+    real tokens only (a step per plan: the trainer keeps one for each it meets).
     """
 
     def loss_fn(params, batch, rng):
@@ -81,7 +83,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
             params = {**params, "text_model": jax.lax.stop_gradient(params["text_model"])}
         model = nnx.merge(graphdef, params)
         out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
-                    dropout_rng=rng if config.dropout else None)
+                    dropout_rng=rng if config.dropout else None, text_packing=text_packing)
         return compute_loss(config, out), out.logits_per_text
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:

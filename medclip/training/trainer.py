@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from medclip.models.hybrid import LOGIT_SCALE_MAX, FlaxHybridCLIP
+from medclip.models.packing import PackingPlan, plan_packing
 from medclip.training import mesh as mesh_lib
 from medclip.training.distributed import barrier
 from medclip.training.arguments import DataArguments, ModelArguments, TrainingArguments
@@ -118,12 +119,28 @@ class Trainer:
         batch_sharding = mesh_lib.batch_sharding(self.mesh)
         self.abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                            abstract, self.state_shardings)
-        self.train_step = jax.jit(make_train_step(self.graphdef, self.tx, self.step_config),
-                                  in_shardings=(self.state_shardings, batch_sharding),
-                                  out_shardings=(self.state_shardings, mesh_lib.replicated(self.mesh)),
-                                  donate_argnums=0)
+        self._train_steps: dict[PackingPlan | None, Any] = {}
         self.embed_step = jax.jit(make_embed_step(self.graphdef),
                                   in_shardings=(self.state_shardings.params, batch_sharding))
+
+    def train_step(self, state: TrainState, batch: dict[str, np.ndarray]) -> tuple[TrainState, dict]:
+        """One step on this process's rows, jitted once per text-packing plan (at most --text_packing_sizes)."""
+        plan = self._packing_plan(batch["attention_mask"])
+        if plan not in self._train_steps:
+            if self._train_steps:
+                logger.info("compiling the train step for text packing %s", plan)
+            self._train_steps[plan] = jax.jit(
+                make_train_step(self.graphdef, self.tx, self.step_config, plan),
+                in_shardings=(self.state_shardings, mesh_lib.batch_sharding(self.mesh)),
+                out_shardings=(self.state_shardings, mesh_lib.replicated(self.mesh)), donate_argnums=0)
+        return self._train_steps[plan](state, mesh_lib.global_batch(self.mesh, batch))
+
+    def _packing_plan(self, attention_mask: np.ndarray) -> PackingPlan | None:
+        # Every process must compile the same program, and each sees only its own rows: multi-host runs
+        # keep the padded layout rather than agree on a plan every step.
+        if jax.process_count() > 1:
+            return None
+        return plan_packing(attention_mask, groups=jax.device_count(), sizes=self.args.text_packing_sizes)
 
     def _initial_state(self) -> tuple[TrainState, Progress]:
         if self.args.resume and self.checkpointer.latest_step() is not None:
@@ -157,7 +174,7 @@ class Trainer:
         while step < self.total_steps and not progress.stopped_early:
             start = self.data.train.position
             batch = next(self.data.train)
-            state, metrics = self.train_step(state, mesh_lib.global_batch(self.mesh, batch))
+            state, metrics = self.train_step(state, batch)
             step += 1
             if args.log_data_order:
                 self._log_data_order(step, self.data.train_ids(start, self.data.train.position))
