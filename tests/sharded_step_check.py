@@ -66,10 +66,10 @@ def _diffs(a, b) -> dict[str, float]:
     return {"loss_diff": max(abs(x - y) for x, y in zip(a[0], b[0])),
             "grad_norm_diff": max(abs(x - y) for x, y in zip(a[1], b[1])),
             "param_diff": max(float(np.abs(x - y).max()) for (path, x), y in zip(
-                jax.tree_util.tree_leaves_with_path(a[2]), jax.tree.leaves(b[2])) if not _zero_gradient(path))}
+                jax.tree_util.tree_leaves_with_path(a[2]), jax.tree.leaves(b[2])) if not has_zero_gradient(path))}
 
 
-def _zero_gradient(path) -> bool:
+def has_zero_gradient(path) -> bool:
     """The key bias: it adds the same q.b_k to every score of a query, which the softmax cancels, so its
     true gradient is 0 and Adam's g / sqrt(v) turns rounding noise into updates of up to lr."""
     return jax.tree_util.keystr(path).endswith("['k_proj']['bias']")
