@@ -30,14 +30,16 @@ def run(devices, fully_sharded: bool, batches, dropout: bool = True, packed: boo
     abstract = jax.eval_shape(lambda p: init_state(p, tx, 0), params)
     shardings = mesh_lib.state_shardings(mesh, abstract, fully_sharded)
     state = jax.jit(lambda p: init_state(p, tx, 0), out_shardings=shardings)(params)
+    steps = {}  # one jitted step per packing plan, as the trainer keeps them
     losses, norms = [], []
     for batch in batches:
         plan = plan_packing(batch["attention_mask"], groups=len(devices)) if packed else None
         assert plan is not None or not packed, "the packed case needs batches with padding"
-        step = jax.jit(make_train_step(graphdef, tx, StepConfig(dropout=dropout), plan),
-                       in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
-                       out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
-        state, metrics = step(state, mesh_lib.global_batch(mesh, batch))
+        if plan not in steps:
+            steps[plan] = jax.jit(make_train_step(graphdef, tx, StepConfig(dropout=dropout), plan),
+                                  in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
+                                  out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
+        state, metrics = steps[plan](state, mesh_lib.global_batch(mesh, batch))
         losses.append(float(metrics["loss"]))
         norms.append(float(metrics["grad_norm"]))
     return losses, norms, jax.device_get(state.params)

@@ -169,15 +169,11 @@ class BertTower(nnx.Module):
         None); `packing` runs the layers on the real tokens only (medclip.models.packing)."""
         embed_rng, encoder_rng = split_rng(dropout_rng, 2)
         hidden = self.embeddings(input_ids, token_type_ids, position_ids)
-        packed = None if packing is None else make_packing(attention_mask, packing)
-        if packed is not None:
-            hidden = packed.pack(hidden)
         hidden = dropout(hidden, self.config.hidden_dropout_prob, embed_rng)
+        packed = None if packing is None else make_packing(attention_mask, packing)
         cls_rows = jnp.zeros(input_ids.shape[0], jnp.int32) if pooled_only else None
         hidden = self.encoder(hidden, attention_bias(attention_mask, None, jnp.float32), encoder_rng, cls_rows,
                               packed)
-        if packed is not None and not pooled_only:
-            hidden = packed.unpack(hidden)
         cls = hidden[:, 0]
         pooled = jnp.tanh(self.pooler(cls)) if self.pooler is not None else cls
         return (None if pooled_only else hidden), pooled

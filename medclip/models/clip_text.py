@@ -73,14 +73,9 @@ class CLIPTextTower(nnx.Module):
         bias = attention_bias(attention_mask, length, jnp.float32)
         eos = self._eos_positions(input_ids)
         packed = None if packing is None else make_packing(attention_mask, packing)
-        if packed is not None:
-            hidden = packed.pack(hidden)
-        hidden = self.encoder(hidden, bias, dropout_rng, eos if pooled_only else None, packed)
-        hidden = self.final_layer_norm(hidden)
+        hidden = self.final_layer_norm(self.encoder(hidden, bias, dropout_rng, eos if pooled_only else None, packed))
         if pooled_only:
             return None, hidden[:, 0]
-        if packed is not None:
-            hidden = packed.unpack(hidden)
         return hidden, hidden[jnp.arange(hidden.shape[0]), eos]
 
     def _eos_positions(self, input_ids: jax.Array) -> jax.Array:
