@@ -192,7 +192,7 @@ def build_torch_model(cfg: BenchConfig):
 
 def full_last_layer_class():
     """FlaxHybridCLIP computing every token in the towers' last layers, as PyTorch does (`--same-work`)."""
-    from medclip.models import FlaxHybridCLIP
+    from medclip import FlaxHybridCLIP
 
     class FullLastLayerCLIP(FlaxHybridCLIP):
         def get_image_features(self, pixel_values, *, dropout_rng=None):
@@ -211,7 +211,8 @@ def build_ours(cfg: BenchConfig, torch_model=None, full_last_layer: bool = False
     """Our model; with the PyTorch model's weights (through the real checkpoint loader) when there is one."""
     import jax.numpy as jnp
 
-    from medclip.models import BertConfig, CLIPVisionConfig, FlaxHybridCLIP, HybridCLIPConfig
+    from medclip import FlaxHybridCLIP
+    from medclip.models import BertConfig, CLIPVisionConfig, HybridCLIPConfig
 
     model_class = full_last_layer_class() if full_last_layer else FlaxHybridCLIP
     if torch_model is not None:

@@ -66,7 +66,7 @@ def load_embedder(model_dir: str) -> Embedder:
     upload are as fast as the next ones."""
     try:
         embedder = Embedder(model_dir, batch_size=APP_BATCH_SIZE)
-    except (OSError, ValueError, SystemExit) as error:  # load_tokenizer exits with a message
+    except (OSError, ValueError) as error:
         raise InputError(f"Cannot load the model `{model_dir}`: {error}. Train one (`make demo`) or start the "
                          "app with `--model` pointing to a saved medclip model folder.") from None
     embedder.embed_texts(["warm-up"])

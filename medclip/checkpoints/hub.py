@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json", "flax_model.msgpack")
+                "pytorch_model.bin.index.json", "flax_model.msgpack",
+                "open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # OpenCLIP hub repos
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "vocab.json", "merges.txt", "added_tokens.json", "spiece.model", "sentencepiece.bpe.model")
 
@@ -46,7 +47,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike, *, revision: str | None =
     weights = next((w for w in WEIGHT_FILES if w in files), None)
     if weights is None:
         raise FileNotFoundError(f"Hub repo {name!r} has none of {WEIGHT_FILES}")
-    patterns = ["config.json", *TOKENIZER_FILES, weights]
+    patterns = ["config.json", "open_clip_config.json", *TOKENIZER_FILES, weights]
     if weights.endswith(".index.json"):
         stem = weights.split(".")[0]
         patterns.append(f"{stem}-*")

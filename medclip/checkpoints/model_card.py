@@ -24,6 +24,7 @@ def render_model_card(config: HybridCLIPConfig, *, training: dict[str, Any] | No
                       eval_metrics: dict[str, float] | None = None, dataset: str = "",
                       base_models: tuple[str, ...] = ()) -> str:
     vision, text = config.vision_config, config.text_config
+    pt_class = "CLIPModel" if config.is_clip else "VisionTextDualEncoderModel"
     front = ["---", "library_name: medclip", "license: apache-2.0", "tags:", "- clip", "- medical", "- radiology",
              "- image-text-retrieval", "- jax", "- flax"]
     if base_models:
@@ -32,14 +33,13 @@ def render_model_card(config: HybridCLIPConfig, *, training: dict[str, Any] | No
     lines = [
         *front, "", "# medclip dual encoder", "", _WARNING, "",
         "## Model", "",
-        f"A CLIP ViT vision tower ({vision.num_hidden_layers} layers, {vision.hidden_size} wide, patch "
+        f"A {vision.model_type} vision tower ({vision.num_hidden_layers} layers, {vision.hidden_size} wide, patch "
         f"{vision.patch_size}, {vision.image_size} px) and a {text.model_type} text tower "
         f"({text.num_hidden_layers} layers, {text.hidden_size} wide), projected to {config.projection_dim} "
         "dimensions and trained contrastively with medclip (JAX/Flax NNX).", "",
         "Load it with medclip or, in PyTorch, with transformers:", "",
         "```python", "from medclip import FlaxHybridCLIP", "model = FlaxHybridCLIP.from_pretrained(\"<this repo>\")",
-        "", "from transformers import VisionTextDualEncoderModel",
-        "model = VisionTextDualEncoderModel.from_pretrained(\"<this repo>\")", "```", "",
+        "", f"from transformers import {pt_class}", f"model = {pt_class}.from_pretrained(\"<this repo>\")", "```", "",
         "medclip takes pixel values as NHWC; transformers takes NCHW.", "",
         "## Intended use", "",
         "Research on retrieval of radiology images by text and of captions by image, and zero-shot labelling "

@@ -1,7 +1,10 @@
-"""`from_pretrained`, `from_text_vision_pretrained` and `save_pretrained` for FlaxHybridCLIP.
+"""Loading and saving FlaxHybridCLIP in every layout our users start from.
 
-Saved models use transformers' VisionTextDualEncoderModel layout (config.json + model.safetensors), so
-`transformers.VisionTextDualEncoderModel.from_pretrained(folder)` loads them in PyTorch.
+`load_hybrid` recognises, from the files: our / transformers' VisionTextDualEncoder layout (and the original
+flax-community `hybrid-clip`), a whole transformers `CLIPModel` (towers, projections, temperature), an OpenCLIP
+hub folder (`open_clip_config.json` + weights), and a bare OpenCLIP state dict given with its model config
+(medclip.checkpoints.openclip). Saving writes a `CLIPModel` when both towers and heads are CLIP's, otherwise
+the dual-encoder layout; `save_open_clip` writes OpenCLIP's.
 """
 
 from __future__ import annotations
@@ -21,28 +24,45 @@ from flax import nnx
 from medclip.checkpoints import conversion as conv
 from medclip.checkpoints.hub import resolve_model_dir
 from medclip.checkpoints.readers import CheckpointError, find_checkpoint_file, read_checkpoint
+from medclip.models import registry
 from medclip.models.bert import BertConfig
-from medclip.models.clip_text import CLIPTextConfig
+from medclip.models.heads import HeadConfig, build_head
 from medclip.models.hybrid import HybridCLIPConfig, text_config_from_hf_dict, vision_config_from_hf_dict
+from medclip.models.weights import Rule
 
 logger = logging.getLogger(__name__)
+OPEN_CLIP_CONFIG = "open_clip_config.json"
 
 
-def text_rules(config: Any) -> list[conv.Rule]:
-    if isinstance(config, CLIPTextConfig):
-        return conv.CLIP_TEXT_RULES
-    if isinstance(config, BertConfig) and config.is_distilbert:
-        return conv.DISTILBERT_RULES
-    return conv.BERT_RULES
+def native_format(config: Any) -> str:
+    """The format a tower is saved in inside our layout: transformers' naming where it has one."""
+    formats = registry.tower_for_config(config).formats()
+    return "hf" if "hf" in formats else formats[0]
 
 
-def hybrid_rules(config: HybridCLIPConfig) -> list[conv.Rule]:
-    """The VisionTextDualEncoderModel layout."""
+def head_rules(ckpt: str, ours: str, head: HeadConfig) -> list[Rule]:
+    """A head in transformers-style naming (`visual_projection.weight`, or `.fc1`/`.fc2` for an MLP)."""
+    if head.type == "none":
+        return []
+    if head.type == "linear":
+        return conv.linear(ckpt, ours, bias=head.bias)
+    return [*conv.linear(f"{ckpt}.fc1", f"{ours}.fc1", bias=head.hidden_bias),
+            *conv.linear(f"{ckpt}.fc2", f"{ours}.fc2", bias=head.bias)]
+
+
+def tower_rules(config: Any, fmt: str) -> list[Rule]:
+    return registry.tower_for_config(config).rules(config, fmt)
+
+
+def hybrid_rules(config: HybridCLIPConfig) -> list[Rule]:
+    """The VisionTextDualEncoderModel / CLIPModel layout."""
     return [
-        *conv.prefixed("vision_model.", conv.CLIP_VISION_RULES, "vision_model."),
-        *conv.prefixed("text_model.", text_rules(config.text_config), "text_model."),
-        *conv.linear("visual_projection", "visual_projection", bias=False),
-        *conv.linear("text_projection", "text_projection", bias=False),
+        *conv.prefixed("vision_model.", tower_rules(config.vision_config, native_format(config.vision_config)),
+                       "vision_model."),
+        *conv.prefixed("text_model.", tower_rules(config.text_config, native_format(config.text_config)),
+                       "text_model."),
+        *head_rules("visual_projection", "visual_projection", config.vision_head),
+        *head_rules("text_projection", "text_projection", config.text_head),
         conv.Rule("logit_scale", "logit_scale"),
         conv.Rule("logit_bias", "logit_bias"),
     ]
@@ -51,11 +71,18 @@ def hybrid_rules(config: HybridCLIPConfig) -> list[conv.Rule]:
 def read_config_json(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{folder} has no config.json")
+        raise FileNotFoundError(f"{folder} has no config.json (nor {OPEN_CLIP_CONFIG})")
+    return read_json(path)
+
+
+def read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def infer_model_type(data: dict[str, Any], name: str) -> str:
@@ -95,7 +122,7 @@ def _collapse_double_prefixes(tensors: dict[str, np.ndarray]) -> dict[str, np.nd
     return out
 
 
-def _fill(abstract: nnx.Module, values: dict[str, np.ndarray | jax.Array]) -> nnx.Module:
+def fill(abstract: nnx.Module, values: dict[str, np.ndarray | jax.Array]) -> nnx.Module:
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
     leaves = []
@@ -107,32 +134,57 @@ def _fill(abstract: nnx.Module, values: dict[str, np.ndarray | jax.Array]) -> nn
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
-def _abstract(cls, config: HybridCLIPConfig, dtype, remat: bool) -> nnx.Module:
+def abstract_model(cls, config: HybridCLIPConfig, dtype=jnp.float32, remat: bool = False) -> nnx.Module:
     return nnx.eval_shape(lambda: cls(config, dtype=dtype, remat=remat, rngs=nnx.Rngs(0)))
 
 
+def build_from_tensors(cls, config: HybridCLIPConfig, tensors: dict[str, np.ndarray], rules: list[Rule], *,
+                       source: str, dtype=jnp.float32, remat: bool = False, ignored=None) -> nnx.Module:
+    abstract = abstract_model(cls, config, dtype, remat)
+    values = conv.to_ours(tensors, rules, param_shapes(abstract), source=source, ignored=ignored)
+    return fill(abstract, values)
+
+
 def load_hybrid(cls, name_or_path: str | os.PathLike, *, dtype=jnp.float32, remat: bool = False,
-                revision: str | None = None) -> nnx.Module:
-    folder = resolve_model_dir(name_or_path, revision=revision)
+                revision: str | None = None, open_clip_model: str | os.PathLike | dict | None = None) -> nnx.Module:
+    """Any supported layout, recognised from the files. A bare OpenCLIP state dict (`.pt`, `.bin`,
+    `.safetensors`, possibly a training checkpoint) needs `open_clip_model`: a model config name (`ViT-B-32`),
+    a JSON file or a dict."""
+    from medclip.checkpoints import openclip
+
+    name = str(name_or_path)
+    if name.startswith(openclip.HF_HUB_PREFIX):
+        name = name[len(openclip.HF_HUB_PREFIX):]
+    path = Path(name).expanduser()
+    if path.is_file():
+        if open_clip_model is None:
+            raise CheckpointError(f"{path} is a bare weights file: say which model it holds with an OpenCLIP model "
+                                  f"config (open_clip_model={sorted(openclip.builtin_model_names())} or a JSON file), "
+                                  "or pass the model folder")
+        return openclip.load_state_dict_file(cls, path, open_clip_model, dtype=dtype, remat=remat)
+    folder = resolve_model_dir(name, revision=revision)
+    if (folder / OPEN_CLIP_CONFIG).is_file() and not (folder / "config.json").is_file():
+        return openclip.load_folder(cls, folder, dtype=dtype, remat=remat)
     config = HybridCLIPConfig.from_dict(read_config_json(folder))
     tensors, source = load_tensors(folder)
-    abstract = _abstract(cls, config, dtype, remat)
-    values = conv.to_ours(_collapse_double_prefixes(tensors), hybrid_rules(config), param_shapes(abstract),
-                          source=source)
-    return _fill(abstract, values)
+    return build_from_tensors(cls, config, _collapse_double_prefixes(tensors), hybrid_rules(config), source=source,
+                              dtype=dtype, remat=remat)
 
 
-def _tower_values(tensors: dict[str, np.ndarray], tower_rules: list[conv.Rule], prefixes: tuple[str, ...],
-                  our_prefix: str, shapes: dict[str, tuple[int, ...]], source: str,
+def _tower_values(tensors: dict[str, np.ndarray], tower_config: Any, fmt: str, our_prefix: str,
+                  shapes: dict[str, tuple[int, ...]], source: str,
                   fresh: dict[str, jax.Array] | None = None) -> dict[str, np.ndarray]:
     """Picks the key prefix under which the tower lives in the checkpoint (a BertForMaskedLM's `bert.`,
     a full CLIP's `vision_model.`), converts those keys and reports mismatches; other towers' keys in
     the same file are skipped, and said so."""
+    spec = registry.tower_for_config(tower_config)
+    tower_rules_ = spec.rules(tower_config, fmt)
+    prefixes = spec.prefixes[fmt]
     tower_shapes = {k[len(our_prefix):]: s for k, s in shapes.items() if k.startswith(our_prefix)}
 
     def matches(prefix: str) -> int:
         return sum(1 for k in tensors if k.startswith(prefix) and
-                   any(r.match_hf(conv.normalize_hf_key(k[len(prefix):])) for r in tower_rules))
+                   any(r.match_hf(conv.normalize_hf_key(k[len(prefix):])) for r in tower_rules_))
 
     prefix = max(prefixes, key=matches)
     if matches(prefix) == 0:
@@ -143,7 +195,7 @@ def _tower_values(tensors: dict[str, np.ndarray], tower_rules: list[conv.Rule], 
         logger.info("%s: using the %d keys under %r, skipping %d others", source, len(selected), prefix,
                     len(tensors) - len(selected))
     fresh = fresh or {}
-    values = conv.to_ours(selected, tower_rules, tower_shapes, source=source, optional=fresh)
+    values = conv.to_ours(selected, tower_rules_, tower_shapes, source=source, optional=fresh)
     for key in sorted(set(fresh) - set(values)):
         logger.warning("%s has no %s%s: it starts freshly initialised and is trained from scratch",
                        source, our_prefix, key)
@@ -160,15 +212,17 @@ def _fresh_pooler(config: Any, seed: int) -> dict[str, jax.Array]:
     return {"pooler.kernel": pooler.kernel[...], "pooler.bias": pooler.bias[...]}
 
 
-def _init_heads(config: HybridCLIPConfig, seed: int) -> dict[str, jax.Array]:
-    """Fresh projections and temperature for a model assembled from two separately trained towers."""
+def fresh_heads(config: HybridCLIPConfig, seed: int) -> dict[str, jax.Array]:
+    """Fresh projections, temperature and bias for a model assembled from separately trained towers: the
+    model's own initialisers, seeded."""
     rngs = nnx.Rngs(seed)
-    init = jax.nn.initializers.normal(0.02)
-    heads = {
-        "visual_projection.kernel": init(rngs.params(), (config.vision_config.hidden_size, config.projection_dim)),
-        "text_projection.kernel": init(rngs.params(), (config.text_config.hidden_size, config.projection_dim)),
-        "logit_scale": jnp.asarray(config.logit_scale_init_value, jnp.float32),
-    }
+    heads = {"logit_scale": jnp.asarray(config.logit_scale_init_value, jnp.float32)}
+    for name, width, head in (("visual_projection", config.vision_config.hidden_size, config.vision_head),
+                              ("text_projection", config.text_config.hidden_size, config.text_head)):
+        module = build_head(width, head, config.projection_dim, dtype=jnp.float32, rngs=rngs)
+        if module is not None:
+            for path, value in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+                heads[".".join([name, *map(str, path)])] = value[...]
     if config.logit_bias_init_value is not None:
         heads["logit_bias"] = jnp.asarray(config.logit_bias_init_value, jnp.float32)
     return heads
@@ -177,7 +231,8 @@ def _init_heads(config: HybridCLIPConfig, seed: int) -> dict[str, jax.Array]:
 def load_from_towers(cls, text_name_or_path: str | os.PathLike, vision_name_or_path: str | os.PathLike, *,
                      projection_dim: int = 512, logit_scale_init_value: float = math.log(1 / 0.07),
                      logit_bias_init_value: float | None = None, vision_config_overrides: dict | None = None,
-                     text_config_overrides: dict | None = None, dtype=jnp.float32, remat: bool = False,
+                     text_config_overrides: dict | None = None, vision_head: HeadConfig | None = None,
+                     text_head: HeadConfig | None = None, dtype=jnp.float32, remat: bool = False,
                      seed: int = 0, revision: str | None = None) -> nnx.Module:
     """Pairs a pretrained vision tower (a full CLIP checkpoint or a vision-only one) with a pretrained text
     encoder; projections and temperature start fresh, as in transformers' `from_vision_text_pretrained`.
@@ -188,36 +243,39 @@ def load_from_towers(cls, text_name_or_path: str | os.PathLike, vision_name_or_p
     vision_data.setdefault("model_type", infer_model_type(vision_data, str(vision_name_or_path)))
     text_data = read_config_json(text_dir)
     text_data["model_type"] = infer_model_type(text_data, str(text_name_or_path))
-    if text_data["model_type"] == "clip":
-        text_data = {"model_type": "clip_text_model", **text_data.get("text_config", {})}
     vision_config = vision_config_from_hf_dict(vision_data).replace(**(vision_config_overrides or {}))
     text_config = text_config_from_hf_dict(text_data).replace(**(text_config_overrides or {}))
     config = HybridCLIPConfig(vision_config=vision_config, text_config=text_config,
                               projection_dim=projection_dim, logit_scale_init_value=logit_scale_init_value,
-                              logit_bias_init_value=logit_bias_init_value)
-    abstract = _abstract(cls, config, dtype, remat)
+                              logit_bias_init_value=logit_bias_init_value,
+                              vision_head=vision_head or HeadConfig(), text_head=text_head or HeadConfig())
+    abstract = abstract_model(cls, config, dtype, remat)
     shapes = param_shapes(abstract)
     vision_tensors, vision_source = load_tensors(vision_dir)
     text_tensors, text_source = load_tensors(text_dir)
     values = {
-        **_tower_values(_collapse_double_prefixes(vision_tensors), conv.CLIP_VISION_RULES,
-                        ("vision_model.", ""), "vision_model.", shapes, vision_source),
-        **_tower_values(_collapse_double_prefixes(text_tensors), text_rules(text_config),
-                        ("", "bert.", "roberta.", "distilbert.", "text_model.", "model."), "text_model.",
-                        shapes, text_source, fresh=_fresh_pooler(text_config, seed)),
-        **_init_heads(config, seed),
+        **_tower_values(_collapse_double_prefixes(vision_tensors), vision_config, native_format(vision_config),
+                        "vision_model.", shapes, vision_source),
+        **_tower_values(_collapse_double_prefixes(text_tensors), text_config, native_format(text_config),
+                        "text_model.", shapes, text_source, fresh=_fresh_pooler(text_config, seed)),
+        **fresh_heads(config, seed),
     }
-    return _fill(abstract, values)
+    return fill(abstract, values)
 
 
-def model_tensors_hf(model: nnx.Module) -> dict[str, np.ndarray]:
-    """Our parameters renamed to transformers' VisionTextDualEncoderModel keys, as fp32 NumPy arrays."""
+def model_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
+    """Our parameters as fp32 NumPy arrays under our keys; refuses non-finite values."""
     ours = {".".join(map(str, p)): np.asarray(v[...], dtype=np.float32)
             for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     bad = [k for k, v in ours.items() if not np.all(np.isfinite(v))]
     if bad:
         raise ValueError(f"refusing to save non-finite parameters: {bad[:10]}{' ...' if len(bad) > 10 else ''}")
-    return conv.to_hf(ours, hybrid_rules(model.config))
+    return ours
+
+
+def model_tensors_hf(model: nnx.Module) -> dict[str, np.ndarray]:
+    """Our parameters renamed to transformers' VisionTextDualEncoderModel / CLIPModel keys."""
+    return conv.to_hf(model_tensors(model), hybrid_rules(model.config))
 
 
 def save_hybrid(model: nnx.Module, save_directory: str | os.PathLike, *, tokenizer: Any = None) -> None:

@@ -19,8 +19,8 @@ import math
 import numpy as np
 import tensorflow as tf
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from medclip.models.preprocess import CLIP_MEAN, CLIP_STD, Preprocess
+
 DEFAULT_CROP_SCALE = (0.5, 1.0)
 DEFAULT_CROP_RATIO = (3 / 4, 4 / 3)
 _JPEG_SCALES = (8, 4, 2, 1)  # reduced-scale decode factors libjpeg supports, largest first
@@ -158,17 +158,26 @@ def normalize(image: tf.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> tf.Tensor:
     return tf.cast(image, tf.float32) * tf.constant(scale, tf.float32) + tf.constant(offset, tf.float32)
 
 
+def full_window(shape: tf.Tensor):
+    """The whole image: resizing it to a square squashes it (open_clip's resize_mode "squash")."""
+    return 0, 0, shape[0], shape[1]
+
+
 def train_image(contents: tf.Tensor, seed: tf.Tensor, size: int, crop_scale=DEFAULT_CROP_SCALE,
-                hflip: bool = False) -> tf.Tensor:
-    """Encoded bytes -> random resized crop, optional flip, CLIP normalisation: float32 (size, size, 3)."""
+                hflip: bool = False, preprocess: Preprocess | None = None) -> tf.Tensor:
+    """Encoded bytes -> random resized crop, optional flip, the model's normalisation: float32 (size, size, 3)."""
+    preprocess = preprocess or Preprocess()
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     image = decode_crop(contents, lambda shape: random_crop_window(shape, crop_seed, crop_scale), size)
     if hflip:
         image = random_flip(image, flip_seed)
-    return normalize(image)
+    return normalize(image, preprocess.mean, preprocess.std)
 
 
-def eval_image(contents: tf.Tensor, size: int) -> tf.Tensor:
-    """Encoded bytes -> resize shorter side + center crop, CLIP normalisation: float32 (size, size, 3)."""
-    image = decode_crop(contents, center_crop_window, size)
-    return normalize(image)
+def eval_image(contents: tf.Tensor, size: int, preprocess: Preprocess | None = None) -> tf.Tensor:
+    """Encoded bytes -> resize (shorter side + centre crop, or squash) and the model's normalisation (CLIP's by
+    default): float32 (size, size, 3)."""
+    preprocess = preprocess or Preprocess()
+    window = full_window if preprocess.resize_mode == "squash" else center_crop_window
+    image = decode_crop(contents, window, size)
+    return normalize(image, preprocess.mean, preprocess.std)

@@ -36,6 +36,7 @@ import tensorflow as tf
 
 from medclip.data import images, records
 from medclip.data.records import DropCounter, Record
+from medclip.models.preprocess import Preprocess
 
 _INFINITE_EPOCHS = 2**40
 
@@ -156,7 +157,7 @@ def _options(threads: int | None = None) -> tf.data.Options:
 
 def build_train_dataset(items: list[Record], captions: Captions, layout: Layout, *, image_size: int, seed: int,
                         crop_scale=images.DEFAULT_CROP_SCALE, hflip: bool = False, position: int = 0,
-                        threads: int | None = None) -> tf.data.Dataset:
+                        threads: int | None = None, preprocess: Preprocess | None = None) -> tf.data.Dataset:
     """The tf.data graph behind `TrainIterator`, starting at stream `position` (skipping costs no decoding)."""
     per_epoch = layout.per_epoch
     start_epoch, offset = divmod(position, per_epoch)
@@ -177,7 +178,8 @@ def build_train_dataset(items: list[Record], captions: Captions, layout: Layout,
         pick = tf.random.stateless_uniform([], caption_seed, maxval=count[index], dtype=tf.int64)
         row = first[index] + pick
         return {
-            "pixel_values": images.train_image(read_image(index), image_seed, image_size, crop_scale, hflip),
+            "pixel_values": images.train_image(read_image(index), image_seed, image_size, crop_scale, hflip,
+                                               preprocess),
             "input_ids": input_ids[row],
             "attention_mask": attention_mask[row],
             "position": position,
@@ -220,12 +222,12 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
 
     def __init__(self, items: list[Record], captions: Captions, layout: Layout, *, image_size: int, seed: int,
                  crop_scale=images.DEFAULT_CROP_SCALE, hflip: bool = False, counter: DropCounter | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, preprocess: Preprocess | None = None):
         if layout.steps_per_epoch == 0:
             raise ValueError(f"{layout.num_records} records do not fill one global batch of {layout.global_batch_size}")
         self.items, self.captions, self.layout = items, captions, layout
         self.settings = dict(image_size=image_size, seed=seed, crop_scale=tuple(crop_scale), hflip=hflip,
-                             threads=threads)
+                             threads=threads, preprocess=preprocess)
         self.counter = counter if counter is not None else DropCounter()
         self.position = 0
         self._batches = None
@@ -291,24 +293,27 @@ def make_train_dataset(
     hflip: bool = False,
     counter: DropCounter | None = None,
     threads: int | None = None,
+    preprocess: Preprocess | None = None,
 ) -> TrainIterator:
     """Endless shuffled training batches for this process (random resized crop, optional flip, CLIP normalisation).
 
     `process_index`/`process_count` default to JAX's. `counter` receives images that fail to decode in the graph.
     `threads` gives the pipeline its own thread pool of that size (default: TF's shared pool, one per core).
+    `preprocess` is the model's normalisation (`config.image_preprocess`; default CLIP's).
     """
     layout = make_layout(len(items), global_batch_size, process_index, process_count)
     captions = tokenize_captions(items, tokenizer, max_seq_length)
     return TrainIterator(items, captions, layout, image_size=image_size, seed=seed, crop_scale=crop_scale,
-                         hflip=hflip, counter=counter, threads=threads)
+                         hflip=hflip, counter=counter, threads=threads, preprocess=preprocess)
 
 
 class EvalDataset:
     """Every record exactly once (resize + center crop, first caption), in padded batches with a "mask"."""
 
     def __init__(self, items: list[Record], captions: Captions, layout: Layout, *, image_size: int,
-                 counter: DropCounter | None = None):
+                 counter: DropCounter | None = None, preprocess: Preprocess | None = None):
         self.items, self.captions, self.layout, self.image_size = items, captions, layout, image_size
+        self.preprocess = preprocess
         self.counter = counter if counter is not None else DropCounter()
         self.num_batches = math.ceil(len(items) / layout.global_batch_size)
         padded = np.arange(self.num_batches * layout.global_batch_size)
@@ -338,7 +343,7 @@ class EvalDataset:
         def load(position, index, mask):
             row = first[index]
             return {
-                "pixel_values": images.eval_image(read_image(index), size),
+                "pixel_values": images.eval_image(read_image(index), size, self.preprocess),
                 "input_ids": input_ids[row],
                 "attention_mask": attention_mask[row],
                 "mask": mask,
@@ -383,8 +388,9 @@ def make_eval_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
     counter: DropCounter | None = None,
+    preprocess: Preprocess | None = None,
 ) -> EvalDataset:
     """Eval batches for this process: resize + center crop, CLIP normalisation, first caption, "mask" for padding."""
     layout = make_layout(len(items), global_batch_size, process_index, process_count)
     captions = tokenize_captions(items, tokenizer, max_seq_length)
-    return EvalDataset(items, captions, layout, image_size=image_size, counter=counter)
+    return EvalDataset(items, captions, layout, image_size=image_size, counter=counter, preprocess=preprocess)

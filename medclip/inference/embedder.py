@@ -18,8 +18,11 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from medclip.checkpoints.hub import resolve_model_dir
+from medclip.checkpoints.tokenizers import tokenizer_for_model
 from medclip.data.image_checks import image_problem
-from medclip.models.hybrid import FlaxHybridCLIP, l2_normalize
+from medclip.hybrid_clip import FlaxHybridCLIP
+from medclip.models.registry import max_text_positions
+from medclip.models.hybrid import l2_normalize
 
 
 class ImageError(ValueError):
@@ -29,7 +32,8 @@ class ImageError(ValueError):
 def model_fingerprint(folder: Path) -> str:
     """Identifies the weights an index was built with (sha256 of config and weights files)."""
     digest = hashlib.sha256()
-    for name in ("config.json", "model.safetensors"):
+    for name in ("config.json", "model.safetensors", "open_clip_config.json", "open_clip_model.safetensors",
+                 "open_clip_pytorch_model.bin"):
         path = folder / name
         if path.exists():
             with path.open("rb") as f:
@@ -40,17 +44,14 @@ def model_fingerprint(folder: Path) -> str:
 
 class Embedder:
     def __init__(self, model_dir: str | os.PathLike, *, batch_size: int = 32, max_seq_length: int = 77):
-        from medclip.training.model_setup import load_tokenizer
-
         self.model_dir = resolve_model_dir(model_dir)
         self.model = FlaxHybridCLIP.from_pretrained(self.model_dir)
-        self.tokenizer = load_tokenizer(self.model_dir)
+        self.tokenizer = tokenizer_for_model(self.model_dir, self.model.config)
         self.fingerprint = model_fingerprint(self.model_dir)
         self.batch_size = batch_size
-        text = self.model.config.text_config
-        self.max_seq_length = min(max_seq_length, text.max_position_embeddings
-                                  - (text.pad_token_id + 1 if getattr(text, "is_roberta", False) else 0))
+        self.max_seq_length = min(max_seq_length, max_text_positions(self.model.config.text_config))
         self.image_size = self.model.config.vision_config.image_size
+        self.preprocess = self.model.config.image_preprocess
         graphdef, params = nnx.split(self.model)
         self._image_fn = jax.jit(lambda p, x: l2_normalize(nnx.merge(graphdef, p).get_image_features(x)))
         self._text_fn = jax.jit(lambda p, ids, mask: l2_normalize(
@@ -97,7 +98,7 @@ class Embedder:
                 raise ImageError(f"{name}: cannot use this image ({problem[0]}: {problem[1]})")
         contents = [tf.io.read_file(i) if isinstance(i, str) else tf.constant(i) for i in images]
         try:
-            return np.stack([eval_image(c, self.image_size).numpy() for c in contents])
+            return np.stack([eval_image(c, self.image_size, self.preprocess).numpy() for c in contents])
         except tf.errors.InvalidArgumentError as error:
             raise ImageError(f"an image failed to decode: {error.message}") from None
 
@@ -121,7 +122,7 @@ class Embedder:
             else:
                 skipped.setdefault(problem[0], []).append(path)
         dataset = tf.data.Dataset.from_tensor_slices(kept or [""]).take(len(kept))
-        dataset = dataset.map(lambda p: eval_image(tf.io.read_file(p), self.image_size),
+        dataset = dataset.map(lambda p: eval_image(tf.io.read_file(p), self.image_size, self.preprocess),
                               num_parallel_calls=tf.data.AUTOTUNE).batch(self.batch_size).prefetch(2)
         chunks = []
         bar = tqdm(total=len(kept), desc="embed images", unit="img", disable=not progress)

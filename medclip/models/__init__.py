@@ -1,9 +1,15 @@
-"""Flax NNX towers and the two-tower FlaxHybridCLIP model."""
+"""Flax NNX towers (registered by architecture name in `registry`) and the two-tower HybridCLIP model.
+
+`medclip.FlaxHybridCLIP` is HybridCLIP with loading and saving; this package knows nothing of checkpoints.
+"""
 
 from medclip.models.bert import BertConfig, BertTower
 from medclip.models.clip_text import CLIPTextConfig, CLIPTextTower
 from medclip.models.clip_vision import CLIPVisionConfig, CLIPVisionTower
-from medclip.models.hybrid import FlaxHybridCLIP, HybridCLIPConfig
+from medclip.models.heads import HeadConfig
+from medclip.models.hybrid import HybridCLIP, HybridCLIPConfig
+from medclip.models.preprocess import Preprocess
+from medclip.models.timm_vit import TimmViTConfig
 
 __all__ = [
     "BertConfig",
@@ -12,6 +18,9 @@ __all__ = [
     "CLIPTextTower",
     "CLIPVisionConfig",
     "CLIPVisionTower",
-    "FlaxHybridCLIP",
+    "HeadConfig",
+    "HybridCLIP",
     "HybridCLIPConfig",
+    "Preprocess",
+    "TimmViTConfig",
 ]

@@ -16,8 +16,10 @@ import numpy as np
 from flax import nnx
 
 from medclip.models.config_base import TowerConfig
-from medclip.models.layers import Encoder, PostNormLayer, attention_bias, dropout, split_rng
+from medclip.models.layers import (Encoder, PostNormLayer, attention_bias, dropout, pool_encoder, pooled_rows,
+                                   split_rng)
 from medclip.models.packing import PackingPlan, make_packing
+from medclip.models.weights import Rule, embedding, linear, norm
 
 BERT_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert")
 # DistilBERT's config.json spells the same fields differently.
@@ -164,17 +166,62 @@ class BertTower(nnx.Module):
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  token_type_ids: jax.Array | None = None, position_ids: jax.Array | None = None, *,
                  dropout_rng: jax.Array | None = None, pooled_only: bool = False,
-                 packing: PackingPlan | None = None):
-        """`pooled_only` skips the last layer's work for every token but [CLS] (last_hidden_state is then
-        None); `packing` runs the layers on the real tokens only (medclip.models.packing)."""
+                 packing: PackingPlan | None = None, pooler: str = "default"):
+        """`pooled_only` skips the last layer's work for every token but the pooled one (last_hidden_state is
+        then None); `packing` runs the layers on the real tokens only (medclip.models.packing). `pooler`:
+        pooler_output (BERT's dense + tanh over [CLS]; the default where the checkpoint has a pooler), cls (the
+        [CLS] hidden state, as BiomedCLIP and DistilBERT use) or mean (over real tokens)."""
         embed_rng, encoder_rng = split_rng(dropout_rng, 2)
         hidden = self.embeddings(input_ids, token_type_ids, position_ids)
         hidden = dropout(hidden, self.config.hidden_dropout_prob, embed_rng)
         packed = None if packing is None else make_packing(attention_mask, packing)
-        cls_rows = jnp.zeros(input_ids.shape[0], jnp.int32) if pooled_only else None
-        hidden = self.encoder(hidden, attention_bias(attention_mask, None, jnp.float32), encoder_rng, cls_rows,
-                              packed)
-        cls = hidden[:, 0]
-        pooled = jnp.tanh(self.pooler(cls)) if self.pooler is not None else cls
-        return (None if pooled_only else hidden), pooled
+        bias = attention_bias(attention_mask, None, jnp.float32)
+        kind = {"default": "pooler_output" if self.pooler is not None else "cls"}.get(pooler, pooler)
+        if kind == "pooler_output" and self.pooler is None:
+            raise ValueError("pooler 'pooler_output' needs a BERT pooler, which this tower (DistilBERT) has not")
+        rows = pooled_rows(kind, {"pooler_output": "cls"}, lambda: None, input_ids, allowed=("cls", "mean"))
+        hidden, pooled = pool_encoder(lambda r: self.encoder(hidden, bias, encoder_rng, r, packed), rows,
+                                      pooled_only, attention_mask)
+        if kind == "pooler_output":
+            pooled = jnp.tanh(self.pooler(pooled))
+        return hidden, pooled
 
+
+_BERT_EMBEDDINGS = [
+    *embedding("embeddings.word_embeddings", "embeddings.word_embeddings"),
+    *embedding("embeddings.position_embeddings", "embeddings.position_embeddings"),
+    *norm("embeddings.LayerNorm", "embeddings.layer_norm"),
+]
+
+BERT_RULES = [
+    *_BERT_EMBEDDINGS,
+    *embedding("embeddings.token_type_embeddings", "embeddings.token_type_embeddings"),
+    *linear("encoder.layer.{i}.attention.self.query", "encoder.layers.{i}.self_attn.q_proj"),
+    *linear("encoder.layer.{i}.attention.self.key", "encoder.layers.{i}.self_attn.k_proj"),
+    *linear("encoder.layer.{i}.attention.self.value", "encoder.layers.{i}.self_attn.v_proj"),
+    *linear("encoder.layer.{i}.attention.output.dense", "encoder.layers.{i}.self_attn.out_proj"),
+    *norm("encoder.layer.{i}.attention.output.LayerNorm", "encoder.layers.{i}.attention_norm"),
+    *linear("encoder.layer.{i}.intermediate.dense", "encoder.layers.{i}.mlp.fc1"),
+    *linear("encoder.layer.{i}.output.dense", "encoder.layers.{i}.mlp.fc2"),
+    *norm("encoder.layer.{i}.output.LayerNorm", "encoder.layers.{i}.output_norm"),
+    *linear("pooler.dense", "pooler"),
+]
+
+DISTILBERT_RULES = [
+    *_BERT_EMBEDDINGS,
+    *[r for p in "qkv" for r in linear(f"transformer.layer.{{i}}.attention.{p}_lin",
+                                        f"encoder.layers.{{i}}.self_attn.{p}_proj")],
+    *linear("transformer.layer.{i}.attention.out_lin", "encoder.layers.{i}.self_attn.out_proj"),
+    *norm("transformer.layer.{i}.sa_layer_norm", "encoder.layers.{i}.attention_norm"),
+    *linear("transformer.layer.{i}.ffn.lin1", "encoder.layers.{i}.mlp.fc1"),
+    *linear("transformer.layer.{i}.ffn.lin2", "encoder.layers.{i}.mlp.fc2"),
+    *norm("transformer.layer.{i}.output_layer_norm", "encoder.layers.{i}.output_norm"),
+]
+
+
+def conversion_rules(config: BertConfig, fmt: str) -> list[Rule]:
+    """transformers' BertModel / RobertaModel / DistilBertModel keys; OpenCLIP's HF text tower stores the
+    same keys under `text.transformer.` (the prefix is the format's business, not the rules')."""
+    if fmt not in ("hf", "openclip"):
+        raise KeyError(fmt)
+    return DISTILBERT_RULES if config.is_distilbert else BERT_RULES

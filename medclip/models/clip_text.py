@@ -9,9 +9,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from medclip.models.clip_vision import _hf_layer, openclip_resblock
 from medclip.models.config_base import TowerConfig
-from medclip.models.layers import Encoder, PreNormLayer, attention_bias
+from medclip.models.layers import Encoder, PreNormLayer, attention_bias, pool_encoder, pooled_rows
 from medclip.models.packing import PackingPlan, make_packing
+from medclip.models.weights import Rule, embedding, norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,8 +30,15 @@ class CLIPTextConfig(TowerConfig):
     pad_token_id: int = 1
     bos_token_id: int = 49406
     eos_token_id: int = 49407
+    # eos: pool at the first eos_token_id (transformers); argmax: at the highest token id (OpenCLIP, and
+    # transformers for legacy configs that say eos_token_id=2), which is the end-of-text token of CLIP's vocabulary
+    pool_type: str = "eos"
 
     model_type: ClassVar[str] = "clip_text_model"
+
+    def __post_init__(self):
+        if self.pool_type not in ("eos", "argmax"):
+            raise ValueError(f"CLIP text pool_type {self.pool_type!r} is not supported; supported: eos, argmax")
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any]) -> Self:
@@ -62,25 +71,46 @@ class CLIPTextTower(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                  dropout_rng: jax.Array | None = None, pooled_only: bool = False,
-                 packing: PackingPlan | None = None, **unused: Any):
-        """`pooled_only` skips the last layer's work for every token but the end-of-text one (last_hidden_state
-        is then None); `packing` runs the layers on the real tokens only (medclip.models.packing)."""
+                 packing: PackingPlan | None = None, pooler: str = "default", **unused: Any):
+        """`pooled_only` skips the last layer's work for every token but the pooled one (last_hidden_state is
+        then None); `packing` runs the layers on the real tokens only (medclip.models.packing); `pooler` is
+        eos (the default), cls (first token) or mean (over real tokens)."""
         length = input_ids.shape[1]
         if length > self.config.max_position_embeddings:
             raise ValueError(f"input_ids has {length} tokens; this CLIP text tower takes at most "
                              f"{self.config.max_position_embeddings} (max_position_embeddings)")
         hidden = self.token_embedding(input_ids) + self.position_embedding.embedding[...][:length].astype(self.dtype)
         bias = attention_bias(attention_mask, length, jnp.float32)
-        eos = self._eos_positions(input_ids)
         packed = None if packing is None else make_packing(attention_mask, packing)
-        hidden = self.final_layer_norm(self.encoder(hidden, bias, dropout_rng, eos if pooled_only else None, packed))
-        if pooled_only:
-            return None, hidden[:, 0]
-        return hidden, hidden[jnp.arange(hidden.shape[0]), eos]
+        rows = pooled_rows(pooler, {"default": "eos"}, lambda: self._eos_positions(input_ids), input_ids,
+                           allowed=("eos", "cls", "mean"))
+        return pool_encoder(lambda r: self.final_layer_norm(self.encoder(hidden, bias, dropout_rng, r, packed)),
+                            rows, pooled_only, attention_mask)
 
     def _eos_positions(self, input_ids: jax.Array) -> jax.Array:
         # Legacy CLIP configs say eos_token_id=2 although EOS is the highest id: transformers then
         # pools at argmax(input_ids); otherwise at the first EOS token.
-        if self.config.eos_token_id == 2:
+        if self.config.eos_token_id == 2 or self.config.pool_type == "argmax":
             return jnp.argmax(input_ids, axis=-1)
         return jnp.argmax((input_ids == self.config.eos_token_id).astype(jnp.int32), axis=-1)
+
+
+HF_RULES = [
+    *embedding("embeddings.token_embedding", "token_embedding"),
+    *embedding("embeddings.position_embedding", "position_embedding"),
+    *_hf_layer("encoder.layers"),
+    *norm("final_layer_norm", "final_layer_norm"),
+]
+
+# OpenCLIP's builtin text transformer, at the top level of an open_clip CLIP (`text_projection` is the head's)
+OPENCLIP_RULES = [
+    *embedding("token_embedding", "token_embedding"),
+    Rule("positional_embedding", "position_embedding.embedding"),
+    *openclip_resblock("transformer.resblocks"),
+    *norm("ln_final", "final_layer_norm"),
+]
+
+
+def conversion_rules(config: CLIPTextConfig, fmt: str) -> list[Rule]:
+    del config
+    return {"hf": HF_RULES, "openclip": OPENCLIP_RULES}[fmt]

@@ -1,4 +1,9 @@
-"""CLIP vision transformer (ViT) tower; pooled output is the post-layernorm CLS token."""
+"""Vision transformer (ViT) tower: CLIP's (transformers and OpenCLIP layouts) and, with other options, timm's.
+
+The pooled output is the [CLS] token after the final layer norm. The three layouts differ only in details
+held by the config: a bias on the patch projection (timm), a layer norm before the encoder (CLIP), the
+activation and the norm epsilon.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,8 @@ from flax import nnx
 
 from medclip.models.config_base import TowerConfig
 from medclip.models.layers import Encoder, PreNormLayer, dense
+from medclip.models.preprocess import CLIP_PREPROCESS, Preprocess
+from medclip.models.weights import Rule, embedding, fused_linear, linear, norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +34,9 @@ class CLIPVisionConfig(TowerConfig):
     attention_dropout: float = 0.0
 
     model_type: ClassVar[str] = "clip_vision_model"
+    patch_bias: ClassVar[bool] = False
+    pre_layernorm: ClassVar[bool] = True
+    default_preprocess: ClassVar[Preprocess] = CLIP_PREPROCESS
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any]) -> Self:
@@ -50,12 +60,13 @@ class CLIPVisionConfig(TowerConfig):
         return (self.image_size // self.patch_size) ** 2
 
 
-class CLIPVisionEmbeddings(nnx.Module):
+class VisionEmbeddings(nnx.Module):
     def __init__(self, config: CLIPVisionConfig, *, dtype, rngs: nnx.Rngs):
         p, c, d = config.patch_size, config.num_channels, config.hidden_size
         init = jax.nn.initializers.normal(0.02)
         # (patch_h, patch_w, channels, hidden): the conv kernel in HWIO, applied as one matmul over patches.
         self.patch_embedding = nnx.Param(init(rngs.params(), (p, p, c, d)))
+        self.patch_bias = nnx.Param(jnp.zeros((d,))) if config.patch_bias else None
         self.class_embedding = nnx.Param(init(rngs.params(), (d,)))
         self.position_embedding = nnx.Embed(config.num_patches + 1, d, rngs=rngs)
         self.config = config
@@ -74,20 +85,22 @@ class CLIPVisionEmbeddings(nnx.Module):
         patches = x.reshape(batch, grid, p, grid, p, channels).transpose(0, 1, 3, 2, 4, 5)
         patches = patches.reshape(batch, grid * grid, p * p * channels)
         kernel = self.patch_embedding[...].reshape(p * p * channels, -1).astype(self.dtype)
-        embeds = dense(patches, kernel)  # (batch, patches, hidden)
+        bias = None if self.patch_bias is None else self.patch_bias[...].astype(self.dtype)
+        embeds = dense(patches, kernel, bias)  # (batch, patches, hidden)
         cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (batch, 1, embeds.shape[-1]))
         embeds = jnp.concatenate([cls, embeds], axis=1)
         return embeds + self.position_embedding.embedding[...].astype(self.dtype)[None]
 
 
-class CLIPVisionTower(nnx.Module):
+class VisionTransformer(nnx.Module):
     """Returns (last_hidden_state, pooled_output) like transformers' CLIPVisionModel."""
 
     def __init__(self, config: CLIPVisionConfig, *, dtype=jnp.float32, remat: bool = False, rngs: nnx.Rngs):
         self.config = config
         d, eps = config.hidden_size, config.layer_norm_eps
-        self.embeddings = CLIPVisionEmbeddings(config, dtype=dtype, rngs=rngs)
-        self.pre_layernorm = nnx.LayerNorm(d, epsilon=eps, dtype=dtype, rngs=rngs)
+        self.embeddings = VisionEmbeddings(config, dtype=dtype, rngs=rngs)
+        self.pre_layernorm = (nnx.LayerNorm(d, epsilon=eps, dtype=dtype, rngs=rngs)
+                              if config.pre_layernorm else None)
         self.encoder = Encoder([
             PreNormLayer(d, config.num_attention_heads, config.intermediate_size, config.hidden_act, eps,
                          config.attention_dropout, dtype=dtype, rngs=rngs)
@@ -96,10 +109,83 @@ class CLIPVisionTower(nnx.Module):
         self.post_layernorm = nnx.LayerNorm(d, epsilon=eps, dtype=dtype, rngs=rngs)
 
     def __call__(self, pixel_values: jax.Array, *, dropout_rng: jax.Array | None = None,
-                 pooled_only: bool = False):
-        """`pooled_only` skips the last layer's work for every token but CLS (last_hidden_state is then None)."""
-        hidden = self.pre_layernorm(self.embeddings(pixel_values))
+                 pooled_only: bool = False, train: bool = False):
+        """`pooled_only` skips the last layer's work for every token but CLS (last_hidden_state is then None).
+        `train` is part of the tower convention (BatchNorm towers use it); a ViT has nothing that depends on it."""
+        hidden = self.embeddings(pixel_values)
+        if self.pre_layernorm is not None:
+            hidden = self.pre_layernorm(hidden)
         cls_rows = jnp.zeros(hidden.shape[0], jnp.int32) if pooled_only else None
         hidden = self.encoder(hidden, None, dropout_rng, cls_rows)
         pooled = self.post_layernorm(hidden[:, 0])
         return (None if pooled_only else hidden), pooled
+
+
+CLIPVisionTower = VisionTransformer  # the name the rest of the package and users know
+
+
+def _hf_layer(hf: str) -> list[Rule]:
+    layer, ours = f"{hf}.{{i}}", "encoder.layers.{i}"
+    return [
+        *norm(f"{layer}.layer_norm1", f"{ours}.layer_norm1"),
+        *[r for p in "qkv" for r in linear(f"{layer}.self_attn.{p}_proj", f"{ours}.self_attn.{p}_proj")],
+        *linear(f"{layer}.self_attn.out_proj", f"{ours}.self_attn.out_proj"),
+        *norm(f"{layer}.layer_norm2", f"{ours}.layer_norm2"),
+        *linear(f"{layer}.mlp.fc1", f"{ours}.mlp.fc1"),
+        *linear(f"{layer}.mlp.fc2", f"{ours}.mlp.fc2"),
+    ]
+
+
+def openclip_resblock(hf: str) -> list[Rule]:
+    """OpenCLIP's `ResidualAttentionBlock` (ln_1, nn.MultiheadAttention with fused in_proj, ln_2, c_fc/c_proj)."""
+    layer, ours = f"{hf}.{{i}}", "encoder.layers.{i}"
+    qkv = [f"{ours}.self_attn.{p}_proj" for p in "qkv"]
+    return [
+        *norm(f"{layer}.ln_1", f"{ours}.layer_norm1"),
+        *fused_linear(f"{layer}.attn.in_proj", qkv),
+        *linear(f"{layer}.attn.out_proj", f"{ours}.self_attn.out_proj"),
+        *norm(f"{layer}.ln_2", f"{ours}.layer_norm2"),
+        *linear(f"{layer}.mlp.c_fc", f"{ours}.mlp.fc1"),
+        *linear(f"{layer}.mlp.c_proj", f"{ours}.mlp.fc2"),
+    ]
+
+
+# transformers' CLIPVisionModel / CLIPModel.vision_model
+HF_RULES = [
+    Rule("embeddings.patch_embedding.weight", "embeddings.patch_embedding", "conv"),
+    Rule("embeddings.class_embedding", "embeddings.class_embedding"),
+    *embedding("embeddings.position_embedding", "embeddings.position_embedding", "position"),
+    *norm("pre_layrnorm", "pre_layernorm"),  # sic: transformers' spelling
+    *_hf_layer("encoder.layers"),
+    *norm("post_layernorm", "post_layernorm"),
+]
+
+# OpenCLIP's VisionTransformer (`visual.*` of an open_clip CLIP); its `proj` belongs to the head
+OPENCLIP_RULES = [
+    Rule("conv1.weight", "embeddings.patch_embedding", "conv"),
+    Rule("class_embedding", "embeddings.class_embedding"),
+    Rule("positional_embedding", "embeddings.position_embedding.embedding", "position"),
+    *norm("ln_pre", "pre_layernorm"),
+    *openclip_resblock("transformer.resblocks"),
+    *norm("ln_post", "post_layernorm"),
+]
+
+# timm's VisionTransformer (`visual.trunk.*` of an open_clip TimmModel, or a timm checkpoint itself)
+TIMM_RULES = [
+    Rule("patch_embed.proj.weight", "embeddings.patch_embedding", "conv"),
+    Rule("patch_embed.proj.bias", "embeddings.patch_bias"),
+    Rule("cls_token", "embeddings.class_embedding", "cls_token"),
+    Rule("pos_embed", "embeddings.position_embedding.embedding", "batched_position"),
+    *norm("blocks.{i}.norm1", "encoder.layers.{i}.layer_norm1"),
+    *fused_linear("blocks.{i}.attn.qkv", [f"encoder.layers.{{i}}.self_attn.{p}_proj" for p in "qkv"]),
+    *linear("blocks.{i}.attn.proj", "encoder.layers.{i}.self_attn.out_proj"),
+    *norm("blocks.{i}.norm2", "encoder.layers.{i}.layer_norm2"),
+    *linear("blocks.{i}.mlp.fc1", "encoder.layers.{i}.mlp.fc1"),
+    *linear("blocks.{i}.mlp.fc2", "encoder.layers.{i}.mlp.fc2"),
+    *norm("norm", "post_layernorm"),
+]
+
+
+def conversion_rules(config: CLIPVisionConfig, fmt: str) -> list[Rule]:
+    del config
+    return {"hf": HF_RULES, "openclip": OPENCLIP_RULES}[fmt]

@@ -1,5 +1,7 @@
-"""FlaxHybridCLIP: a CLIP vision tower paired with any supported text tower, two projections and a
-learned temperature, in Hugging Face naming so users can move between this and transformers.
+"""The two-tower model: any registered vision tower and text tower (medclip.models.registry), a projection head
+each and a learned temperature (and optional bias), in Hugging Face naming so users can move between this and
+transformers. Loading and saving are not here (medclip.FlaxHybridCLIP adds them): the model knows nothing of
+checkpoints.
 """
 
 from __future__ import annotations
@@ -14,77 +16,118 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from medclip.models.bert import BERT_MODEL_TYPES, BertConfig, BertTower
-from medclip.models.clip_text import CLIPTextConfig, CLIPTextTower
-from medclip.models.clip_vision import CLIPVisionConfig, CLIPVisionTower
+from medclip.models import registry
+from medclip.models.bert import BertConfig
+from medclip.models.clip_text import CLIPTextConfig
+from medclip.models.clip_vision import CLIPVisionConfig
+from medclip.models.heads import HeadConfig, build_head, project
 from medclip.models.packing import PackingPlan
+from medclip.models.preprocess import Preprocess
 
-TextConfig = CLIPTextConfig | BertConfig
 LOGIT_SCALE_MAX = 100.0  # exp(logit_scale) is clamped here, as in CLIP, so the temperature cannot run away
-TEXT_MODEL_TYPES = ("clip_text_model", "clip", *BERT_MODEL_TYPES)
+DUAL_ENCODER_TYPES = ("vision-text-dual-encoder", "hybrid-clip", "clip")
 
 
-def text_config_from_hf_dict(data: dict[str, Any]) -> TextConfig:
+def text_config_from_hf_dict(data: dict[str, Any]) -> Any:
     """Picks the text tower from `model_type`; unknown types fail here rather than load wrong weights."""
-    model_type = data.get("model_type")
-    if model_type in ("clip_text_model", "clip"):
-        return CLIPTextConfig.from_hf_dict(data)
-    if model_type in BERT_MODEL_TYPES:
-        return BertConfig.from_hf_dict(data)
-    raise ValueError(f"unknown text model_type {model_type!r}; supported: {TEXT_MODEL_TYPES}")
+    if data.get("model_type") == "clip":  # a whole CLIP config given as a text tower's
+        data = {"model_type": "clip_text_model", **data.get("text_config", {})}
+    return registry.config_from_hf_dict(data, "text")
 
 
-def vision_config_from_hf_dict(data: dict[str, Any]) -> CLIPVisionConfig:
-    model_type = data.get("model_type")
-    if model_type not in ("clip_vision_model", "clip"):
-        raise ValueError(f"unknown vision model_type {model_type!r}; supported: ('clip_vision_model', 'clip')")
-    return CLIPVisionConfig.from_hf_dict(data)
+def vision_config_from_hf_dict(data: dict[str, Any]) -> Any:
+    if data.get("model_type") == "clip" or "vision_config" in data:
+        data = {"model_type": "clip_vision_model", **data["vision_config"]}
+    return registry.config_from_hf_dict(data, "vision")
 
 
 @dataclasses.dataclass(frozen=True)
 class HybridCLIPConfig:
-    """Written as transformers' `vision-text-dual-encoder` config, so PyTorch users can load our models."""
+    """Written as transformers' `vision-text-dual-encoder` config (or, for two CLIP towers with CLIP's heads, as a
+    `clip` config), so PyTorch users can load our models. What transformers has no field for (heads other than
+    CLIP's, preprocessing, an OpenCLIP origin) goes under the `medclip` key, which transformers ignores."""
 
-    vision_config: CLIPVisionConfig
-    text_config: TextConfig
+    vision_config: Any
+    text_config: Any
     projection_dim: int = 512
     logit_scale_init_value: float = math.log(1 / 0.07)
     logit_bias_init_value: float | None = None  # set (e.g. -10.0) to learn a bias for the sigmoid loss
+    vision_head: HeadConfig = HeadConfig()
+    text_head: HeadConfig = HeadConfig()
+    preprocess: Preprocess | None = None  # None: the vision tower's default (set at construction)
+    # An OpenCLIP model's own `model_cfg` (open_clip_config.json), kept so it can be exported back exactly.
+    open_clip_model_cfg: dict[str, Any] | None = dataclasses.field(default=None, compare=False, hash=False)
+
+    def __post_init__(self):
+        vision = registry.tower_for_config(self.vision_config)  # fails on an unregistered tower config
+        registry.tower_for_config(self.text_config)
+        if self.preprocess is None:
+            object.__setattr__(self, "preprocess", vision.preprocess or Preprocess())
+
+    @property
+    def image_preprocess(self) -> Preprocess:
+        return self.preprocess
+
+    @property
+    def is_clip(self) -> bool:
+        """Two CLIP towers with CLIP's heads: exactly what transformers' CLIPModel holds."""
+        clip_head = HeadConfig()
+        return (type(self.vision_config) is CLIPVisionConfig and type(self.text_config) is CLIPTextConfig
+                and self.vision_head == clip_head and self.text_head == clip_head
+                and self.logit_bias_init_value is None and self.text_config.pool_type == "eos")
 
     @classmethod
     def tiny(cls, text_model_type: str = "bert") -> Self:
         text = CLIPTextConfig.tiny() if text_model_type == "clip_text_model" else BertConfig.tiny(text_model_type)
         return cls(vision_config=CLIPVisionConfig.tiny(), text_config=text, projection_dim=16)
 
+    def replace(self, **changes: Any) -> Self:
+        return dataclasses.replace(self, **changes)
+
     def to_dict(self) -> dict[str, Any]:
-        data = {
-            "model_type": "vision-text-dual-encoder",
-            "architectures": ["VisionTextDualEncoderModel"],
+        if self.is_clip:
+            data = {"model_type": "clip", "architectures": ["CLIPModel"]}
+        else:
+            data = {"model_type": "vision-text-dual-encoder", "architectures": ["VisionTextDualEncoderModel"]}
+        data.update({
             "vision_config": self.vision_config.to_hf_dict(),
             "text_config": self.text_config.to_hf_dict(),
             "projection_dim": self.projection_dim,
             "logit_scale_init_value": self.logit_scale_init_value,
-        }
+        })
         if self.logit_bias_init_value is not None:
             data["logit_bias_init_value"] = self.logit_bias_init_value
+        extra = {"vision_head": self.vision_head.to_dict(), "text_head": self.text_head.to_dict(),
+                 "preprocess": self.image_preprocess.to_dict(), "open_clip_model_cfg": self.open_clip_model_cfg}
+        data["medclip"] = {k: v for k, v in extra.items() if v}
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Self:
-        """Reads our configs, transformers' dual-encoder ones and the original flax-community `hybrid-clip`."""
+        """Reads our configs, transformers' dual-encoder and CLIP ones and the original flax-community
+        `hybrid-clip`."""
         model_type = data.get("model_type")
-        if model_type not in ("vision-text-dual-encoder", "hybrid-clip"):
-            raise ValueError(f"not a dual-encoder config: model_type {model_type!r} "
-                             "(expected 'vision-text-dual-encoder' or 'hybrid-clip')")
+        if model_type not in DUAL_ENCODER_TYPES:
+            raise ValueError(f"not a dual-encoder config: model_type {model_type!r} (expected one of "
+                             f"{DUAL_ENCODER_TYPES})")
         for key in ("vision_config", "text_config"):
             if key not in data:
                 raise ValueError(f"dual-encoder config lacks {key!r}")
+        vision, text = dict(data["vision_config"]), dict(data["text_config"])
+        if model_type == "clip":  # CLIPConfig's nested dicts may lack their model_type
+            vision.setdefault("model_type", "clip_vision_model")
+            text.setdefault("model_type", "clip_text_model")
+        extra = data.get("medclip") or {}
         return cls(
-            vision_config=vision_config_from_hf_dict(data["vision_config"]),
-            text_config=text_config_from_hf_dict(data["text_config"]),
+            vision_config=vision_config_from_hf_dict(vision),
+            text_config=text_config_from_hf_dict(text),
             projection_dim=data.get("projection_dim", 512),
             logit_scale_init_value=data.get("logit_scale_init_value", math.log(1 / 0.07)),
             logit_bias_init_value=data.get("logit_bias_init_value"),
+            vision_head=HeadConfig.from_dict(extra.get("vision_head")),
+            text_head=HeadConfig.from_dict(extra.get("text_head")),
+            preprocess=Preprocess.from_dict(extra["preprocess"]) if "preprocess" in extra else None,
+            open_clip_model_cfg=extra.get("open_clip_model_cfg"),
         )
 
     def to_json_file(self, path: str | os.PathLike) -> None:
@@ -102,12 +145,6 @@ class HybridCLIPConfig:
         return cls.from_dict(data)
 
 
-def build_text_tower(config: TextConfig, *, dtype, remat: bool, rngs: nnx.Rngs) -> nnx.Module:
-    if isinstance(config, CLIPTextConfig):
-        return CLIPTextTower(config, dtype=dtype, remat=remat, rngs=rngs)
-    return BertTower(config, dtype=dtype, remat=remat, rngs=rngs)
-
-
 @struct.dataclass
 class HybridCLIPOutput:
     logits_per_image: jax.Array  # (images, texts)
@@ -116,13 +153,18 @@ class HybridCLIPOutput:
     text_embeds: jax.Array  # (texts, projection_dim), L2-normalised
 
 
+def _head_rng(rng: jax.Array | None) -> jax.Array | None:
+    """The heads' dropout key: apart from the towers' (which split `rng` themselves), and unused at rate 0."""
+    return None if rng is None else jax.random.fold_in(rng, 0x4EAD)
+
+
 def l2_normalize(x: jax.Array) -> jax.Array:
     x = x.astype(jnp.float32)
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
-class FlaxHybridCLIP(nnx.Module):
-    """Two-tower contrastive model. Parameters are fp32; `dtype` sets the compute dtype (bf16 on TPU/GPU);
+class HybridCLIP(nnx.Module):
+    """Two-tower contrastive model (medclip.FlaxHybridCLIP adds loading and saving). Parameters are fp32; `dtype` sets the compute dtype (bf16 on TPU/GPU);
     `remat` rematerialises each encoder layer to save activation memory."""
 
     def __init__(self, config: HybridCLIPConfig, *, dtype=jnp.float32, remat: bool = False,
@@ -130,21 +172,21 @@ class FlaxHybridCLIP(nnx.Module):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
         self.dtype = dtype
-        self.vision_model = CLIPVisionTower(config.vision_config, dtype=dtype, remat=remat, rngs=rngs)
-        self.text_model = build_text_tower(config.text_config, dtype=dtype, remat=remat, rngs=rngs)
-        init = jax.nn.initializers.normal(0.02)
-        self.visual_projection = nnx.Linear(config.vision_config.hidden_size, config.projection_dim,
-                                            use_bias=False, dtype=dtype, kernel_init=init, rngs=rngs)
-        self.text_projection = nnx.Linear(config.text_config.hidden_size, config.projection_dim,
-                                          use_bias=False, dtype=dtype, kernel_init=init, rngs=rngs)
+        self.vision_model = registry.build_tower(config.vision_config, dtype=dtype, remat=remat, rngs=rngs)
+        self.text_model = registry.build_tower(config.text_config, dtype=dtype, remat=remat, rngs=rngs)
+        self.visual_projection = build_head(config.vision_config.hidden_size, config.vision_head,
+                                            config.projection_dim, dtype=dtype, rngs=rngs)
+        self.text_projection = build_head(config.text_config.hidden_size, config.text_head, config.projection_dim,
+                                          dtype=dtype, rngs=rngs)
         self.logit_scale = nnx.Param(jnp.asarray(config.logit_scale_init_value, jnp.float32))
         self.logit_bias = (nnx.Param(jnp.asarray(config.logit_bias_init_value, jnp.float32))
                            if config.logit_bias_init_value is not None else None)
 
-    def get_image_features(self, pixel_values: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
+    def get_image_features(self, pixel_values: jax.Array, *, dropout_rng: jax.Array | None = None,
+                           train: bool = False) -> jax.Array:
         """Projected, unnormalised image embeddings (batch, projection_dim); pixel_values are NHWC."""
-        _, pooled = self.vision_model(pixel_values, dropout_rng=dropout_rng, pooled_only=True)
-        return self.visual_projection(pooled)
+        _, pooled = self.vision_model(pixel_values, dropout_rng=dropout_rng, pooled_only=True, train=train)
+        return project(self.visual_projection, self.config.vision_head, pooled, _head_rng(dropout_rng))
 
     def get_text_features(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                           token_type_ids: jax.Array | None = None, position_ids: jax.Array | None = None, *,
@@ -153,17 +195,18 @@ class FlaxHybridCLIP(nnx.Module):
         `medclip.models.packing.plan_packing` on this batch's mask) skips the padding's work."""
         _, pooled = self.text_model(input_ids, attention_mask, token_type_ids=token_type_ids,
                                     position_ids=position_ids, dropout_rng=dropout_rng, pooled_only=True,
-                                    packing=text_packing)
-        return self.text_projection(pooled)
+                                    packing=text_packing, pooler=self.config.text_head.pooler)
+        return project(self.text_projection, self.config.text_head, pooled, _head_rng(dropout_rng))
 
     def temperature_scale(self) -> jax.Array:
         return jnp.minimum(jnp.exp(self.logit_scale[...]), LOGIT_SCALE_MAX)
 
     def __call__(self, input_ids: jax.Array, pixel_values: jax.Array, attention_mask: jax.Array | None = None,
                  token_type_ids: jax.Array | None = None, position_ids: jax.Array | None = None, *,
-                 dropout_rng: jax.Array | None = None, text_packing: PackingPlan | None = None) -> HybridCLIPOutput:
+                 dropout_rng: jax.Array | None = None, text_packing: PackingPlan | None = None,
+                 train: bool = False) -> HybridCLIPOutput:
         vision_rng, text_rng = (None, None) if dropout_rng is None else tuple(jax.random.split(dropout_rng))
-        image_embeds = l2_normalize(self.get_image_features(pixel_values, dropout_rng=vision_rng))
+        image_embeds = l2_normalize(self.get_image_features(pixel_values, dropout_rng=vision_rng, train=train))
         text_embeds = l2_normalize(self.get_text_features(input_ids, attention_mask, token_type_ids,
                                                           position_ids, dropout_rng=text_rng,
                                                           text_packing=text_packing))
@@ -172,27 +215,3 @@ class FlaxHybridCLIP(nnx.Module):
             logits_per_text = logits_per_text + self.logit_bias[...]
         return HybridCLIPOutput(logits_per_image=logits_per_text.T, logits_per_text=logits_per_text,
                                 image_embeds=image_embeds, text_embeds=text_embeds)
-
-    # Loading and saving live in medclip.checkpoints; these delegate so users need only this class.
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> Self:
-        from medclip.checkpoints.pretrained import load_hybrid
-
-        return load_hybrid(cls, name_or_path, **kwargs)
-
-    @classmethod
-    def from_text_vision_pretrained(cls, text_name_or_path: str | os.PathLike,
-                                    vision_name_or_path: str | os.PathLike, **kwargs: Any) -> Self:
-        from medclip.checkpoints.pretrained import load_from_towers
-
-        return load_from_towers(cls, text_name_or_path, vision_name_or_path, **kwargs)
-
-    def save_pretrained(self, save_directory: str | os.PathLike, tokenizer: Any = None) -> None:
-        from medclip.checkpoints.pretrained import save_hybrid
-
-        save_hybrid(self, save_directory, tokenizer=tokenizer)
-
-    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
-        from medclip.checkpoints.hub import push_model_to_hub
-
-        return push_model_to_hub(self, repo_id, **kwargs)

@@ -331,3 +331,39 @@ def _rows_bias(bias: Array | None, rows: Array | None) -> Array | None:
         return bias
     full = jnp.broadcast_to(bias, (rows.shape[0],) + bias.shape[1:])
     return jnp.take_along_axis(full, rows.reshape(-1, 1, 1, 1), axis=2)
+
+
+POOLERS = ("eos", "cls", "mean", "pooler_output")
+
+
+def pooled_rows(pooler: str, aliases: dict[str, str], eos: Callable[[], Array], input_ids: Array,
+                allowed: tuple[str, ...]) -> Array | None:
+    """The token position each sequence is pooled at, (batch,) int32, or None for mean pooling.
+
+    `aliases` names what a tower's "default" (and other names) mean; an unsupported pooler fails here, at trace
+    time, naming the tower's options."""
+    kind = aliases.get(pooler, pooler)
+    if kind not in allowed:
+        raise ValueError(f"pooler {pooler!r} is not supported by this tower; supported: default, {', '.join(allowed)}")
+    if kind == "mean":
+        return None
+    if kind == "eos":
+        return eos()
+    return jnp.zeros(input_ids.shape[0], jnp.int32)
+
+
+def pool_encoder(run: Callable[[Array | None], Array], rows: Array | None, pooled_only: bool,
+                 attention_mask: Array | None) -> tuple[Array | None, Array]:
+    """Runs a text encoder (`run(rows)` -> final states) and pools it: at `rows`, or the mean over real tokens.
+
+    With `pooled_only` and a row to pool at, the last layer runs for that token only and last_hidden_state is
+    None; mean pooling needs every token, so it always runs the whole last layer."""
+    if pooled_only and rows is not None:
+        return None, run(rows)[:, 0]
+    hidden = run(None)
+    if rows is None:
+        mask = (jnp.ones(hidden.shape[:2]) if attention_mask is None else attention_mask).astype(hidden.dtype)
+        pooled = (hidden * mask[..., None]).sum(axis=1) / mask.sum(axis=1, keepdims=True)
+    else:
+        pooled = hidden[jnp.arange(hidden.shape[0]), rows]
+    return (None if pooled_only else hidden), pooled

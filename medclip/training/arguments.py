@@ -15,7 +15,12 @@ class ModelArguments:
     text_model_name_or_path: str | None = field(default=None, metadata={"help": "Text encoder: Hub id or folder."})
     vision_model_name_or_path: str | None = field(default=None, metadata={"help": "CLIP (vision) checkpoint."})
     model_name_or_path: str | None = field(default=None, metadata={
-        "help": "A saved FlaxHybridCLIP (or transformers VisionTextDualEncoder) to continue from."})
+        "help": "A model to start from: a saved FlaxHybridCLIP or VisionTextDualEncoder, a whole transformers "
+                "CLIPModel (openai/clip-vit-base-patch32: PubMedCLIP's full fine-tuning), an OpenCLIP folder or "
+                "hf-hub: id (BiomedCLIP), or a bare OpenCLIP state dict file with --open_clip_model."})
+    open_clip_model: str | None = field(default=None, metadata={
+        "help": "OpenCLIP model config (a name such as ViT-B-32, or a JSON file) of a bare state dict given as "
+                "--model_name_or_path."})
     model_preset: str | None = field(default=None, metadata={
         "help": "Build towers from a preset instead of checkpoints: 'demo' (tiny, for the embedded demo)."})
     tokenizer_name: str | None = field(default=None, metadata={"help": "Defaults to the text model's."})

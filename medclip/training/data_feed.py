@@ -129,14 +129,15 @@ def build_data(args: DataArguments, train_args: TrainingArguments, tokenizer, mo
                              f"({train_args.per_device_train_batch_size} per device x {num_devices} devices)")
         train = make_train_dataset(items, tokenizer, image_size=image_size, max_seq_length=args.max_seq_length,
                                    global_batch_size=global_train, seed=train_args.seed,
-                                   crop_scale=(args.crop_scale_min, 1.0), hflip=args.hflip, counter=counter)
+                                   crop_scale=(args.crop_scale_min, 1.0), hflip=args.hflip, counter=counter,
+                                   preprocess=model_config.image_preprocess)
     if train_args.do_eval or train_args.do_train:
         items, counter = load_split(args, "validation", output_dir, train_args.seed)
         if items:
             counters["validation"] = (len(items), counter)
             evaluation = make_eval_dataset(items, tokenizer, image_size=image_size,
                                            max_seq_length=args.max_seq_length, global_batch_size=global_eval,
-                                           counter=counter)
+                                           counter=counter, preprocess=model_config.image_preprocess)
             eval_captions = [record.captions[0] for record in items]
     feed = DataFeed(train=train, eval=evaluation, eval_captions=eval_captions, counters=counters,
                     global_train_batch_size=global_train,

@@ -1,5 +1,6 @@
-"""Which model and tokenizer a run starts from: the tiny `demo` preset, a saved dual encoder, or two
-pretrained towers (the ROCO recipe: CLIP ViT-B/32 + SciBERT)."""
+"""Which model and tokenizer a run starts from: the tiny `demo` preset, a saved model in any layout
+FlaxHybridCLIP.from_pretrained reads (ours, a whole CLIPModel, OpenCLIP), or two pretrained towers (the ROCO
+recipe: CLIP ViT-B/32 + SciBERT)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,19 @@ from typing import Any
 import jax
 from flax import nnx
 
-from medclip.checkpoints.hub import resolve_model_dir
-from medclip.models import BertConfig, CLIPVisionConfig, FlaxHybridCLIP, HybridCLIPConfig
-from medclip.training.distributed import barrier
+from medclip.checkpoints.tokenizers import load_tokenizer, tokenizer_for_model
+from medclip.hybrid_clip import FlaxHybridCLIP
+from medclip.models import BertConfig, CLIPVisionConfig, HybridCLIPConfig
+from medclip.models.registry import max_text_positions
 from medclip.training.arguments import DataArguments, ModelArguments
+from medclip.training.distributed import barrier
 
 logger = logging.getLogger(__name__)
+__all__ = ["ModelSetupError", "build_model_and_tokenizer", "demo_config", "load_tokenizer"]
+
+
+class ModelSetupError(ValueError):
+    """The flags do not describe a model and tokenizer that can be used together."""
 
 
 def demo_config(vocab_size: int, image_size: int, max_seq_length: int) -> HybridCLIPConfig:
@@ -28,21 +36,22 @@ def demo_config(vocab_size: int, image_size: int, max_seq_length: int) -> Hybrid
     return HybridCLIPConfig(vision_config=vision, text_config=text, projection_dim=64)
 
 
-def load_tokenizer(name_or_path: str | Path) -> Any:
-    from transformers import AutoTokenizer
-
-    folder = resolve_model_dir(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    if not tokenizer.is_fast:
-        raise SystemExit(f"{name_or_path}: no fast tokenizer; medclip tokenises whole datasets at once with one")
-    return tokenizer
+def _saved_model(model_args: ModelArguments, dtype) -> tuple[FlaxHybridCLIP, Any]:
+    model = FlaxHybridCLIP.from_pretrained(model_args.model_name_or_path, dtype=dtype, remat=model_args.remat,
+                                           open_clip_model=model_args.open_clip_model)
+    if model_args.tokenizer_name:
+        return model, load_tokenizer(model_args.tokenizer_name)
+    source = str(model_args.model_name_or_path).removeprefix("hf-hub:")
+    if Path(source).is_file():  # a bare state dict: its folder may hold the tokenizer
+        source = str(Path(source).parent)
+    return model, tokenizer_for_model(source, model.config)
 
 
 def build_model_and_tokenizer(model_args: ModelArguments, data_args: DataArguments, dtype, seed: int,
                               output_dir: Path) -> tuple[FlaxHybridCLIP, Any]:
     if model_args.model_preset is not None:
         if model_args.model_preset != "demo":
-            raise SystemExit(f"unknown --model_preset {model_args.model_preset!r}; available: demo")
+            raise ModelSetupError(f"unknown --model_preset {model_args.model_preset!r}; available: demo")
         from medclip.data.synthetic import write_synthetic_tokenizer
 
         if model_args.tokenizer_name:
@@ -56,24 +65,25 @@ def build_model_and_tokenizer(model_args: ModelArguments, data_args: DataArgumen
         config = demo_config(len(tokenizer), image_size, data_args.max_seq_length)
         model = FlaxHybridCLIP(config, dtype=dtype, remat=model_args.remat, rngs=nnx.Rngs(seed))
     elif model_args.model_name_or_path is not None:
-        model = FlaxHybridCLIP.from_pretrained(model_args.model_name_or_path, dtype=dtype, remat=model_args.remat)
-        tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path)
+        model, tokenizer = _saved_model(model_args, dtype)
     else:
         if not (model_args.text_model_name_or_path and model_args.vision_model_name_or_path):
-            raise SystemExit("give --model_name_or_path, or both --text_model_name_or_path and "
-                             "--vision_model_name_or_path, or --model_preset demo")
+            raise ModelSetupError("give --model_name_or_path, or both --text_model_name_or_path and "
+                                  "--vision_model_name_or_path, or --model_preset demo")
         overrides = {"image_size": model_args.image_size} if model_args.image_size else None
         model = FlaxHybridCLIP.from_text_vision_pretrained(
             model_args.text_model_name_or_path, model_args.vision_model_name_or_path,
             projection_dim=model_args.projection_dim, logit_bias_init_value=model_args.logit_bias_init,
             vision_config_overrides=overrides, dtype=dtype, remat=model_args.remat, seed=seed)
         tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.text_model_name_or_path)
-    text = model.config.text_config
-    if len(tokenizer) > text.vocab_size:
-        raise SystemExit(f"the tokenizer has {len(tokenizer)} tokens but the text model's vocabulary is "
-                         f"{text.vocab_size}: they do not belong together (--tokenizer_name?)")
-    max_positions = text.max_position_embeddings - (text.pad_token_id + 1 if getattr(text, "is_roberta", False) else 0)
-    if data_args.max_seq_length > max_positions:
-        raise SystemExit(f"--max_seq_length {data_args.max_seq_length} exceeds the text model's "
-                         f"{max_positions} positions")
+    check_text_inputs(model.config.text_config, tokenizer, data_args.max_seq_length)
     return model, tokenizer
+
+
+def check_text_inputs(text_config: Any, tokenizer: Any, max_seq_length: int) -> None:
+    if len(tokenizer) > text_config.vocab_size:
+        raise ModelSetupError(f"the tokenizer has {len(tokenizer)} tokens but the text model's vocabulary is "
+                              f"{text_config.vocab_size}: they do not belong together (--tokenizer_name?)")
+    if max_seq_length > max_text_positions(text_config):
+        raise ModelSetupError(f"--max_seq_length {max_seq_length} exceeds the text model's "
+                              f"{max_text_positions(text_config)} positions")

@@ -19,7 +19,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from medclip.models.hybrid import LOGIT_SCALE_MAX, FlaxHybridCLIP
+from medclip.hybrid_clip import FlaxHybridCLIP
+from medclip.models.hybrid import LOGIT_SCALE_MAX
 from medclip.models.packing import PackingPlan, plan_packing
 from medclip.training import mesh as mesh_lib
 from medclip.training.distributed import barrier

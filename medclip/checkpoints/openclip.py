@@ -1,0 +1,378 @@
+"""OpenCLIP's format: `open_clip_config.json` (`model_cfg` + `preprocess_cfg`) with `open_clip_model.safetensors`
+or `open_clip_pytorch_model.bin`, or a bare state dict (a training checkpoint, DDP's `module.` prefix) named
+with a model config.
+
+Most medical CLIPs ship this way (BiomedCLIP: a timm ViT trunk + a Hugging Face BERT with an MLP head). The
+model config is translated into our towers and heads; an option we do not implement is refused by name rather
+than loaded approximately. The original `model_cfg` is kept in our config, so `save_open_clip` writes it back.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from medclip.checkpoints import conversion as conv
+from medclip.checkpoints.pretrained import (OPEN_CLIP_CONFIG, build_from_tensors, model_tensors, read_json,
+                                            tower_rules)
+from medclip.checkpoints.readers import CheckpointError, read_checkpoint
+from medclip.models.bert import BertConfig
+from medclip.models.clip_text import CLIPTextConfig
+from medclip.models.clip_vision import CLIPVisionConfig
+from medclip.models.heads import HeadConfig
+from medclip.models.hybrid import HybridCLIPConfig, text_config_from_hf_dict
+from medclip.models.preprocess import Preprocess
+from medclip.models.timm_vit import TimmViTConfig
+from medclip.models.weights import Rule
+
+logger = logging.getLogger(__name__)
+HF_HUB_PREFIX = "hf-hub:"
+WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+class OpenCLIPConfigError(ValueError):
+    """An OpenCLIP model config we cannot build: unknown name, unsupported option, or weights that disagree."""
+
+
+# open_clip's own model configs (src/open_clip/model_configs/*.json) for the models people fine-tune.
+_VIT_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12}
+_BUILTIN: dict[str, dict[str, Any]] = {
+    "ViT-B-32": {"embed_dim": 512, "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 32},
+                 "text_cfg": _VIT_TEXT},
+    "ViT-B-16": {"embed_dim": 512, "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 16},
+                 "text_cfg": _VIT_TEXT},
+    "ViT-L-14": {"embed_dim": 768, "vision_cfg": {"image_size": 224, "layers": 24, "width": 1024, "patch_size": 14},
+                 "text_cfg": {**_VIT_TEXT, "width": 768, "heads": 12}},
+    "ViT-L-14-336": {"embed_dim": 768,
+                     "vision_cfg": {"image_size": 336, "layers": 24, "width": 1024, "patch_size": 14},
+                     "text_cfg": {**_VIT_TEXT, "width": 768, "heads": 12}},
+}
+_BUILTIN.update({f"{name}-quickgelu": {**cfg, "quick_gelu": True} for name, cfg in list(_BUILTIN.items())})
+
+
+def builtin_model_names() -> list[str]:
+    return list(_BUILTIN)
+
+
+def model_config(spec: str | os.PathLike | dict) -> dict[str, Any]:
+    """A model config by open_clip name, from a JSON file (a model config or a whole open_clip_config.json),
+    or as a dict."""
+    if isinstance(spec, dict):
+        data = spec
+    elif str(spec) in _BUILTIN:
+        return copy.deepcopy(_BUILTIN[str(spec)])
+    elif Path(spec).is_file():
+        data = read_json(Path(spec))
+    else:
+        raise OpenCLIPConfigError(f"unknown OpenCLIP model {str(spec)!r}: known names are {builtin_model_names()}; "
+                                  "or give the model config as a JSON file")
+    return copy.deepcopy(data.get("model_cfg", data))
+
+
+# -- model_cfg -> our config ---------------------------------------------------------------------------------
+
+def _refuse(cfg: dict[str, Any], where: str, defaults: dict[str, Any]) -> None:
+    """Options our towers do not implement must have their default value; otherwise say which."""
+    bad = {k: cfg[k] for k, default in defaults.items() if k in cfg and cfg[k] not in (default, None)}
+    if bad:
+        raise OpenCLIPConfigError(f"{where}: OpenCLIP options {bad} are not supported (only their defaults "
+                                  f"{ {k: defaults[k] for k in bad} })")
+
+
+def _vision_config(cfg: dict[str, Any], embed_dim: int, quick_gelu: bool) -> tuple[Any, HeadConfig]:
+    image_size = cfg.get("image_size", 224)
+    if isinstance(image_size, (list, tuple)):
+        if len(set(image_size)) != 1:
+            raise OpenCLIPConfigError(f"vision_cfg.image_size {image_size}: only square images are supported")
+        image_size = image_size[0]
+    if cfg.get("timm_model_name"):
+        _refuse(cfg, "vision_cfg", {"timm_pool": "", "timm_drop": 0.0, "timm_drop_path": None})
+        kwargs = dict(cfg.get("timm_model_kwargs") or {})
+        kwargs.setdefault("img_size", image_size)
+        try:
+            vision = TimmViTConfig.from_timm_name(cfg["timm_model_name"], **kwargs)
+        except ValueError as e:
+            raise OpenCLIPConfigError(f"vision_cfg.timm_model_name: {e}") from None
+        proj = cfg.get("timm_proj", "linear")
+        bias = bool(cfg.get("timm_proj_bias", False))
+        if proj == "linear":
+            head = HeadConfig(type="linear", bias=bias)
+        elif proj == "mlp":  # timm Mlp(width, 2 * embed_dim, embed_dim, bias=(True, proj_bias))
+            head = HeadConfig(type="mlp", bias=bias, hidden_size=2 * embed_dim, hidden_bias=True)
+        else:
+            raise OpenCLIPConfigError(f"vision_cfg.timm_proj {proj!r} is not supported (linear, mlp)")
+        return vision, head
+    layers = cfg.get("layers", 12)
+    if isinstance(layers, (list, tuple)):
+        raise OpenCLIPConfigError("vision_cfg.layers is a list: a ModifiedResNet (RN50-style) tower, which medclip "
+                                  "does not build yet; supported: ViT towers and timm ViT trunks")
+    _refuse(cfg, "vision_cfg", {"ls_init_value": None, "attentional_pool": False, "no_ln_pre": False,
+                                "pool_type": "tok", "final_ln_after_pool": False, "output_tokens": False,
+                                "act_kwargs": None, "norm_kwargs": None, "patch_dropout": 0.0})
+    width = cfg.get("width", 768)
+    vision = CLIPVisionConfig(hidden_size=width, intermediate_size=int(width * cfg.get("mlp_ratio", 4.0)),
+                              num_hidden_layers=layers, num_attention_heads=width // cfg.get("head_width", 64),
+                              image_size=image_size, patch_size=cfg.get("patch_size", 16),
+                              hidden_act="quick_gelu" if quick_gelu else "gelu", layer_norm_eps=1e-5)
+    return vision, HeadConfig()
+
+
+_HF_POOLERS = {"mean_pooler": "mean", "cls_pooler": "pooler_output", "cls_last_hidden_state_pooler": "cls"}
+
+
+def _text_config(cfg: dict[str, Any], embed_dim: int, quick_gelu: bool, tensors: dict[str, np.ndarray] | None,
+                 source: str) -> tuple[Any, HeadConfig]:
+    if cfg.get("hf_model_name"):
+        text = resolve_hf_text_config(cfg["hf_model_name"], tensors, source)
+        # Newer open_clip writes hf_proj_type / hf_pooler_type, older files proj / pooler_type.
+        proj = cfg.get("hf_proj_type", cfg.get("proj", "mlp"))
+        pooler_name = cfg.get("hf_pooler_type", cfg.get("pooler_type", "mean_pooler"))
+        if pooler_name not in _HF_POOLERS:
+            raise OpenCLIPConfigError(f"text_cfg pooler {pooler_name!r} is not supported; supported: {sorted(_HF_POOLERS)}")
+        pooler = _HF_POOLERS[pooler_name]
+        if pooler == "pooler_output" and not getattr(text, "has_pooler", False):
+            pooler = "cls"  # open_clip's ClsPooler falls back to the [CLS] state without a pooler
+        bias = bool(cfg.get("proj_bias", False))
+        if proj == "mlp":  # open_clip: Linear(d, (d + embed) // 2, bias) -> GELU -> Linear(.., embed, bias)
+            head = HeadConfig(type="mlp", bias=bias, hidden_size=(text.hidden_size + embed_dim) // 2,
+                              hidden_bias=bias, pooler=pooler)
+        elif proj == "linear":
+            head = HeadConfig(type="linear", bias=bias, pooler=pooler)
+        elif proj in (None, "none") and text.hidden_size == embed_dim:
+            head = HeadConfig(type="none", pooler=pooler)
+        else:
+            raise OpenCLIPConfigError(f"text_cfg projection {proj!r} is not supported (mlp, linear)")
+        return text, head
+    _refuse(cfg, "text_cfg", {"ls_init_value": None, "embed_cls": False, "no_causal_mask": False,
+                              "final_ln_after_pool": False, "pool_type": "argmax", "output_tokens": False,
+                              "act_kwargs": None, "norm_kwargs": None, "proj_type": "linear"})
+    width, vocab = cfg.get("width", 512), cfg.get("vocab_size", 49408)
+    text = CLIPTextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=int(width * cfg.get("mlp_ratio", 4.0)),
+                          num_hidden_layers=cfg.get("layers", 12), num_attention_heads=cfg.get("heads", 8),
+                          max_position_embeddings=cfg.get("context_length", 77),
+                          hidden_act="quick_gelu" if quick_gelu else "gelu", layer_norm_eps=1e-5,
+                          pad_token_id=cfg.get("pad_id", 0), bos_token_id=vocab - 2, eos_token_id=vocab - 1,
+                          pool_type="argmax")
+    return text, HeadConfig(bias=bool(cfg.get("proj_bias", False)))
+
+
+def config_from_open_clip(model_cfg: dict[str, Any], preprocess_cfg: dict[str, Any] | None = None, *,
+                          tensors: dict[str, np.ndarray] | None = None, source: str = "") -> HybridCLIPConfig:
+    """Our config for an OpenCLIP `model_cfg`; `tensors` (the state dict) lets an HF text tower's config be
+    inferred from its weights when its config cannot be found."""
+    where = source or "open_clip model config"
+    for key in ("embed_dim", "vision_cfg", "text_cfg"):
+        if key not in model_cfg:
+            raise OpenCLIPConfigError(f"{where}: model_cfg lacks {key!r}")
+    embed_dim, quick_gelu = model_cfg["embed_dim"], bool(model_cfg.get("quick_gelu", False))
+    vision, vision_head = _vision_config(model_cfg["vision_cfg"], embed_dim, quick_gelu)
+    text, text_head = _text_config(model_cfg["text_cfg"], embed_dim, quick_gelu, tensors, where)
+    init_bias = model_cfg.get("init_logit_bias")
+    if init_bias is None and tensors is not None and "logit_bias" in tensors:
+        init_bias = float(np.asarray(tensors["logit_bias"]))
+    preprocess = Preprocess.from_dict(preprocess_cfg) if preprocess_cfg else None
+    return HybridCLIPConfig(vision_config=vision, text_config=text, projection_dim=embed_dim,
+                            logit_scale_init_value=float(np.log(1 / 0.07)),
+                            logit_bias_init_value=None if init_bias is None else float(init_bias),
+                            vision_head=vision_head, text_head=text_head, preprocess=preprocess,
+                            open_clip_model_cfg=copy.deepcopy(model_cfg))
+
+
+def resolve_hf_text_config(name: str, tensors: dict[str, np.ndarray] | None, source: str) -> Any:
+    """open_clip fetches an HF text tower's config by `hf_model_name` at build time; the checkpoint has none.
+
+    In order: a local folder of that name, the huggingface_hub cache, else the BERT config inferred from the
+    weights' names and shapes. Each path says which it took."""
+    folder = Path(name).expanduser()
+    config_file = folder / "config.json" if folder.is_dir() else None
+    how = f"the local folder {folder}"
+    if config_file is None or not config_file.is_file():
+        config_file, how = _cached_config(name), f"the huggingface_hub cache of {name}"
+    if config_file is not None:
+        data = read_json(Path(config_file))
+        from medclip.checkpoints.pretrained import infer_model_type
+
+        data["model_type"] = infer_model_type(data, name)
+        logger.info("%s: text tower config of %s read from %s", source, name, how)
+        return text_config_from_hf_dict(data)
+    if tensors is None:
+        raise OpenCLIPConfigError(f"{source}: the text tower's config ({name}) is neither a local folder nor in the "
+                                  "huggingface_hub cache, and there are no weights to infer it from")
+    config = infer_bert_config(tensors, "text.transformer.", source)
+    logger.warning("%s: the config of text tower %s is neither a local folder nor cached; inferred it from the "
+                   "weights as a BERT with %d layers, width %d, %d heads (assumed: 64 per head), vocabulary %d. "
+                   "Download %s (or pass a folder) to use its own config.", source, name, config.num_hidden_layers,
+                   config.hidden_size, config.num_attention_heads, config.vocab_size, name)
+    return config
+
+
+def _cached_config(name: str) -> str | None:
+    if Path(name).is_absolute() or name.count("/") > 1:
+        return None
+    try:
+        import huggingface_hub
+
+        found = huggingface_hub.try_to_load_from_cache(name, "config.json")
+    except Exception:  # an id the hub client rejects is simply not cached
+        return None
+    return found if isinstance(found, str) else None
+
+
+def infer_bert_config(tensors: dict[str, np.ndarray], prefix: str, source: str) -> BertConfig:
+    """A BERT's sizes from its weights. The head count is not in any shape: BERTs use 64 dimensions per head."""
+    def shape(key: str) -> tuple[int, ...]:
+        if prefix + key not in tensors:
+            raise OpenCLIPConfigError(f"{source}: cannot infer the text tower's config: no {prefix + key} in the "
+                                      "weights (is it a BERT?); make its config available (local folder or cache)")
+        return tuple(np.shape(tensors[prefix + key]))
+
+    vocab, width = shape("embeddings.word_embeddings.weight")
+    layer_re = re.compile(re.escape(prefix) + r"encoder\.layer\.(\d+)\.")
+    layers = {int(m.group(1)) for k in tensors if (m := layer_re.match(k))}
+    types = tensors.get(prefix + "embeddings.token_type_embeddings.weight")
+    return BertConfig(vocab_size=vocab, hidden_size=width, num_hidden_layers=len(layers),
+                      num_attention_heads=max(width // 64, 1),
+                      intermediate_size=shape("encoder.layer.0.intermediate.dense.weight")[0],
+                      max_position_embeddings=shape("embeddings.position_embeddings.weight")[0],
+                      type_vocab_size=0 if types is None else int(np.shape(types)[0]))
+
+
+# -- the state dict's layout ---------------------------------------------------------------------------------
+
+def _head_rules(ckpt: str, ours: str, head: HeadConfig, *, raw: bool) -> list[Rule]:
+    """OpenCLIP heads: a raw (in, out) parameter used as `x @ W` (CLIP's proj / text_projection), an nn.Linear,
+    or an MLP (nn.Sequential 0 / 2 for the HF text head, timm's Mlp fc1 / fc2 for the vision head)."""
+    if head.type == "none":
+        return []
+    if head.type == "linear":
+        if raw and not head.bias:
+            return [Rule(ckpt, f"{ours}.kernel")]
+        return conv.linear(ckpt, ours, bias=head.bias)
+    first, second = ("0", "2") if ckpt.startswith("text.") else ("fc1", "fc2")
+    return [*conv.linear(f"{ckpt}.{first}", f"{ours}.fc1", bias=head.hidden_bias),
+            *conv.linear(f"{ckpt}.{second}", f"{ours}.fc2", bias=head.bias)]
+
+
+def openclip_rules(config: HybridCLIPConfig) -> list[Rule]:
+    vision, text = config.vision_config, config.text_config
+    if isinstance(vision, TimmViTConfig):
+        rules = [*conv.prefixed("visual.trunk.", tower_rules(vision, "timm"), "vision_model."),
+                 *_head_rules("visual.head.mlp" if config.vision_head.type == "mlp" else "visual.head.proj",
+                              "visual_projection", config.vision_head, raw=False)]
+    elif type(vision) is CLIPVisionConfig:
+        rules = [*conv.prefixed("visual.", tower_rules(vision, "openclip"), "vision_model."),
+                 *_head_rules("visual.proj", "visual_projection", config.vision_head, raw=True)]
+    else:
+        raise OpenCLIPConfigError(f"no OpenCLIP layout for a {type(vision).__name__} vision tower")
+    if isinstance(text, BertConfig):
+        rules += [*conv.prefixed("text.transformer.", tower_rules(text, "openclip"), "text_model."),
+                  *_head_rules("text.proj", "text_projection", config.text_head, raw=False)]
+    elif isinstance(text, CLIPTextConfig):
+        prefix = "text." if (config.open_clip_model_cfg or {}).get("custom_text") else ""
+        rules += [*conv.prefixed(prefix, tower_rules(text, "openclip"), "text_model."),
+                  *_head_rules(f"{prefix}text_projection", "text_projection", config.text_head, raw=True)]
+    else:
+        raise OpenCLIPConfigError(f"no OpenCLIP layout for a {type(text).__name__} text tower")
+    return [*rules, Rule("logit_scale", "logit_scale"), Rule("logit_bias", "logit_bias")]
+
+
+# Buffers and heads an OpenCLIP state dict carries that our model does not use.
+_IGNORED = re.compile(r"(^|\.)attn_mask$|(^|\.)position_ids$")
+
+
+def state_dict_from_checkpoint(tensors: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+    """The model's state dict inside what torch.save wrote: a bare state dict, or a training checkpoint
+    `{"epoch", "state_dict", "optimizer", ...}` (the optimizer state is skipped), with DDP's `module.` prefix."""
+    if any(k.startswith("state_dict.") for k in tensors):
+        skipped = sorted({k.split(".", 1)[0] for k in tensors if not k.startswith("state_dict.")})
+        if skipped:
+            logger.info("%s: a training checkpoint; using its state_dict, skipping %s", source, skipped)
+        tensors = {k[len("state_dict."):]: v for k, v in tensors.items() if k.startswith("state_dict.")}
+    if tensors and all(k.startswith("module.") for k in tensors):
+        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    return tensors
+
+
+def load_state_dict_file(cls, path: Path, spec: str | os.PathLike | dict, *, dtype=jnp.float32,
+                         remat: bool = False, preprocess_cfg: dict | None = None) -> nnx.Module:
+    """A bare OpenCLIP state dict (.pt / .bin / .safetensors; read without executing pickled code)."""
+    model_cfg = model_config(spec)
+    tensors = state_dict_from_checkpoint(read_checkpoint(path), str(path))
+    config = config_from_open_clip(model_cfg, preprocess_cfg, tensors=tensors, source=str(path))
+    return build_from_tensors(cls, config, tensors, openclip_rules(config), source=str(path), dtype=dtype,
+                              remat=remat, ignored=_IGNORED)
+
+
+def load_folder(cls, folder: Path, *, dtype=jnp.float32, remat: bool = False) -> nnx.Module:
+    """An OpenCLIP hub folder: open_clip_config.json + open_clip_model.safetensors / open_clip_pytorch_model.bin."""
+    data = read_json(folder / OPEN_CLIP_CONFIG)
+    if "model_cfg" not in data:
+        raise OpenCLIPConfigError(f"{folder / OPEN_CLIP_CONFIG} has no model_cfg")
+    weights = next((folder / n for n in WEIGHT_NAMES if (folder / n).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{folder}: OpenCLIP folder without weights; looked for {', '.join(WEIGHT_NAMES)}")
+    return load_state_dict_file(cls, weights, data["model_cfg"], dtype=dtype, remat=remat,
+                                preprocess_cfg=data.get("preprocess_cfg"))
+
+
+# -- export --------------------------------------------------------------------------------------------------
+
+def open_clip_model_cfg(config: HybridCLIPConfig) -> dict[str, Any]:
+    """The model's OpenCLIP config: its own when it came from OpenCLIP, else written from our towers."""
+    if config.open_clip_model_cfg is not None:
+        return copy.deepcopy(config.open_clip_model_cfg)
+    vision, text = config.vision_config, config.text_config
+    if type(vision) is not CLIPVisionConfig or type(text) is not CLIPTextConfig:
+        raise OpenCLIPConfigError("OpenCLIP export is supported for OpenCLIP-origin models and for CLIP ViT + CLIP "
+                                  f"text models, not {type(vision).__name__} + {type(text).__name__}")
+    acts = {vision.hidden_act, text.hidden_act}
+    if len(acts) != 1 or not acts <= {"quick_gelu", "gelu"}:
+        raise OpenCLIPConfigError(f"OpenCLIP uses one activation for both towers (gelu or quick_gelu), not {acts}")
+    if text.eos_token_id != text.vocab_size - 1:
+        raise OpenCLIPConfigError("OpenCLIP pools text at the highest token id: the end-of-text token must be the "
+                                  f"last of the vocabulary (eos_token_id {text.eos_token_id}, vocab {text.vocab_size})")
+    cfg = {"embed_dim": config.projection_dim,
+           "vision_cfg": {"image_size": vision.image_size, "layers": vision.num_hidden_layers,
+                          "width": vision.hidden_size, "patch_size": vision.patch_size,
+                          "head_width": vision.hidden_size // vision.num_attention_heads,
+                          "mlp_ratio": vision.intermediate_size / vision.hidden_size},
+           "text_cfg": {"context_length": text.max_position_embeddings, "vocab_size": text.vocab_size,
+                        "width": text.hidden_size, "heads": text.num_attention_heads,
+                        "layers": text.num_hidden_layers, "mlp_ratio": text.intermediate_size / text.hidden_size}}
+    if "quick_gelu" in acts:
+        cfg["quick_gelu"] = True
+    return cfg
+
+
+def save_open_clip(model: nnx.Module, save_directory: str | os.PathLike) -> Path:
+    """Writes open_clip_config.json + open_clip_model.safetensors, as open_clip's hub upload lays them out, so
+    `open_clip.create_model_and_transforms("hf-hub:...")` (or local_dir) loads the model."""
+    from safetensors.numpy import save_file
+
+    config = model.config
+    model_cfg = open_clip_model_cfg(config)
+    preprocess = config.image_preprocess
+    folder = Path(save_directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = conv.to_hf(model_tensors(model), openclip_rules(config.replace(open_clip_model_cfg=model_cfg)))
+    payload = {"model_cfg": model_cfg,
+               "preprocess_cfg": {"mean": list(preprocess.mean), "std": list(preprocess.std),
+                                  "resize_mode": preprocess.resize_mode}}
+    (folder / OPEN_CLIP_CONFIG).write_text(json.dumps(payload, indent=2) + "\n")
+    save_file(tensors, str(folder / "open_clip_model.safetensors"))
+    return folder
+
+
+def text_tokenizer_name(config: HybridCLIPConfig) -> str | None:
+    """Where an OpenCLIP model's tokenizer comes from: its HF text tower's `hf_tokenizer_name`, if any."""
+    text_cfg = (config.open_clip_model_cfg or {}).get("text_cfg", {})
+    return text_cfg.get("hf_tokenizer_name") or text_cfg.get("hf_model_name")

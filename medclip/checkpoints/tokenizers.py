@@ -1,0 +1,55 @@
+"""The tokenizer that belongs to a model: in its folder, or where its OpenCLIP config says its text tower came
+from. Library code: a missing or unusable tokenizer raises `TokenizerError`, which scripts turn into exits."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from medclip.checkpoints.hub import TOKENIZER_FILES, resolve_model_dir
+
+logger = logging.getLogger(__name__)
+
+
+class TokenizerError(ValueError):
+    """No usable (fast) tokenizer for a model; says where it looked and what to pass instead."""
+
+
+def load_tokenizer(name_or_path: str | os.PathLike) -> Any:
+    """A fast tokenizer from a folder or Hub id (medclip tokenises whole datasets at once with one)."""
+    from transformers import AutoTokenizer
+
+    folder = resolve_model_dir(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as e:
+        raise TokenizerError(f"{name_or_path}: no tokenizer could be loaded ({e})") from None
+    if not tokenizer.is_fast:
+        raise TokenizerError(f"{name_or_path}: no fast tokenizer; medclip tokenises whole datasets at once with one")
+    return tokenizer
+
+
+def has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
+def tokenizer_for_model(model_dir: str | os.PathLike, config: Any = None) -> Any:
+    """The model folder's own tokenizer; else, for an OpenCLIP model with a Hugging Face text tower, the one its
+    config names (`hf_tokenizer_name`, a local folder or a cached Hub id)."""
+    folder = resolve_model_dir(model_dir)
+    if has_tokenizer(folder):
+        return load_tokenizer(folder)
+    from medclip.checkpoints.openclip import text_tokenizer_name
+
+    name = text_tokenizer_name(config) if config is not None else None
+    if name:
+        logger.info("%s has no tokenizer files: using its text tower's, %s", folder, name)
+        try:
+            return load_tokenizer(name)
+        except (OSError, ValueError) as e:
+            raise TokenizerError(f"{folder} has no tokenizer files and its text tower's tokenizer {name!r} is not "
+                                 f"available ({e}); pass a tokenizer folder (--tokenizer_name)") from None
+    raise TokenizerError(f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); pass one with "
+                         "--tokenizer_name (for OpenAI CLIP text towers, e.g. openai/clip-vit-base-patch32's)")

@@ -1,0 +1,155 @@
+"""The tower registry: every vision and text tower by architecture name, with what it needs to be built,
+loaded and fed.
+
+`FlaxHybridCLIP` builds its towers from here and never names a concrete one. A tower module owns its frozen
+config (with `.tiny()`), its conversion rules for each checkpoint format it can come from (and the key prefixes
+under which those formats store it), and, for vision towers, its default image preprocessing. Adding a tower
+is one model file, one `register(TowerSpec(...))` call below, its conversion table and a parity test.
+
+The calling convention every tower follows is written down as `VisionTower` and `TextTower`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import jax
+from flax import nnx
+
+from medclip.models.packing import PackingPlan
+from medclip.models.preprocess import Preprocess
+from medclip.models.weights import Rule
+
+
+class VisionTower(Protocol):
+    config: Any
+
+    def __call__(self, pixel_values: jax.Array, *, dropout_rng: jax.Array | None = None,
+                 pooled_only: bool = False, train: bool = False) -> tuple[jax.Array | None, jax.Array]:
+        """pixel_values (batch, height, width, channels) NHWC, normalised as the model's `Preprocess` says.
+
+        Returns (hidden_states or None, pooled (batch, hidden_size)). `pooled_only` allows skipping work
+        nothing pooled depends on (hidden_states is then None); `dropout_rng` None means no dropout; `train`
+        selects batch statistics for towers that have running statistics (BatchNorm), and nothing else."""
+        ...
+
+
+class TextTower(Protocol):
+    config: Any
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 token_type_ids: jax.Array | None = None, position_ids: jax.Array | None = None, *,
+                 dropout_rng: jax.Array | None = None, pooled_only: bool = False,
+                 packing: PackingPlan | None = None, pooler: str = "default") -> tuple[jax.Array | None, jax.Array]:
+        """input_ids / attention_mask (batch, length), padding marked 0 in the mask.
+
+        Returns (last_hidden_state (batch, length, hidden) or None, pooled (batch, hidden_size)). `packing`
+        (a plan from medclip.models.packing.plan_packing on this batch's mask) runs the layers on real tokens
+        only; `pooler` picks the pooled output (default, eos, cls, mean, pooler_output: what each tower
+        supports, its error says)."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class TowerSpec:
+    name: str  # the architecture name, e.g. "clip_vision_model", "timm_vit", "bert"
+    kind: str  # vision | text
+    config_class: type
+    module_class: Callable[..., nnx.Module]  # (config, *, dtype, remat, rngs) -> tower
+    # checkpoint format -> rules for that format's keys (with its prefix stripped)
+    rules: Callable[[Any, str], list[Rule]]
+    # checkpoint format -> key prefixes under which that format stores this tower, most specific first
+    prefixes: dict[str, tuple[str, ...]]
+    model_types: tuple[str, ...] = ()  # the `model_type` values of config.json this tower reads
+    preprocess: Preprocess | None = None  # vision towers: how their source normalised images
+
+    def formats(self) -> tuple[str, ...]:
+        return tuple(self.prefixes)
+
+
+class UnknownTowerError(ValueError):
+    """No registered tower of that name, model_type or config class."""
+
+
+_TOWERS: dict[str, TowerSpec] = {}
+
+
+def register(spec: TowerSpec) -> TowerSpec:
+    if spec.kind not in ("vision", "text"):
+        raise ValueError(f"tower kind must be vision or text, not {spec.kind!r}")
+    if spec.name in _TOWERS:
+        raise ValueError(f"a tower named {spec.name!r} is registered already")
+    _TOWERS[spec.name] = spec
+    return spec
+
+
+def towers(kind: str | None = None) -> list[TowerSpec]:
+    _register_builtin()
+    return [s for s in _TOWERS.values() if kind is None or s.kind == kind]
+
+
+def tower(name: str) -> TowerSpec:
+    _register_builtin()
+    if name not in _TOWERS:
+        raise UnknownTowerError(f"unknown tower {name!r}; registered: {sorted(_TOWERS)}")
+    return _TOWERS[name]
+
+
+def tower_for_model_type(model_type: str | None, kind: str) -> TowerSpec:
+    """The tower that reads a config.json of this `model_type`."""
+    for spec in towers(kind):
+        if model_type in spec.model_types:
+            return spec
+    supported = sorted(t for s in towers(kind) for t in s.model_types)
+    raise UnknownTowerError(f"unknown {kind} model_type {model_type!r}; supported: {supported}")
+
+
+def tower_for_config(config: Any) -> TowerSpec:
+    for spec in towers():
+        if type(config) is spec.config_class:
+            return spec
+    raise UnknownTowerError(f"no tower registered for config class {type(config).__name__}")
+
+
+def build_tower(config: Any, *, dtype, remat: bool, rngs: nnx.Rngs) -> nnx.Module:
+    return tower_for_config(config).module_class(config, dtype=dtype, remat=remat, rngs=rngs)
+
+
+def config_from_hf_dict(data: dict[str, Any], kind: str) -> Any:
+    """A tower config from its config.json dict, picked by `model_type`."""
+    return tower_for_model_type(data.get("model_type"), kind).config_class.from_hf_dict(data)
+
+
+def max_text_positions(text_config: Any) -> int:
+    """Tokens a text tower takes: RoBERTa numbers positions from pad_token_id + 1."""
+    offset = text_config.pad_token_id + 1 if getattr(text_config, "is_roberta", False) else 0
+    return text_config.max_position_embeddings - offset
+
+
+_BUILTIN_DONE = False
+
+
+def _register_builtin() -> None:
+    """The towers that ship with medclip (imported lazily: each module is free to import this one)."""
+    global _BUILTIN_DONE
+    if _BUILTIN_DONE:
+        return
+    _BUILTIN_DONE = True
+    from medclip.models import bert, clip_text, clip_vision, timm_vit
+
+    register(TowerSpec("clip_vision_model", "vision", clip_vision.CLIPVisionConfig, clip_vision.VisionTransformer,
+                       clip_vision.conversion_rules,
+                       prefixes={"hf": ("vision_model.", ""), "openclip": ("visual.",)},
+                       model_types=("clip_vision_model", "clip"), preprocess=clip_vision.CLIPVisionConfig.default_preprocess))
+    register(TowerSpec("timm_vit", "vision", timm_vit.TimmViTConfig, clip_vision.VisionTransformer,
+                       timm_vit.conversion_rules, prefixes={"timm": ("visual.trunk.", "trunk.", "")},
+                       model_types=("timm_vit",), preprocess=timm_vit.INCEPTION_PREPROCESS))
+    register(TowerSpec("clip_text_model", "text", clip_text.CLIPTextConfig, clip_text.CLIPTextTower,
+                       clip_text.conversion_rules, prefixes={"hf": ("text_model.", ""), "openclip": ("",)},
+                       model_types=("clip_text_model",)))
+    register(TowerSpec("bert", "text", bert.BertConfig, bert.BertTower, bert.conversion_rules,
+                       prefixes={"hf": ("", "bert.", "roberta.", "distilbert.", "text_model.", "model."),
+                                 "openclip": ("text.transformer.",)},
+                       model_types=bert.BERT_MODEL_TYPES))
