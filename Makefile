@@ -28,3 +28,18 @@ app: $(VENV)/.core
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# make golden   regenerates the parity fixtures in tests/golden/ with the PyTorch references (open_clip, timm) in
+#               their own venv (.venv-ref: torchvision does not load against the test venv's torch build)
+REF_PYTHON ?= python3.11
+REF_VENV ?= .venv-ref
+
+.PHONY: golden
+
+$(REF_VENV)/.ref: tests/golden/requirements-ref.txt
+	test -x $(REF_VENV)/bin/python || $(REF_PYTHON) -m venv $(REF_VENV)
+	$(REF_VENV)/bin/python -m pip install -q -r tests/golden/requirements-ref.txt
+	touch $@
+
+golden: $(REF_VENV)/.ref
+	$(REF_VENV)/bin/python tests/golden/make_golden.py
