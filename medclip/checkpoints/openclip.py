@@ -139,6 +139,9 @@ def _text_config(cfg: dict[str, Any], embed_dim: int, quick_gelu: bool, tensors:
         if pooler_name not in _HF_POOLERS:
             raise OpenCLIPConfigError(f"text_cfg pooler {pooler_name!r} is not supported; supported: {sorted(_HF_POOLERS)}")
         pooler = _HF_POOLERS[pooler_name]
+        if isinstance(text, BertConfig) and not text.is_distilbert:
+            # open_clip builds the HF model with its pooling layer only for the pooler that reads it
+            text = text.replace(add_pooling_layer=pooler == "pooler_output")
         if pooler == "pooler_output" and not getattr(text, "has_pooler", False):
             pooler = "cls"  # open_clip's ClsPooler falls back to the [CLS] state without a pooler
         bias = bool(cfg.get("proj_bias", False))
@@ -239,7 +242,7 @@ def infer_bert_config(tensors: dict[str, np.ndarray], prefix: str, source: str) 
     layer_re = re.compile(re.escape(prefix) + r"encoder\.layer\.(\d+)\.")
     layers = {int(m.group(1)) for k in tensors if (m := layer_re.match(k))}
     types = tensors.get(prefix + "embeddings.token_type_embeddings.weight")
-    return BertConfig(vocab_size=vocab, hidden_size=width, num_hidden_layers=len(layers),
+    return BertConfig(add_pooling_layer=prefix + "pooler.dense.weight" in tensors,vocab_size=vocab, hidden_size=width, num_hidden_layers=len(layers),
                       num_attention_heads=max(width // 64, 1),
                       intermediate_size=shape("encoder.layer.0.intermediate.dense.weight")[0],
                       max_position_embeddings=shape("embeddings.position_embeddings.weight")[0],

@@ -47,6 +47,7 @@ class BertConfig(TowerConfig):
     pad_token_id: int = 0
     position_embedding_type: str = "absolute"
     sinusoidal_pos_embds: bool = False
+    add_pooling_layer: bool = True  # open_clip builds its HF text towers without one unless it pools with it
 
     def __post_init__(self):
         if self.model_type not in BERT_MODEL_TYPES:
@@ -66,7 +67,7 @@ class BertConfig(TowerConfig):
 
     @property
     def has_pooler(self) -> bool:
-        return not self.is_distilbert
+        return not self.is_distilbert and self.add_pooling_layer
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any]) -> Self:
@@ -84,6 +85,8 @@ class BertConfig(TowerConfig):
                     if k not in ("type_vocab_size", "layer_norm_eps", "position_embedding_type")}
         else:
             data.pop("sinusoidal_pos_embds")
+        if self.add_pooling_layer:
+            data.pop("add_pooling_layer")
         return data
 
     @classmethod

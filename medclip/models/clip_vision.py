@@ -142,7 +142,7 @@ def openclip_resblock(hf: str) -> list[Rule]:
     qkv = [f"{ours}.self_attn.{p}_proj" for p in "qkv"]
     return [
         *norm(f"{layer}.ln_1", f"{ours}.layer_norm1"),
-        *fused_linear(f"{layer}.attn.in_proj", qkv),
+        *fused_linear(f"{layer}.attn.in_proj", qkv, sep="_"),
         *linear(f"{layer}.attn.out_proj", f"{ours}.self_attn.out_proj"),
         *norm(f"{layer}.ln_2", f"{ours}.layer_norm2"),
         *linear(f"{layer}.mlp.c_fc", f"{ours}.mlp.fc1"),

@@ -50,11 +50,13 @@ def linear(hf: str, ours: str, bias: bool = True) -> list[Rule]:
     return rules + ([Rule(f"{hf}.bias", f"{ours}.bias")] if bias else [])
 
 
-def fused_linear(hf: str, ours: list[str], bias: bool = True) -> list[Rule]:
-    """One checkpoint linear holding several of ours stacked on its output axis (q, k, v)."""
+def fused_linear(hf: str, ours: list[str], bias: bool = True, sep: str = ".") -> list[Rule]:
+    """One checkpoint linear holding several of ours stacked on its output axis (q, k, v). `sep` "_" for
+    nn.MultiheadAttention's `in_proj_weight` / `in_proj_bias`."""
     n = len(ours)
-    rules = [Rule(f"{hf}.weight", f"{o}.kernel", "linear", (i, n)) for i, o in enumerate(ours)]
-    return rules + ([Rule(f"{hf}.bias", f"{o}.bias", "identity", (i, n)) for i, o in enumerate(ours)] if bias else [])
+    rules = [Rule(f"{hf}{sep}weight", f"{o}.kernel", "linear", (i, n)) for i, o in enumerate(ours)]
+    return rules + ([Rule(f"{hf}{sep}bias", f"{o}.bias", "identity", (i, n)) for i, o in enumerate(ours)]
+                    if bias else [])
 
 
 def norm(hf: str, ours: str) -> list[Rule]:
