@@ -15,13 +15,9 @@ from medclip.evaluation.zeroshot import K_VALUES, evaluate_concept_tasks, format
 
 def embed_records(embedder, items: list[Record]) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Image and first-caption embeddings of every record (records already passed the image checks)."""
-    paths = [r.image for r in items]
-    if all(isinstance(p, str) for p in paths):
-        image_embeds, kept, skipped = embedder.embed_image_files(paths)
-        if skipped:
-            raise ValueError(f"images became unreadable after loading: {skipped}")
-    else:
-        image_embeds = embedder.embed_images(paths)
+    image_embeds, kept, skipped = embedder.embed_image_files([r.image for r in items])
+    if skipped:
+        raise ValueError(f"images became unreadable after loading: {skipped}")
     captions = [r.captions[0] for r in items]
     return image_embeds, embedder.embed_texts(captions), captions
 
