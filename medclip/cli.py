@@ -48,7 +48,8 @@ def cmd_embed(args) -> int:
         from medclip.data.sources.auto import load_records
 
         counter = DropCounter()
-        items = load_records(args.data, args.split, counter=counter)
+        # Images are checked (and CMYK JPEGs converted) by embed_image_files, which keeps their paths for the index.
+        items = load_records(args.data, args.split, counter=counter, check_images=False)
         paths = [r.image for r in items if isinstance(r.image, str)]
         captions = {r.image: r.captions[0] for r in items if isinstance(r.image, str)}
     else:
