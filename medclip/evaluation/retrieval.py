@@ -276,10 +276,9 @@ def retrieval_metrics(
         if relevance is None or len(image_embeds) != len(text_embeds):
             raise ValueError(f"{direction} retrieval needs paired data and relevance groups (relevance_groups)")
         ranks, _ = same_modality_ranks(embeds, relevance, chunk_size=chunk_size, tie_tolerance=tie_tolerance)
-        if ranks.size == 0:
-            raise ValueError(f"no {direction} query has a relevant item: every relevance group has one member")
         same_modality[direction] = ranks
-        metrics.update(ranks_to_metrics(ranks, direction, ks, mrr_ks))
+        if ranks.size:  # else no query has a relevant item (n_queries 0, no metrics): every group has one member
+            metrics.update(ranks_to_metrics(ranks, direction, ks, mrr_ks))
     return RetrievalResult(
         metrics=metrics,
         n_images=len(i2t),
@@ -393,6 +392,9 @@ def format_results_table(
     if any(result.same_modality_ranks for result in results.values()):
         note += ("; t2t/i2i: correct = other items with the same concept set (else the same caption), queries "
                  "without one left out")
+        for direction in ("t2t", "i2i"):
+            if any(len(r.same_modality_ranks.get(direction, [0])) == 0 for r in results.values()):
+                note += f"; {direction}: no query has a relevant item (no shared concepts or captions)"
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows), note])
 
 
