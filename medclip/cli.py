@@ -142,9 +142,9 @@ def cmd_zeroshot(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from medclip.evaluation.plots import plot_training_curves
+    from medclip.evaluation.plots import plot_training_curves, plot_validation_loss
 
-    print(plot_training_curves(args.metrics, args.out))
+    print((plot_validation_loss if args.validation_loss else plot_training_curves)(args.metrics, args.out))
     return 0
 
 
@@ -222,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="training curves (PNG) from a run's metrics.jsonl")
     p.add_argument("metrics")
     p.add_argument("--out", required=True)
+    p.add_argument("--validation_loss", action="store_true", help="only the validation-loss curve, small")
     p.set_defaults(func=cmd_plot)
     return parser
 
