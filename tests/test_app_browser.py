@@ -5,7 +5,7 @@ Skipped when Chromium or the playwright package is missing (`apt-get install chr
 never `playwright install`: the system Chromium is used). Another browser binary: MEDCLIP_CHROMIUM=/path.
 
 README screenshot: after `make demo`, from the repository root,
-    MEDCLIP_SAVE_SCREENSHOT=docs/app_screenshot.png .venv/bin/python -m pytest -q tests/test_app_browser.py
+    MEDCLIP_SAVE_SCREENSHOT=assets/app_screenshot.png .venv/bin/python -m pytest -q tests/test_app_browser.py
 serves the demo's own model and index (`medclip app` without arguments) and saves the page there too.
 """
 

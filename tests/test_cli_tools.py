@@ -57,6 +57,25 @@ def test_embed_a_dataset_keeps_captions_and_counts_skips(workspace, capsys):
     np.testing.assert_allclose(np.linalg.norm(index.embeddings, axis=1), 1.0, rtol=1e-5)
 
 
+def test_image_search_returns_similar_images(workspace, capsys):
+    root, _ = workspace
+    from medclip.inference.embedder import Embedder
+    from medclip.inference.index import EmbeddingIndex
+
+    main(["embed", str(root / "model"), "--images", str(root / "data" / "images"), "--out", str(root / "im.npz")])
+    capsys.readouterr()
+    index = EmbeddingIndex.load(root / "im.npz")
+    query = index.paths[3]
+    assert main(["search", "--image", query, "--index", str(root / "im.npz"), "-k", "4"]) == 0
+    found = [line.split()[2] for line in capsys.readouterr().out.strip().splitlines()]
+    # Brute force: cosine to every other indexed image, best first; the query's own file is left out.
+    scores = index.embeddings @ Embedder(root / "model").embed_images([query])[0]
+    scores[3] = -np.inf
+    assert found == [index.paths[i] for i in np.argsort(-scores, kind="stable")[:4]]
+    with pytest.raises(SystemExit, match="not both"):
+        main(["search", "a mass", "--image", query, "--index", str(root / "im.npz")])
+
+
 def test_search_refuses_an_index_from_another_model(workspace, capsys):
     root, _ = workspace
     main(["embed", str(root / "model"), "--images", str(root / "data" / "images"), "--out", str(root / "i.npz")])
@@ -107,6 +126,24 @@ def test_evaluate_writes_a_table_and_json(workspace, tmp_path, capsys):
     assert results["n_pairs"] == 24
     assert 0 <= results["retrieval_full"]["t2i_R@10"] <= 1
     assert "2" in results["zeroshot_keywords"]
+    assert 0 <= results["retrieval_full"]["i2t_mrr@10"] <= results["retrieval_full"]["i2t_mrr"]
+
+
+def test_evaluate_all_four_directions(workspace, tmp_path, capsys):
+    root, jsonl = workspace
+    with_concepts = jsonl.parent / "with_concepts.jsonl"  # the keywords as concept sets: shared by several pairs
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    with_concepts.write_text("".join(json.dumps({**line, "concepts": line["keywords"][:1]}) + "\n" for line in lines))
+    out = tmp_path / "results.json"
+    assert main(["evaluate", str(root / "model"), str(with_concepts), "--out", str(out), "--no_zeroshot",
+                 "--directions", "i2t,t2i,t2t,i2i", "--expand_abbreviations"]) == 0
+    printed = capsys.readouterr().out
+    assert all(f"full      {d}" in printed for d in ("i2t", "t2i", "t2t", "i2i")), printed
+    full = json.loads(out.read_text())["retrieval_full"]
+    assert {"t2t_R@1", "i2i_mrr@10", "i2i_n_queries"} <= set(full)
+    assert full["i2i_n_queries"] == full["t2t_n_queries"] > 0
+    with pytest.raises(SystemExit, match="choose from"):
+        main(["evaluate", str(root / "model"), str(jsonl), "--directions", "i2t,x2y"])
 
 
 def test_index_paths_resolve_wherever_the_index_is_read(workspace, tmp_path, monkeypatch):

@@ -98,3 +98,21 @@ def test_retrieval_grid_errors(tmp_path):
         plot_retrieval_grid("q", [tmp_path / "missing.jpg"], ["a"], [0.1], tmp_path / "g.png")
     with pytest.raises(ValueError, match=r"got shape \(4, 4, 2\)"):
         plot_retrieval_grid("q", [np.zeros((4, 4, 2))], ["a"], [0.1], tmp_path / "g.png")
+
+
+def test_validation_loss_curve(tmp_path):
+    import json as _json
+
+    from PIL import Image as _Image
+
+    from medclip.evaluation.plots import plot_validation_loss
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"step": s, "train_loss": 4.0 - s / 100} for s in range(0, 200, 10)]
+    lines += [{"step": s, "eval_loss": 3.0 - s / 200, "epoch": s // 100} for s in (100, 200)]
+    path.write_text("".join(_json.dumps(line) + "\n" for line in lines))
+    out = plot_validation_loss(path, tmp_path / "loss.png")
+    assert _Image.open(out).size == (500, 300)
+    path.write_text(_json.dumps({"step": 1, "train_loss": 1.0}) + "\n")
+    with pytest.raises(ValueError, match="no eval_loss"):
+        plot_validation_loss(path, tmp_path / "none.png")

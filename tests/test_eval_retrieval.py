@@ -6,12 +6,15 @@ import numpy as np
 import pytest
 
 from medclip.evaluation.retrieval import (
+    DIRECTIONS,
     caption_groups,
     evaluate_retrieval,
     format_results_table,
     ranks_to_metrics,
+    relevance_groups,
     retrieval_metrics,
     retrieval_ranks,
+    same_modality_ranks,
     sample_pairs,
 )
 
@@ -249,6 +252,7 @@ def test_ranks_to_metrics_custom_ks():
         "i2t_R@2": 0.5,
         "i2t_R@50": 1.0,
         "i2t_mrr": pytest.approx((1 + 1 / 2 + 1 / 3 + 1 / 50) / 4),
+        "i2t_mrr@10": pytest.approx((1 + 1 / 2 + 1 / 3) / 4),  # rank 50 is past 10: counts 0
         "i2t_median_rank": 2.5,
         "i2t_mean_rank": 14.0,
     }
@@ -274,9 +278,67 @@ def test_format_results_table_is_aligned():
     lines = table.splitlines()
     header, rule, rows = lines[0], lines[1], lines[2:6]
     assert header.split() == [
-        "protocol", "dir", "queries", "R@1%", "R@5%", "R@10%", "MRR", "MedR", "MeanR", "dup",
+        "protocol", "dir", "queries", "R@1%", "R@5%", "R@10%", "MRR", "MRR@10", "MedR", "MeanR", "dup",
     ]
     assert len({len(header), len(rule), *map(len, rows)}) == 1  # every column lines up
-    assert rows[0].split() == ["swapped", "i2t", "3", "33.33", "100.00", "100.00", "0.5556", "3", "2.3", "0"]
+    assert rows[0].split() == ["swapped", "i2t", "3", "33.33", "100.00", "100.00", "0.5556", "0.5556", "3", "2.3",
+                               "0"]
     assert rows[3].split()[:4] == ["perfect", "t2i", "3", "100.00"]
     assert format_results_table({"named": perfect}).splitlines()[2].startswith("named")
+
+
+def _reference_same_modality(embeds, groups):
+    """Brute force t2t/i2i: float64 scores, the query removed, pessimistic ties, singleton groups skipped."""
+    scores = embeds.astype(np.float64) @ embeds.astype(np.float64).T
+    ranks, queries = [], []
+    for i, row in enumerate(scores):
+        others = np.delete(np.arange(len(embeds)), i)
+        correct = groups[others] == groups[i]
+        if not correct.any():
+            continue
+        order = np.lexsort((correct, -row[others]))
+        ranks.append(np.flatnonzero(correct[order])[0] + 1)
+        queries.append(i)
+    return np.array(ranks), np.array(queries)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1024])
+def test_same_modality_ranks_match_brute_force(chunk_size):
+    rng = np.random.default_rng(4)
+    centers = _on_grid(rng, np.zeros((12, 16)), 1.0)
+    groups = rng.integers(0, 12, 90)
+    groups[:5] = 100 + np.arange(5)  # singletons: no correct answer, left out
+    embeds = _on_grid(rng, centers[groups % 12], 0.8)
+    embeds[10] = embeds[11]  # an exact tie
+    ranks, queries = same_modality_ranks(embeds, groups, chunk_size=chunk_size)
+    expected_ranks, expected_queries = _reference_same_modality(embeds, groups)
+    np.testing.assert_array_equal(queries, expected_queries)
+    np.testing.assert_array_equal(ranks, expected_ranks)
+    assert 0 not in queries and len(queries) <= 85
+
+
+def test_all_four_directions_and_relevance_groups():
+    captions = ["ct chest", "ct chest", "mri head", "xray knee", "xray hand"]
+    concepts = [["C1"], ["C1"], ["C2"], ["C3", "C4"], ["C4", "C3"]]
+    assert relevance_groups(captions).tolist() == [0, 0, 1, 2, 3]  # identical captions only
+    assert relevance_groups(captions, concepts).tolist() == [0, 0, 1, 2, 2]  # same concept set
+    assert relevance_groups(captions, [[], [], [], ["C3"], []]).tolist() == [0, 0, 1, 2, 3]  # captions as fallback
+    rng = np.random.default_rng(0)
+    images, texts = _noisy_pairs(rng, 5, 8, 0.1)
+    result = evaluate_retrieval(images, texts, captions, concepts=concepts, directions=DIRECTIONS)
+    assert result.directions == ["i2t", "t2i", "t2t", "i2i"]
+    assert result.n_queries("i2i") == 4 and result.to_dict()["t2t_n_queries"] == 4  # "mri head" has no partner
+    relevance = relevance_groups(captions, concepts)
+    for direction, embeds in (("t2t", texts), ("i2i", images)):
+        ranks, _ = _reference_same_modality(embeds, relevance)
+        assert result[f"{direction}_mrr"] == pytest.approx(np.mean(1 / ranks))
+        assert result[f"{direction}_R@1"] == pytest.approx(np.mean(ranks <= 1))
+    table = format_results_table(result).splitlines()
+    assert [row.split()[1] for row in table[2:6]] == ["i2t", "t2i", "t2t", "i2i"] and "t2t/i2i" in table[-1]
+    only = evaluate_retrieval(images, texts, captions, directions=("i2i",))
+    assert only.directions == ["i2i"] and "i2t_R@1" not in only.metrics
+    with pytest.raises(ValueError, match="unknown retrieval direction"):
+        evaluate_retrieval(images, texts, captions, directions=("x2y",))
+    unique = evaluate_retrieval(images, texts, [f"c{i}" for i in range(5)], directions=("i2t", "t2t"))
+    assert unique.directions == ["i2t"] and unique.to_dict()["t2t_n_queries"] == 0  # nothing to score
+    assert "t2t: no query has a relevant item" in format_results_table(unique)

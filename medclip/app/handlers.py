@@ -1,5 +1,5 @@
-"""What the demo page does, without Streamlit: load a model and an index, search images by text, and rank
-candidate captions and zero-shot labels for an uploaded image.
+"""What the demo page does, without Streamlit: load a model and an index, search images by text, and for an
+uploaded image rank candidate captions and zero-shot labels and find the most similar indexed images.
 
 Every problem a user can cause (an empty query, an upload that is no image, a missing or mismatched index, a
 model folder that cannot be loaded) raises :class:`InputError`, whose message the page shows as it is.
@@ -59,6 +59,7 @@ class ScoredText:
 class UploadResult:
     captions: list[ScoredText]  # best first
     labels: list[ScoredText]  # best first
+    embedding: np.ndarray | None = dataclasses.field(default=None, repr=False)  # (dim,) of the uploaded image
 
 
 def load_embedder(model_dir: str) -> Embedder:
@@ -108,6 +109,15 @@ def search_images(embedder: Embedder, index: EmbeddingIndex, query: str, k: int)
     return [ImageHit(rank, index.paths[i], index.captions[i], score) for rank, (i, score) in enumerate(top, 1)]
 
 
+def similar_images(index: EmbeddingIndex, image_embed: np.ndarray, k: int) -> list[ImageHit]:
+    """The k indexed images closest to an image embedding (an upload), best first; an indexed image uploaded
+    again finds itself first (cosine 1)."""
+    if k < 1:
+        raise InputError(f"k must be at least 1, got {k}")
+    top = index.search(np.asarray(image_embed)[None, :], k)[0]
+    return [ImageHit(rank, index.paths[i], index.captions[i], score) for rank, (i, score) in enumerate(top, 1)]
+
+
 def lines(text: str) -> list[str]:
     """The non-empty lines of a text box, stripped."""
     return [line.strip() for line in (text or "").splitlines() if line.strip()]
@@ -154,6 +164,7 @@ def describe_upload(embedder: Embedder, name: str, data: bytes, captions: Sequen
     return UploadResult(
         captions=rank_texts(image_embed, captions, embedder.embed_texts(captions), scale),
         labels=rank_texts(image_embed, labels, _label_embeddings(embedder, tuple(labels)), scale),
+        embedding=image_embed,
     )
 
 

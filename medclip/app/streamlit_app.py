@@ -69,6 +69,10 @@ def search_tab(embedder, index, index_error: str | None, k: int) -> None:
         st.warning(str(error))
         return
     st.caption(f'Top {len(hits)} of {len(index):,} images for "{query.strip()}" (cosine similarity)')
+    show_hits(hits)
+
+
+def show_hits(hits) -> None:
     for start in range(0, len(hits), COLUMNS):
         for column, hit in zip(st.columns(COLUMNS), hits[start:start + COLUMNS], strict=False):
             label = f"#{hit.rank} · {hit.score:.3f}" + (f" · {hit.caption}" if hit.caption else "")
@@ -78,7 +82,7 @@ def search_tab(embedder, index, index_error: str | None, k: int) -> None:
                 column.warning(f"{label}\n\nImage file not found: `{hit.path}`")
 
 
-def upload_tab(embedder) -> None:
+def upload_tab(embedder, index=None, k: int = 10) -> None:
     uploaded = st.file_uploader("Upload a radiology image (PNG, JPEG, GIF or BMP)", key="upload")
     left, right = st.columns(2)
     captions = left.text_area("Candidate captions, one a line", "\n".join(handlers.EXAMPLE_QUERIES),
@@ -103,6 +107,11 @@ def upload_tab(embedder) -> None:
         tables_column.subheader(title)
         table = pd.DataFrame([{name: s.text, "probability": s.probability, "cosine": s.cosine} for s in scored])
         tables_column.dataframe(table, hide_index=True, column_config=formats)
+    if index is not None:  # image -> image: the indexed images closest to the upload
+        st.subheader("Similar images")
+        hits = handlers.similar_images(index, result.embedding, k)
+        st.caption(f"Top {len(hits)} of {len(index):,} indexed images closest to {uploaded.name} (cosine similarity)")
+        show_hits(hits)
 
 
 def main() -> None:
@@ -120,11 +129,11 @@ def main() -> None:
     except InputError as error:
         index_error = str(error)
     k = sidebar(args.model, args.index, index)
-    search, upload = st.tabs(["Search images by text", "Rank captions for an image"])
+    search, upload = st.tabs(["Search images by text", "Rank captions and find similar images for an image"])
     with search:
         search_tab(embedder, index, index_error, k)
     with upload:
-        upload_tab(embedder)
+        upload_tab(embedder, index, k)
 
 
 main()

@@ -3,8 +3,11 @@
 Two levels:
 - `check_images` (every source runs it): reads each image's header with PIL, which is lazy, so nothing is decoded.
   Catches missing and zero-byte files, bytes that are no image, formats TF cannot decode, decompression bombs
-  (declared size over `max_pixels`, checked before any decode), CMYK JPEGs and truncated JPEG/PNG files (no
-  end-of-image marker). Cheap: one `open` and two small reads per file.
+  (declared size over `max_pixels`, checked before any decode) and truncated JPEG/PNG files (no end-of-image
+  marker). Cheap: one `open` and two small reads per file. CMYK JPEGs (PMC figures include them) are kept and
+  converted to RGB by PIL, re-encoded as PNG in memory (counted as `converted_cmyk`): TF's decoder treats every
+  CMYK JPEG as Adobe-inverted, so a plain CMYK JPEG would come out with inverted colours, while PIL reads the
+  Adobe marker and converts both kinds.
 - `verify_decode` (`medclip.data.prepare` runs it; optional elsewhere): decodes every image with the same TF
   decoder the pipeline uses (JPEGs at 1/8 scale, which still reads all the compressed data), so corruption in the
   middle of a file is found too; it also measures mean intensity for the optional dark-image filter.
@@ -16,6 +19,7 @@ it (see `medclip.data.pipeline`).
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import io
 import os
 import warnings
@@ -55,54 +59,86 @@ def _magic_format(head: bytes) -> str | None:
 
 
 def image_problem(image: str | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str, str] | None:
-    """(reason, detail) when the image must be dropped, None when it can go to the pipeline. Never raises."""
+    """(reason, detail) when the image must be dropped, None when it can go to the pipeline (possibly after
+    `rgb_image`, for a CMYK JPEG). Never raises."""
+    return inspect_image(image, max_pixels)[0]
+
+
+def inspect_image(image: str | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[tuple[str, str] | None, bool]:
+    """(`image_problem`, whether the image is a CMYK JPEG that must be converted to RGB first)."""
+    problem, mode = _inspect(image, max_pixels)
+    return problem, problem is None and mode == "CMYK"
+
+
+def rgb_image(image: str | bytes) -> str | bytes:
+    """The image as the pipeline should read it: itself, or for a CMYK JPEG its PIL RGB conversion as PNG bytes."""
+    if not inspect_image(image)[1]:
+        return image
+    return cmyk_to_rgb_png(image)
+
+
+def cmyk_to_rgb_png(image: str | bytes) -> bytes:
+    """PIL's CMYK -> RGB (Adobe-inverted or plain, as the file's APP14 marker says), losslessly as PNG."""
+    with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
+        rgb = opened.convert("RGB")
+    buffer = io.BytesIO()
+    rgb.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def _inspect(image: str | bytes, max_pixels: int) -> tuple[tuple[str, str] | None, str | None]:
     if isinstance(image, str) and not os.path.isfile(image):
-        return records.MISSING_FILE, "no such file"
+        return (records.MISSING_FILE, "no such file"), None
     try:
         source, head, tail, size = _read_head_and_tail(image)
     except OSError as error:
-        return records.MISSING_FILE, str(error)
+        return (records.MISSING_FILE, str(error)), None
     if size == 0:
-        return records.EMPTY_FILE, "0 bytes"
+        return (records.EMPTY_FILE, "0 bytes"), None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(source) as opened:
                 image_format, mode, (width, height) = opened.format, opened.mode, opened.size
     except Image.DecompressionBombError as error:
-        return records.DECOMPRESSION_BOMB, str(error)
+        return (records.DECOMPRESSION_BOMB, str(error)), None
     except UnidentifiedImageError:
-        return records.NOT_AN_IMAGE, "not a recognised image format"
+        return (records.NOT_AN_IMAGE, "not a recognised image format"), None
     except Exception as error:  # PIL raises many types on a broken header
         image_format = _magic_format(head)
         if image_format and _END_MARKERS[image_format] not in tail:
-            return records.TRUNCATED_IMAGE, f"{image_format} without its end marker ({type(error).__name__}: {error})"
-        return records.CORRUPT_IMAGE, f"{type(error).__name__}: {error}"
+            detail = f"{image_format} without its end marker ({type(error).__name__}: {error})"
+            return (records.TRUNCATED_IMAGE, detail), None
+        return (records.CORRUPT_IMAGE, f"{type(error).__name__}: {error}"), None
     if image_format not in SUPPORTED_FORMATS:
-        return records.UNSUPPORTED_IMAGE, f"format {image_format}; supported: {', '.join(SUPPORTED_FORMATS)}"
+        return (records.UNSUPPORTED_IMAGE,
+                f"format {image_format}; supported: {', '.join(SUPPORTED_FORMATS)}"), None
     if width <= 0 or height <= 0:
-        return records.CORRUPT_IMAGE, f"declared size {width}x{height}"
+        return (records.CORRUPT_IMAGE, f"declared size {width}x{height}"), None
     if width * height > max_pixels:
-        return records.DECOMPRESSION_BOMB, f"declared size {width}x{height} is over max_pixels={max_pixels}"
-    if mode == "CMYK":
-        return records.CMYK_IMAGE, "CMYK JPEG colours are not reliable through TF's decoder"
+        return (records.DECOMPRESSION_BOMB,
+                f"declared size {width}x{height} is over max_pixels={max_pixels}"), None
     if image_format == "BMP" and mode == "1":
-        return records.UNSUPPORTED_IMAGE, "1-bit BMP"
+        return (records.UNSUPPORTED_IMAGE, "1-bit BMP"), None
     marker = _END_MARKERS.get(image_format)
     if marker is not None and marker not in tail:
-        return records.TRUNCATED_IMAGE, f"{image_format} without its end marker"
-    return None
+        return (records.TRUNCATED_IMAGE, f"{image_format} without its end marker"), None
+    return None, ("CMYK" if image_format == "JPEG" and mode == "CMYK" else mode)
 
 
 def check_images(
     items: list[Record], counter: DropCounter, max_pixels: int = DEFAULT_MAX_PIXELS, threads: int = 8
 ) -> list[Record]:
-    """Keeps the records whose image passes `image_problem`; the rest are counted (or raise under strict)."""
+    """Keeps the records whose image passes `image_problem`; the rest are counted (or raise under strict).
+    A CMYK JPEG is kept with its image replaced by the RGB PNG bytes of `cmyk_to_rgb_png` (`converted_cmyk`)."""
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        problems = list(pool.map(lambda record: image_problem(record.image, max_pixels), items))
+        inspected = list(pool.map(lambda record: inspect_image(record.image, max_pixels), items))
     kept = []
-    for record, problem in zip(items, problems, strict=True):
-        if problem is None:
+    for record, (problem, is_cmyk) in zip(items, inspected, strict=True):
+        if problem is None and is_cmyk:
+            kept.append(dataclasses.replace(record, image=cmyk_to_rgb_png(record.image)))
+            counter.change(records.CONVERTED_CMYK, 1, f"{record.source or record.id}: {describe(record.image)}")
+        elif problem is None:
             kept.append(record)
         else:
             reason, detail = problem

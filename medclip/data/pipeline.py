@@ -125,24 +125,26 @@ def epoch_order(seed: int, epoch: int, layout: Layout) -> np.ndarray:
 
 
 def _image_reader(items: list[Record]) -> Callable[[tf.Tensor], tf.Tensor]:
-    """record index -> encoded image bytes, inside the graph (files are read by TF, bytes served from memory)."""
-    if all(isinstance(record.image, str) for record in items):
-        paths = tf.constant([record.image for record in items], tf.string)
+    """record index -> encoded image bytes, inside the graph. Files are read by TF; records holding bytes (images
+    from a dataset, CMYK JPEGs converted to RGB by the image checks) are served from memory through Python."""
+    in_memory = np.array([isinstance(record.image, bytes) for record in items], bool)
+    paths = tf.constant(["" if held else record.image for record, held in zip(items, in_memory)], tf.string)
+    if not in_memory.any():
         return lambda index: tf.io.read_file(tf.gather(paths, index))
 
     def lookup(index):
-        image = items[int(index)].image
-        if isinstance(image, bytes):
-            return image
-        with open(image, "rb") as f:
-            return f.read()
+        return items[int(index)].image
 
-    def read(index):
+    def from_memory(index):
         contents = tf.numpy_function(lookup, [index], tf.string, stateful=False)
         contents.set_shape([])
         return contents
 
-    return read
+    if in_memory.all():
+        return from_memory
+    held = tf.constant(in_memory)
+    return lambda index: tf.cond(tf.gather(held, index), lambda: from_memory(index),
+                                 lambda: tf.io.read_file(tf.gather(paths, index)))
 
 
 def _options(threads: int | None = None) -> tf.data.Options:

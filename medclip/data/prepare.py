@@ -4,13 +4,15 @@
     # -> data/roco/{train,validation,test}.jsonl (the splits found) and data/roco/summary.json
 
 Every image is checked (header, size, end marker) and decoded once with the pipeline's TF decoder, so training
-never meets an image it cannot read; `--min-mean-intensity` also drops near-black images. Records are skipped
+never meets an image it cannot read; `--min-mean-intensity` also drops near-black images. CMYK JPEGs are converted
+to RGB and written to `output-dir/converted/{split}/ID.png`. Records are skipped
 and counted by reason, or with `--strict` the first bad one stops the run with its file and line.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -52,6 +54,7 @@ def prepare(args: argparse.Namespace) -> dict:
             min_caption_length=args.min_caption_length, max_pixels=args.max_pixels,
             verify_decode=args.verify_decode, min_mean_intensity=args.min_mean_intensity,
         )
+        items = _write_converted_images(items, args.output_dir / "converted" / split)
         path = jsonl.write_jsonl(items, args.output_dir / f"{split}.jsonl")
         print(f"{split}: wrote {path}\n  {counter.report().replace(chr(10), chr(10) + '  ')}")
         summary["splits"][split] = {"jsonl": str(path), **counter.summary()}
@@ -61,6 +64,20 @@ def prepare(args: argparse.Namespace) -> dict:
     (args.output_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n",
                                                   encoding="utf-8")
     return summary
+
+
+def _write_converted_images(items: list, folder: Path) -> list:
+    """Records whose image the checks converted in memory (CMYK JPEGs -> RGB PNG) get it written to
+    `folder/ID.png`, so that the JSON lines point at an RGB file."""
+    out = []
+    for record in items:
+        if isinstance(record.image, bytes):
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{record.id}.png"
+            path.write_bytes(record.image)
+            record = dataclasses.replace(record, image=str(path))
+        out.append(record)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

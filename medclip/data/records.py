@@ -54,11 +54,12 @@ UNSUPPORTED_IMAGE = "unsupported_image"
 TRUNCATED_IMAGE = "truncated_image"
 CORRUPT_IMAGE = "corrupt_image"
 DECOMPRESSION_BOMB = "decompression_bomb"
-CMYK_IMAGE = "cmyk_image"
 DARK_IMAGE = "dark_image"
 EMPTY_CAPTION = "empty_caption"
 SHORT_CAPTION = "short_caption"
 NO_CAPTION = "no_caption"
+EMPTY_AFTER_CLEANING = "empty_after_cleaning"  # --expand_abbreviations/--remove_* left nothing
+SHORT_AFTER_CLEANING = "short_after_cleaning"  # ... or less than --min_caption_length
 INVALID_UTF8 = "invalid_utf8"
 MALFORMED_LINE = "malformed_line"
 MALFORMED_JSON = "malformed_json"
@@ -69,8 +70,13 @@ class DataError(ValueError):
     """A bad record under strict mode. The message names the file and line (or record) and the reason."""
 
 
+# Changes to records that are kept (counted with `DropCounter.change`, reported under "changed").
+CONVERTED_CMYK = "converted_cmyk"  # a CMYK JPEG converted to RGB (PIL) before the pipeline
+
+
 class DropCounter:
-    """Counts dropped records by reason, so that nothing is lost silently.
+    """Counts dropped records by reason, so that nothing is lost silently, and changes made to kept records
+    (caption cleaning, CMYK conversion) by kind, so that no change is silent either.
 
     Default mode skips and counts; `strict=True` raises `DataError` at the first drop instead. `where` should be
     "file:line" (or "file" for a record without a line), which both the error and the summary repeat.
@@ -82,6 +88,14 @@ class DropCounter:
         self.counts: collections.Counter[str] = collections.Counter()
         self.examples: dict[str, list[str]] = collections.defaultdict(list)
         self.kept = 0
+        self.changes: collections.Counter[str] = collections.Counter()
+        self.change_examples: dict[str, list[str]] = collections.defaultdict(list)
+
+    def change(self, kind: str, count: int = 1, example: str = "") -> None:
+        """Counts `count` changes of `kind` made to kept data (e.g. "abbreviations_expanded")."""
+        self.changes[kind] += count
+        if example and len(self.change_examples[kind]) < self.examples_per_reason:
+            self.change_examples[kind].append(example)
 
     def drop(self, reason: str, where: str, detail: str = "") -> None:
         message = f"{where}: {reason}" + (f" ({detail})" if detail else "")
@@ -101,6 +115,8 @@ class DropCounter:
             "dropped": self.dropped,
             "dropped_by_reason": dict(sorted(self.counts.items())),
             "examples": {reason: list(found) for reason, found in sorted(self.examples.items())},
+            "changed": dict(sorted(self.changes.items())),
+            "change_examples": {kind: list(found) for kind, found in sorted(self.change_examples.items())},
         }
 
     def report(self) -> str:
@@ -109,6 +125,9 @@ class DropCounter:
         for reason, count in sorted(self.counts.items(), key=lambda item: (-item[1], item[0])):
             lines.append(f"  {reason}: {count}")
             lines.extend(f"    e.g. {example}" for example in self.examples[reason][:3])
+        for kind, count in sorted(self.changes.items()):
+            lines.append(f"  changed: {kind}: {count}")
+            lines.extend(f"    e.g. {example}" for example in self.change_examples[kind][:2])
         return "\n".join(lines)
 
     def write_json(self, path: str | Path) -> None:

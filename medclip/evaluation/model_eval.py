@@ -15,25 +15,25 @@ from medclip.evaluation.zeroshot import K_VALUES, evaluate_concept_tasks, format
 
 def embed_records(embedder, items: list[Record]) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Image and first-caption embeddings of every record (records already passed the image checks)."""
-    paths = [r.image for r in items]
-    if all(isinstance(p, str) for p in paths):
-        image_embeds, kept, skipped = embedder.embed_image_files(paths)
-        if skipped:
-            raise ValueError(f"images became unreadable after loading: {skipped}")
-    else:
-        image_embeds = embedder.embed_images(paths)
+    image_embeds, kept, skipped = embedder.embed_image_files([r.image for r in items])
+    if skipped:
+        raise ValueError(f"images became unreadable after loading: {skipped}")
     captions = [r.captions[0] for r in items]
     return image_embeds, embedder.embed_texts(captions), captions
 
 
-def evaluate_model(embedder, items: list[Record], *, seed: int = 0, zeroshot: bool = True) -> dict[str, Any]:
+def evaluate_model(embedder, items: list[Record], *, seed: int = 0, zeroshot: bool = True,
+                   directions: tuple[str, ...] = ("i2t", "t2i")) -> dict[str, Any]:
+    """Retrieval in `directions` (i2t, t2i, t2t, i2i; t2t/i2i relevance from the records' concepts, else their
+    captions), on the full split and the 2,000-pair protocol, and zero-shot classification."""
     image_embeds, text_embeds, captions = embed_records(embedder, items)
     results: dict[str, Any] = {"n_pairs": len(items)}
-    full = evaluate_retrieval(image_embeds, text_embeds, captions)
+    retrieval = dict(directions=directions, concepts=[r.concepts for r in items])
+    full = evaluate_retrieval(image_embeds, text_embeds, captions, **retrieval)
     tables = [format_results_table({"full": full})]
     results["retrieval_full"] = full.to_dict()
     if len(items) >= PMC_CLIP_N_PAIRS:
-        pmc = evaluate_retrieval(image_embeds, text_embeds, captions, protocol="pmc-clip", seed=seed)
+        pmc = evaluate_retrieval(image_embeds, text_embeds, captions, protocol="pmc-clip", seed=seed, **retrieval)
         results["retrieval_pmc_clip_2000"] = pmc.to_dict()
         tables.append(format_results_table({pmc.protocol: pmc}))
     if full.n_duplicate_groups:

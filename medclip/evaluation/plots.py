@@ -111,6 +111,28 @@ def plot_training_curves(metrics_jsonl_path: str | Path, out_png: str | Path) ->
     return _save(fig, out_png)
 
 
+def plot_validation_loss(metrics_jsonl_path: str | Path, out_png: str | Path) -> Path:
+    """Validation loss per evaluation (and the training loss, smoothed, behind it) as one small PNG, the curve
+    the original flax-community medclip README shows."""
+    records = read_metrics_jsonl(metrics_jsonl_path)
+    evals = sorted((r["step"], r["eval_loss"]) for r in records if _has(r, "step", "eval_loss"))
+    if not evals:
+        raise ValueError(f"{metrics_jsonl_path} has no eval_loss with a step to plot")
+    train = sorted((r["step"], r["train_loss"]) for r in records if _has(r, "step", "train_loss"))
+    fig = Figure(figsize=(5, 3), dpi=_DPI, layout="constrained")
+    ax = fig.subplots()
+    if len(train) > 2:
+        steps, losses = np.array(train, dtype=float).T
+        window = max(1, len(losses) // 20)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1 :], smooth, color="tab:blue", alpha=0.5, label="train loss (smoothed)")
+    steps, losses = np.array(evals, dtype=float).T
+    ax.plot(steps, losses, "o-", color="tab:orange", label="validation loss")
+    ax.set(title="Validation loss", xlabel="step", ylabel="loss")
+    ax.legend(frameon=False)
+    return _save(fig, out_png)
+
+
 def plot_retrieval_grid(
     query: str | Path | np.ndarray,
     images: Sequence[ImageLike],

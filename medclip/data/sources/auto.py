@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from medclip.data.records import DropCounter, Record
 
 
 def load_records(source: str | Path, split: str = "train", *, counter: DropCounter, min_caption_length: int = 10,
-                 image_column: str | None = None, caption_column: str | None = None) -> list[Record]:
-    """ROCO root folder (has data/<split>/), JSON lines, CSV/TSV, or a Hugging Face dataset (folder or id)."""
-    common = dict(counter=counter, min_caption_length=min_caption_length)
+                 image_column: str | None = None, caption_column: str | None = None,
+                 **options: Any) -> list[Record]:
+    """ROCO root folder (has data/<split>/), ROCOv2 root (has {train,valid,test}_captions.csv) or one ROCOv2
+    `<split>_captions.csv`, JSON lines, CSV/TSV, or a Hugging Face dataset (folder or id). `options` are
+    `medclip.data.sources.base.LoadOptions` (min_mean_intensity, text_cleaning, ...)."""
+    common = dict(counter=counter, min_caption_length=min_caption_length, **options)
     path = Path(source)
     name = str(source)
     if name.endswith((".jsonl", ".json")):
@@ -18,14 +22,22 @@ def load_records(source: str | Path, split: str = "train", *, counter: DropCount
 
         return load_jsonl(path, **common)
     if name.endswith((".csv", ".tsv")):
-        from medclip.data.sources.csv_source import load_csv
+        from medclip.data.sources import csv_source
 
-        return load_csv(path, image_column=image_column or "image", caption_column=caption_column or "caption",
-                        delimiter="\t" if name.endswith(".tsv") else ",", **common)
+        if image_column is None and caption_column is None and csv_source.is_rocov2_captions(path):
+            return csv_source.load_rocov2_file(path, **common)
+        return csv_source.load_csv(path, image_column=image_column or "image",
+                                   caption_column=caption_column or "caption",
+                                   delimiter="\t" if name.endswith(".tsv") else ",", **common)
     if (path / "data").is_dir():
         from medclip.data.sources.roco import load_roco
 
         return load_roco(path, split, **common)
+    if path.is_dir():
+        from medclip.data.sources import csv_source
+
+        if csv_source.is_rocov2_root(path):
+            return csv_source.load_rocov2(path, split, **common)
     from medclip.data.sources.hf_datasets import load_hf_dataset
 
     return load_hf_dataset(name, split=split, image_column=image_column or "image",

@@ -10,6 +10,7 @@ from typing import Any
 
 from medclip.data import captions as caption_cleaning
 from medclip.data import image_checks, records
+from medclip.data.text_cleaning import TextCleaning, clean_records
 from medclip.data.records import DropCounter, Record
 
 log = logging.getLogger(__name__)
@@ -44,9 +45,14 @@ def finish(
     max_pixels: int = image_checks.DEFAULT_MAX_PIXELS,
     verify_decode: bool = False,
     min_mean_intensity: float | None = None,
+    text_cleaning: TextCleaning | None = None,
+    min_caption_length: int = caption_cleaning.DEFAULT_MIN_CAPTION_LENGTH,
 ) -> list[Record]:
-    """Drops duplicate ids and bad images, counts what is kept, and returns the usable records."""
+    """Drops duplicate ids, captions that `text_cleaning` (when given) empties or shortens under
+    `min_caption_length`, and bad images; counts what is kept, and returns the usable records."""
     items = records.drop_duplicate_ids(items, counter)
+    if text_cleaning is not None and text_cleaning.active:
+        items = clean_records(items, text_cleaning, counter, min_caption_length)
     if check_images:
         items = image_checks.check_images(items, counter, max_pixels)
     if verify_decode or min_mean_intensity is not None:
@@ -69,7 +75,8 @@ class LoadOptions:
     check_images: bool = True
     max_pixels: int = image_checks.DEFAULT_MAX_PIXELS
     verify_decode: bool = False
-    min_mean_intensity: float | None = None
+    min_mean_intensity: float | None = None  # drop near-black images (mean 0-255 under this); decodes every image
+    text_cleaning: TextCleaning | None = None  # abbreviations, stop words, ... (medclip.data.text_cleaning)
 
 
 def load(name: str, read: Callable[[DropCounter, int], list[Record]], counter: DropCounter | None,
@@ -81,7 +88,8 @@ def load(name: str, read: Callable[[DropCounter, int], list[Record]], counter: D
     counter = counter or DropCounter(strict=opts.strict)
     items = finish(read(counter, opts.min_caption_length), counter, check_images=opts.check_images,
                    max_pixels=opts.max_pixels, verify_decode=opts.verify_decode,
-                   min_mean_intensity=opts.min_mean_intensity)
+                   min_mean_intensity=opts.min_mean_intensity, text_cleaning=opts.text_cleaning,
+                   min_caption_length=opts.min_caption_length)
     if owns_counter:
         log_report(name, counter)
     return items

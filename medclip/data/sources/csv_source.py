@@ -124,18 +124,62 @@ def load_csv(
     return base.load(str(path), read, counter, options)
 
 
+ROCOV2_SPLITS = {"train": "train", "validation": "valid", "valid": "valid", "test": "test"}
+
+
+def rocov2_split_name(root: str | Path, split: str) -> str:
+    """ROCOv2's name of a split: "validation" is "valid" there (ROCO's raw layout says "validation")."""
+    name = ROCOV2_SPLITS.get(split, split)
+    return split if (Path(root) / f"{split}_captions.csv").is_file() else name
+
+
+def is_rocov2_root(path: str | Path) -> bool:
+    """A folder holding ROCOv2's `{train,valid,test}_captions.csv`."""
+    return any((Path(path) / f"{name}_captions.csv").is_file() for name in ("train", "valid", "test"))
+
+
+def is_rocov2_captions(path: str | Path) -> bool:
+    """A `<split>_captions.csv` whose header has ROCOv2's `ID` and `Caption` columns."""
+    path = Path(path)
+    if not (path.name.endswith("_captions.csv") and path.is_file()):
+        return False
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        header = next(csv.reader([f.readline()]), [])
+    return {"ID", "Caption"} <= {column.strip() for column in header}
+
+
+def rocov2_image_dir(root: Path, split: str) -> Path:
+    """`root/{split}/` (ROCOv2's layout); `root/{split}_images/` or `root/images/` when only those exist."""
+    for candidate in (root / split, root / f"{split}_images", root / "images"):
+        if candidate.is_dir():
+            return candidate
+    return root / split
+
+
 def load_rocov2(root: str | Path, split: str = "train", **kwargs) -> list[Record]:
     """ROCOv2: `root/{split}_captions.csv` (ID,Caption), `root/{split}_concepts.csv` (ID,CUIs) when present,
-    images `root/{split}/ID.jpg`. Other keyword arguments go to `load_csv`."""
+    images `root/{split}/ID.jpg`. `split` may be ROCO's "validation" (ROCOv2's "valid"). Other keyword arguments
+    go to `load_csv`."""
     root = Path(root)
+    split = rocov2_split_name(root, split)
+    captions_path = root / f"{split}_captions.csv"
+    if not captions_path.is_file():
+        raise FileNotFoundError(f"no ROCOv2 {captions_path.name} in {root} (ROCOv2 ships train_captions.csv, "
+                                "valid_captions.csv and test_captions.csv with their image folders train/ valid/ test/)")
     concepts_path = root / f"{split}_concepts.csv"
     return load_csv(
-        root / f"{split}_captions.csv",
+        captions_path,
         image_column="ID",
         caption_column="Caption",
         id_column="ID",
-        image_dir=root / split,
+        image_dir=rocov2_image_dir(root, split),
         image_suffix=".jpg",
         concepts_path=concepts_path if concepts_path.is_file() else None,
         **kwargs,
     )
+
+
+def load_rocov2_file(captions_path: str | Path, **kwargs) -> list[Record]:
+    """One ROCOv2 `<split>_captions.csv`: its images and concepts CSV are found beside it."""
+    captions_path = Path(captions_path)
+    return load_rocov2(captions_path.parent, captions_path.name.removesuffix("_captions.csv"), **kwargs)
