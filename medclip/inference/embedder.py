@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from medclip.checkpoints.hub import resolve_model_dir
 from medclip.checkpoints.tokenizers import tokenizer_for_model
-from medclip.data.image_checks import image_problem, inspect_image, rgb_image
+from medclip.data.image_checks import inspect_image, rgb_image
 from medclip.hybrid_clip import FlaxHybridCLIP
 from medclip.models.hybrid import l2_normalize
 from medclip.models.registry import max_text_positions
@@ -51,7 +51,7 @@ class Embedder:
         self.batch_size = batch_size
         self.max_seq_length = min(max_seq_length, max_text_positions(self.model.config.text_config))
         self.image_size = self.model.config.vision_config.image_size
-        self.preprocess = self.model.config.image_preprocess
+        self.image_preprocess = self.model.config.image_preprocess
         graphdef, params = nnx.split(self.model)
         self._image_fn = jax.jit(lambda p, x: l2_normalize(nnx.merge(graphdef, p).get_image_features(x)))
         self._text_fn = jax.jit(lambda p, ids, mask: l2_normalize(
@@ -99,7 +99,7 @@ class Embedder:
         images = [rgb_image(image) for image in images]  # CMYK JPEGs converted to RGB by PIL
         contents = [tf.io.read_file(i) if isinstance(i, str) else tf.constant(i) for i in images]
         try:
-            return np.stack([eval_image(c, self.image_size, self.preprocess).numpy() for c in contents])
+            return np.stack([eval_image(c, self.image_size, self.image_preprocess).numpy() for c in contents])
         except tf.errors.InvalidArgumentError as error:
             raise ImageError(f"an image failed to decode: {error.message}") from None
 
@@ -140,7 +140,7 @@ class Embedder:
 
         dataset = tf.data.Dataset.from_tensor_slices((tf.range(n, dtype=tf.int64), files)).take(len(kept))
         dataset = dataset.map(lambda i, p: eval_image(read(i, p) if in_memory else tf.io.read_file(p), self.image_size,
-                                                    self.preprocess),
+                                                    self.image_preprocess),
                               num_parallel_calls=tf.data.AUTOTUNE).batch(self.batch_size).prefetch(2)
         chunks = []
         bar = tqdm(total=len(kept), desc="embed images", unit="img", disable=not progress)
