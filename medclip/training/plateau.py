@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-LOWER_IS_BETTER = ("loss", "rank")  # metric names containing these are minimised (as the best-model tracking)
+LOWER_IS_BETTER = ("loss", "rank")  # metric names containing these are minimised (plateau and best model)
 TORCH_EPS = 1e-8  # torch's `eps`: a reduction smaller than this is ignored
 
 

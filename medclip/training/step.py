@@ -59,7 +59,7 @@ def embeddings_output(image_embeds: jax.Array, text_embeds: jax.Array, logit_sca
                             image_embeds=image_embeds, text_embeds=text_embeds)
 
 
-def make_eval_loss(config: StepConfig) -> Callable[[np.ndarray, np.ndarray, Any], float]:
+def make_eval_loss(config: StepConfig) -> Callable[[np.ndarray, np.ndarray, Any, int], float]:
     """(image_embeds, text_embeds, params) -> the configured training loss averaged over eval batches of
     `batch` pairs (the global train batch size, so it is comparable to the training loss)."""
     loss = jax.jit(lambda image, text, scale, bias: losses.compute_loss(embeddings_output(image, text, scale, bias),
