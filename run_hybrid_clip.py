@@ -2,40 +2,92 @@
 """Fine-tune a FlaxHybridCLIP (CLIP vision tower + any text encoder) on image-caption pairs.
 
 Flags follow the original flax-community script (`--output_dir --text_model_name_or_path ...`); a single
-JSON file argument is read as the flag values. All logic lives in `medclip.training`.
+JSON file argument is read as the flag values. `--recipe NAME` starts from a named recipe in configs/ (later
+flags win); `--recipe list` lists them. All logic lives in `medclip.training`.
+
+Exit codes: 0 done, 2 a configuration error (the message names the flag), 3 a data error.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import sys
+import os
 
-from transformers import HfArgumentParser
+# transformers advises at import that PyTorch is missing ("Models won't be available"): this is a JAX tool and
+# needs none of them. Only advisories are silenced (real warnings still print); set it to "" to see them.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-from medclip.training.arguments import DataArguments, ModelArguments, TrainingArguments
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+
+from transformers import HfArgumentParser  # noqa: E402
+
+from medclip.training import recipes  # noqa: E402
+from medclip.training.arguments import DataArguments, ModelArguments, TrainingArguments  # noqa: E402
+from medclip.training.config_check import ConfigError, DataError, validate  # noqa: E402
+
+EXIT_CONFIG, EXIT_DATA, EXIT_MODEL = 2, 3, 4
+
+
+def _model_errors() -> tuple[type[Exception], ...]:
+    """What loading a model or tokenizer raises for a bad folder, file, config or weights."""
+    from medclip.checkpoints.conversion import WeightMismatchError
+    from medclip.checkpoints.openclip import OpenCLIPConfigError
+    from medclip.checkpoints.readers import CheckpointError
+    from medclip.checkpoints.tokenizers import TokenizerError
+    from medclip.models.registry import UnknownTowerError
+
+    return (CheckpointError, WeightMismatchError, OpenCLIPConfigError, TokenizerError, UnknownTowerError,
+            FileNotFoundError, NotADirectoryError)
 
 
 def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments),
+                              description=__doc__.split("\n\n")[1], epilog="Recipes: --recipe list")
     if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0])
+        with open(argv[0]) as f:
+            flags = json.load(f)
+        for name in recipes.DEPRECATED_FLAGS.keys() & flags.keys():
+            logging.getLogger(__name__).warning("%s is deprecated and ignored: %s", name,
+                                                recipes.DEPRECATED_FLAGS[name])
+            del flags[name]
+        return parser.parse_dict(flags)
+    argv, recipe = recipes.expand(argv)
+    if recipe is not None:
+        logging.getLogger(__name__).info("recipe %s (%s): %s", recipe.name, recipe.path, " ".join(recipe.argv()))
     return parser.parse_args_into_dataclasses(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    model_args, data_args, train_args = parse(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     for noisy in ("absl", "jax._src", "orbax", "tensorflow", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if argv[:2] == ["--recipe", "list"] or argv[:1] == ["--recipe=list"]:
+        print(recipes.listing())
+        return 0
+    try:
+        model_args, data_args, train_args = parse(argv)
+        validate(model_args, data_args, train_args)  # once, before anything is built
+        return run(model_args, data_args, train_args)
+    except ConfigError as error:
+        print(f"run_hybrid_clip.py: configuration error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    except DataError as error:
+        print(f"run_hybrid_clip.py: data error: {error}", file=sys.stderr)
+        return EXIT_DATA
+    except _model_errors() as error:
+        print(f"run_hybrid_clip.py: cannot load the model: {error}", file=sys.stderr)
+        return EXIT_MODEL
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments) -> int:
     from medclip.training.distributed import maybe_initialize
     from medclip.training.host_memory import keep_host_memory_mapped
 
     keep_host_memory_mapped()  # before JAX starts its CPU client
 
     maybe_initialize(train_args.coordinator_address, train_args.num_processes, train_args.process_id)
-    if not (train_args.do_train or train_args.do_eval):
-        raise SystemExit("nothing to do: pass --do_train and/or --do_eval")
     from medclip.training.trainer import Trainer
 
     trainer = Trainer(model_args, data_args, train_args)

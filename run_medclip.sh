@@ -1,17 +1,28 @@
 #!/usr/bin/env bash
-# The medclip recipe.
+# The recipes (configs/*.toml) and the embedded demo. Runs under sh, bash or ./run_medclip.sh.
 #
-#   ./run_medclip.sh                              embedded demo: synthetic radiology-like pairs, tiny towers, CPU,
-#                                                 a few minutes; trains, evaluates, plots, builds a search index
-#   ./run_medclip.sh ROCO_ROOT [flags...]         the ROCO recipe (ROCO_ROOT/data/{train,validation}/radiology)
-#   ./run_medclip.sh TRAIN VALIDATION [flags...]  the recipe on JSON lines / CSV files
+#   ./run_medclip.sh                                   embedded demo: synthetic radiology-like pairs, tiny towers,
+#                                                      CPU, a few minutes; trains, evaluates, plots, builds an index
+#   ./run_medclip.sh ROCO_ROOT [flags...]              the medclip recipe on ROCO (ROCO_ROOT/data/{train,validation})
+#   ./run_medclip.sh TRAIN VALIDATION [flags...]       the medclip recipe on JSON lines / CSV files
+#   ./run_medclip.sh --recipe NAME ROCO_ROOT [flags...]      (or TRAIN VALIDATION) another recipe
+#   ./run_medclip.sh --recipe list                     the recipes: name, source, description
 #
-# The recipe: openai/clip-vit-base-patch32 + allenai/scibert_scivocab_uncased, 40 epochs, batch 16 per device,
-# lr 5e-5, weight decay 0.1, max_seq_length 128. Extra flags go to run_hybrid_clip.py (later ones win), e.g.
-# --dtype bfloat16 on TPU/GPU, --output_dir, --push_to_hub --hub_model_id me/medclip-roco.
+# Recipe flags come first, so extra flags win, e.g. --dtype bfloat16 on TPU/GPU, --output_dir (default
+# outputs/RECIPE-roco, or $OUT_DIR), --push_to_hub --hub_model_id me/medclip-roco.
+if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi  # sh is dash on Debian: re-run under bash
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
+USAGE="usage: $0 [--recipe NAME|list] [ROCO_ROOT | TRAIN_FILE VALIDATION_FILE] [run_hybrid_clip.py flags...]"
+
+RECIPE=medclip
+if [ "${1:-}" = "--recipe" ]; then
+  if [ $# -lt 2 ]; then echo "$USAGE" >&2; exit 2; fi
+  RECIPE=$2; shift 2
+  if [ "$RECIPE" = list ]; then exec "$PYTHON" run_hybrid_clip.py --recipe list; fi
+  if [ $# -eq 0 ]; then echo "$USAGE" >&2; exit 2; fi
+fi
 
 if [ $# -eq 0 ]; then
   OUT=${OUT_DIR:-outputs/demo}
@@ -45,14 +56,7 @@ if [ -d "$1" ]; then
 elif [ $# -ge 2 ] && [ -f "$1" ] && [ -f "$2" ]; then
   DATA=(--train_file "$1" --validation_file "$2"); shift 2
 else
-  echo "usage: $0 [ROCO_ROOT | TRAIN_FILE VALIDATION_FILE] [run_hybrid_clip.py flags...]" >&2
+  echo "$USAGE" >&2
   exit 2
 fi
-exec "$PYTHON" run_hybrid_clip.py --output_dir "${OUT_DIR:-outputs/medclip-roco}" \
-  --text_model_name_or_path allenai/scibert_scivocab_uncased \
-  --vision_model_name_or_path openai/clip-vit-base-patch32 \
-  --tokenizer_name allenai/scibert_scivocab_uncased \
-  "${DATA[@]}" --do_train --do_eval --num_train_epochs 40 \
-  --per_device_train_batch_size 16 --per_device_eval_batch_size 16 \
-  --learning_rate 5e-5 --weight_decay 0.1 --max_seq_length 128 --lr_schedule linear \
-  --logging_steps 50 --save_steps 1000 "$@"
+exec "$PYTHON" run_hybrid_clip.py --recipe "$RECIPE" --output_dir "${OUT_DIR:-outputs/$RECIPE-roco}" "${DATA[@]}" "$@"

@@ -6,8 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
+
+# transformers advises at import that PyTorch is missing ("Models won't be available"): this is a JAX tool and
+# needs none of them. Only advisories are silenced (real warnings still print); set it to "" to see them.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 def _embedder(model: str, batch_size: int = 32):

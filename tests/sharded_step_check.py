@@ -12,16 +12,29 @@ import numpy as np
 from flax import nnx
 
 from medclip import FlaxHybridCLIP, HybridCLIPConfig
+from medclip.models import BertConfig, HeadConfig, TimmViTConfig
 from medclip.models.packing import plan_packing
 from medclip.training import mesh as mesh_lib
 from medclip.training.optim import OptimizerConfig, make_optimizer
 from medclip.training.step import StepConfig, init_state, make_train_step
 
 
-def run(devices, fully_sharded: bool, batches, dropout: bool = True, packed: bool = False):
-    tiny = HybridCLIPConfig.tiny()
-    config = dataclasses.replace(tiny, vision_config=tiny.vision_config.replace(num_hidden_layers=1),
-                                 text_config=tiny.text_config.replace(num_hidden_layers=1))
+def family_config(family: str) -> HybridCLIPConfig:
+    """The default dual encoder (CLIP ViT + BERT), a whole CLIP, or BiomedCLIP's architecture (timm ViT + BERT
+    with the [CLS] pooler and an MLP head)."""
+    if family == "clip":
+        tiny = HybridCLIPConfig.tiny("clip_text_model")
+    elif family == "biomedclip":
+        tiny = HybridCLIPConfig(vision_config=TimmViTConfig.tiny(), text_config=BertConfig.tiny(), projection_dim=16,
+                                text_head=HeadConfig(type="mlp", hidden_size=24, hidden_bias=False, pooler="cls"))
+    else:
+        tiny = HybridCLIPConfig.tiny()
+    return dataclasses.replace(tiny, vision_config=tiny.vision_config.replace(num_hidden_layers=1),
+                               text_config=tiny.text_config.replace(num_hidden_layers=1))
+
+
+def run(devices, fully_sharded: bool, batches, dropout: bool = True, packed: bool = False, family: str = "bert"):
+    config = family_config(family)
     model = FlaxHybridCLIP(config, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(params)
@@ -47,10 +60,18 @@ def run(devices, fully_sharded: bool, batches, dropout: bool = True, packed: boo
 
 def main() -> None:
     assert jax.device_count() == 8, jax.devices()
+    family = sys.argv[1] if len(sys.argv) > 1 else "bert"
     rng = np.random.default_rng(0)
     batches = [{"input_ids": rng.integers(2, 90, size=(16, 12)).astype(np.int32),
                 "attention_mask": np.ones((16, 12), np.int32),
                 "pixel_values": rng.normal(size=(16, 32, 32, 3)).astype(np.float32)} for _ in range(2)]
+    if family != "bert":  # a new family: replicated parameters against one device
+        for b in batches:
+            b["input_ids"][:, -1] = 98  # CLIP text pools at its end-of-text token
+        one = run(jax.devices()[:1], False, batches, family=family)
+        report = {"replicated": _diffs(one, run(jax.devices(), False, batches, family=family)), "losses": one[0]}
+        json.dump(report, sys.stdout)
+        return
     one = run(jax.devices()[:1], False, batches)
     report = {name: _diffs(one, run(jax.devices(), fully, batches))
               for name, fully in (("replicated", False), ("fully_sharded", True))}

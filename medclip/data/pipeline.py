@@ -313,9 +313,11 @@ class EvalDataset:
     """Every record exactly once (resize + center crop, first caption), in padded batches with a "mask"."""
 
     def __init__(self, items: list[Record], captions: Captions, layout: Layout, *, image_size: int,
-                 counter: DropCounter | None = None, preprocess: Preprocess | None = None):
+                 counter: DropCounter | None = None, preprocess: Preprocess | None = None,
+                 threads: int | None = None):
         self.items, self.captions, self.layout, self.image_size = items, captions, layout, image_size
         self.preprocess = preprocess
+        self.threads = threads
         self.counter = counter if counter is not None else DropCounter()
         self.num_batches = math.ceil(len(items) / layout.global_batch_size)
         padded = np.arange(self.num_batches * layout.global_batch_size)
@@ -364,7 +366,7 @@ class EvalDataset:
         # Skipped images would leave this process short: top up with filler so every process has num_batches.
         dataset = dataset.concatenate(tf.data.Dataset.from_tensors(filler).repeat())
         dataset = dataset.take(self.num_batches * batch).batch(batch, drop_remainder=True)
-        return dataset.prefetch(tf.data.AUTOTUNE).with_options(_options())
+        return dataset.prefetch(tf.data.AUTOTUNE).with_options(_options(self.threads))
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         expected = 0
@@ -391,8 +393,11 @@ def make_eval_dataset(
     process_count: int | None = None,
     counter: DropCounter | None = None,
     preprocess: Preprocess | None = None,
+    threads: int | None = None,
 ) -> EvalDataset:
-    """Eval batches for this process: resize + center crop, CLIP normalisation, first caption, "mask" for padding."""
+    """Eval batches for this process: resize + center crop, CLIP normalisation, first caption, "mask" for padding.
+    `threads` as in `make_train_dataset`."""
     layout = make_layout(len(items), global_batch_size, process_index, process_count)
     captions = tokenize_captions(items, tokenizer, max_seq_length)
-    return EvalDataset(items, captions, layout, image_size=image_size, counter=counter, preprocess=preprocess)
+    return EvalDataset(items, captions, layout, image_size=image_size, counter=counter, preprocess=preprocess,
+                       threads=threads)

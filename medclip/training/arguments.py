@@ -24,8 +24,6 @@ class ModelArguments:
     model_preset: str | None = field(default=None, metadata={
         "help": "Build towers from a preset instead of checkpoints: 'demo' (tiny, for the embedded demo)."})
     tokenizer_name: str | None = field(default=None, metadata={"help": "Defaults to the text model's."})
-    from_pt: bool = field(default=True, metadata={"help": "Accepted for compatibility; .bin files are always "
-                                                          "read (safely, without torch)."})
     dtype: str = field(default="float32", metadata={"help": "Compute dtype: float32, bfloat16 or float16."})
     projection_dim: int = 512
     image_size: int | None = field(default=None, metadata={
@@ -55,7 +53,8 @@ class DataArguments:
     min_caption_length: int = field(default=10, metadata={"help": "Drop captions shorter than this."})
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
-    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Decode threads (AUTOTUNE)."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={
+        "help": "Threads of the tf.data pipelines (decoding, augmentation); default: TF's shared pool, one per core."})
     crop_scale_min: float = 0.5
     hflip: bool = field(default=False, metadata={
         "help": "Random horizontal flips. Off: radiology captions say left and right."})
@@ -93,8 +92,21 @@ class TrainingArguments:
     vision_learning_rate: float | None = None
     text_learning_rate: float | None = None
     warmup_steps: int = 0
-    lr_schedule: str = field(default="linear", metadata={"help": "linear (original), cosine or constant."})
+    lr_schedule: str = field(default="linear", metadata={
+        "help": "linear (original), cosine or constant (after --warmup_steps); constant with --reduce_lr_on_plateau."})
     weight_decay: float = 0.0
+    weight_decay_type: str = field(default="decoupled", metadata={
+        "help": "decoupled (AdamW) or l2 (torch.optim.Adam's weight_decay: added to the gradient before the moments)."})
+    reduce_lr_on_plateau: bool = field(default=False, metadata={
+        "help": "ReduceLROnPlateau (PyTorch's semantics) on --plateau_metric after each epoch's evaluation."})
+    plateau_metric: str = field(default="eval_loss", metadata={
+        "help": "An eval metric (eval_loss, t2i_R@5, ...); lower is better for losses and ranks, else higher."})
+    plateau_factor: float = field(default=0.1, metadata={"help": "Multiply the learning rate by this on a plateau."})
+    plateau_patience: int = field(default=10, metadata={"help": "Epochs without improvement before reducing."})
+    plateau_threshold: float = field(default=1e-4, metadata={"help": "Smallest improvement that counts."})
+    plateau_threshold_mode: str = field(default="rel", metadata={"help": "rel (relative to the best) or abs."})
+    plateau_cooldown: int = field(default=0, metadata={"help": "Epochs to wait after a reduction."})
+    plateau_min_lr: float = field(default=0.0, metadata={"help": "Lower bound on --learning_rate's reduced value."})
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
@@ -104,12 +116,15 @@ class TrainingArguments:
     freeze_text: bool = False
     loss: str = field(default="clip", metadata={"help": "clip (symmetric InfoNCE), hybrid or sigmoid."})
     hybrid_alpha: float = 0.5
+    hybrid_temperature: float = field(default=1.0, metadata={
+        "help": "Temperature of the hybrid loss's soft targets (softmax of image-image + text-text similarities / T)."})
     seed: int = 42
     logging_steps: int = 20
     save_steps: int = 500
     save_total_limit: int = 3
     resume: bool = field(default=True, metadata={"help": "Continue from the latest checkpoint in output_dir."})
-    metric_for_best_model: str = "t2i_R@5"
+    metric_for_best_model: str = field(default="t2i_R@5", metadata={
+        "help": "An eval metric, with or without eval_ (loss, t2i_R@5, i2t_mrr, t2i_median_rank, ...)."})
     early_stopping_patience: int = field(default=5, metadata={"help": "Epochs without improvement; 0 = off."})
     max_nonfinite_steps: int = field(default=10, metadata={"help": "Stop after this many non-finite steps in a row."})
     fully_sharded: bool = field(default=False, metadata={"help": "Shard parameters over devices too (FSDP)."})

@@ -21,6 +21,7 @@ from medclip.data.records import DropCounter, Record
 from medclip.data.sources.auto import load_records
 from medclip.training.distributed import barrier
 from medclip.training.arguments import DataArguments, TrainingArguments
+from medclip.training.config_check import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class DataFeed:
 
     def restore_train(self, state: dict[str, Any]) -> None:
         if state.get("fingerprint") != self._data_fingerprint():
-            raise SystemExit(f"the checkpoint's data ({state.get('fingerprint')}) is not this run's "
+            raise DataError(f"the checkpoint's data ({state.get('fingerprint')}) is not this run's "
                              f"({self._data_fingerprint()}): resume with the same data, seed, batch size and "
                              "number of processes, or start a new --output_dir")
         self.train.restore({**self.train.state(), "position": state["positions"][jax.process_index()]})
@@ -123,22 +124,23 @@ def build_data(args: DataArguments, train_args: TrainingArguments, tokenizer, mo
         items, counter = load_split(args, "train", output_dir, train_args.seed)
         counters["train"] = (len(items), counter)
         if not items:
-            raise SystemExit("--do_train needs training data: --train_file, --data_dir, --dataset_name or "
+            raise ConfigError("--do_train needs training data: --train_file, --data_dir, --dataset_name or "
                              "--synthetic_train_samples")
         if len(items) < global_train:
-            raise SystemExit(f"{len(items)} training pairs do not fill one global batch of {global_train} "
+            raise DataError(f"{len(items)} training pairs do not fill one global batch of {global_train} "
                              f"({train_args.per_device_train_batch_size} per device x {num_devices} devices)")
         train = make_train_dataset(items, tokenizer, image_size=image_size, max_seq_length=args.max_seq_length,
                                    global_batch_size=global_train, seed=train_args.seed,
                                    crop_scale=(args.crop_scale_min, 1.0), hflip=args.hflip, counter=counter,
-                                   preprocess=model_config.image_preprocess)
+                                   preprocess=model_config.image_preprocess, threads=args.preprocessing_num_workers)
     if train_args.do_eval or train_args.do_train:
         items, counter = load_split(args, "validation", output_dir, train_args.seed)
         if items:
             counters["validation"] = (len(items), counter)
             evaluation = make_eval_dataset(items, tokenizer, image_size=image_size,
                                            max_seq_length=args.max_seq_length, global_batch_size=global_eval,
-                                           counter=counter, preprocess=model_config.image_preprocess)
+                                           counter=counter, preprocess=model_config.image_preprocess,
+                                           threads=args.preprocessing_num_workers)
             eval_captions = [record.captions[0] for record in items]
     feed = DataFeed(train=train, eval=evaluation, eval_captions=eval_captions, counters=counters,
                     global_train_batch_size=global_train,

@@ -1,10 +1,14 @@
-"""Contrastive losses over the global batch, each a pure function of logits (and embeddings).
+"""Contrastive losses over the global batch, each a pure function of logits (and embeddings), and the one
+registry that training and evaluation both call (`compute_loss(out, config)`).
 
 With `jax.jit` over a device mesh the logits are the global (batch, batch) matrix, so every device's
 examples serve as negatives for every other's; XLA inserts the gathers.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -43,4 +47,34 @@ def sigmoid_loss(logits_per_text: jax.Array) -> jax.Array:
     return -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / logits.shape[0]
 
 
-LOSSES = ("clip", "hybrid", "sigmoid")
+class LossConfig(Protocol):
+    """What a loss may read from its configuration (`medclip.training.step.StepConfig` is one)."""
+
+    loss: str
+    hybrid_alpha: float
+    hybrid_temperature: float
+
+
+class ModelOutput(Protocol):
+    """What a loss may read from the model output (`medclip.models.hybrid.HybridCLIPOutput` is one)."""
+
+    logits_per_text: jax.Array  # (texts, images): scale * text_embeds @ image_embeds.T (+ bias)
+    image_embeds: jax.Array  # (batch, dim), L2-normalised
+    text_embeds: jax.Array
+
+
+LOSSES: dict[str, Callable[[Any, Any], jax.Array]] = {
+    "clip": lambda out, config: clip_loss(out.logits_per_text),
+    "hybrid": lambda out, config: hybrid_loss(out.logits_per_text, out.image_embeds, out.text_embeds,
+                                              config.hybrid_alpha, config.hybrid_temperature),
+    "sigmoid": lambda out, config: sigmoid_loss(out.logits_per_text),
+}
+
+
+def compute_loss(out: ModelOutput, config: LossConfig) -> jax.Array:
+    """The configured loss of a model output: the training step and evaluation both call this."""
+    try:
+        loss = LOSSES[config.loss]
+    except KeyError:
+        raise ValueError(f"unknown loss {config.loss!r}; choose from {', '.join(LOSSES)}") from None
+    return loss(out, config)

@@ -16,13 +16,14 @@ from medclip.hybrid_clip import FlaxHybridCLIP
 from medclip.models import BertConfig, CLIPVisionConfig, HybridCLIPConfig
 from medclip.models.registry import max_text_positions
 from medclip.training.arguments import DataArguments, ModelArguments
+from medclip.training.config_check import ConfigError
 from medclip.training.distributed import barrier
 
 logger = logging.getLogger(__name__)
 __all__ = ["ModelSetupError", "build_model_and_tokenizer", "demo_config", "load_tokenizer"]
 
 
-class ModelSetupError(ValueError):
+class ModelSetupError(ConfigError):
     """The flags do not describe a model and tokenizer that can be used together."""
 
 

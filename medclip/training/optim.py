@@ -1,16 +1,20 @@
-"""optax AdamW with the schedules, masks and options of the recipe.
+"""optax Adam(W) with the schedules, masks and options of the recipe.
 
 No weight decay on biases, norms, embeddings and the temperature/bias scalars (decaying the temperature
 towards 0 would fight the loss); per-tower learning rates; freezing a tower (locked-image tuning).
+Weight decay is decoupled (AdamW, the default) or L2 as PyTorch's `torch.optim.Adam(weight_decay=...)` applies it
+(`weight_decay * param` added to the gradient before the moments). With ReduceLROnPlateau, a multiplier held in
+the optimizer state (`lr_scale`, set on the host after each evaluation) scales every update.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 # Parameter paths ('.'-joined) that get no weight decay.
@@ -25,6 +29,7 @@ class OptimizerConfig:
     total_steps: int = 1000
     schedule: str = "linear"  # linear (warmup then linear decay to 0, the original) | cosine | constant
     weight_decay: float = 0.1
+    weight_decay_type: str = "decoupled"  # decoupled (AdamW) | l2 (torch.optim.Adam's weight_decay)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
@@ -34,6 +39,30 @@ class OptimizerConfig:
     text_learning_rate: float | None = None
     freeze_vision: bool = False
     freeze_text: bool = False
+    lr_multiplier: bool = False  # an `lr_scale` in the state, set from outside (ReduceLROnPlateau)
+
+
+SCHEDULES = ("linear", "cosine", "constant")
+WEIGHT_DECAY_TYPES = ("decoupled", "l2")
+
+
+class LearningRateScaleState(NamedTuple):
+    lr_scale: jax.Array  # f32 scalar multiplying every update; the trainer sets it (optax.tree_utils.tree_set)
+
+
+def scale_by_lr_multiplier() -> optax.GradientTransformation:
+    """Multiplies the updates by `lr_scale` from the state (1 at init). Scaling the whole Adam(W) update is
+    scaling its learning rate: AdamW's decay term is lr * wd * param, inside the scaled update."""
+
+    def init(params):
+        del params
+        return LearningRateScaleState(lr_scale=jnp.ones((), jnp.float32))
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u: u * state.lr_scale.astype(u.dtype), updates), state
+
+    return optax.GradientTransformation(init, update)
 
 
 def make_schedule(peak: float, config: OptimizerConfig) -> optax.Schedule:
@@ -46,7 +75,7 @@ def make_schedule(peak: float, config: OptimizerConfig) -> optax.Schedule:
     elif config.schedule == "constant":
         decay = optax.constant_schedule(peak)
     else:
-        raise ValueError(f"unknown schedule {config.schedule!r}; use linear, cosine or constant")
+        raise ValueError(f"unknown schedule {config.schedule!r}; use one of {', '.join(SCHEDULES)}")
     if warmup == 0:
         return decay
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
@@ -81,17 +110,32 @@ def make_optimizer(params: Any, config: OptimizerConfig) -> tuple[optax.Gradient
         "text": make_schedule(config.text_learning_rate or config.learning_rate, config),
     }
 
-    def adamw(schedule):
-        return optax.adamw(schedule, b1=config.adam_beta1, b2=config.adam_beta2, eps=config.adam_epsilon,
-                           weight_decay=config.weight_decay, mask=decay_mask)
+    def adam(schedule):
+        if config.weight_decay_type == "decoupled":
+            return optax.adamw(schedule, b1=config.adam_beta1, b2=config.adam_beta2, eps=config.adam_epsilon,
+                               weight_decay=config.weight_decay, mask=decay_mask)
+        if config.weight_decay_type == "l2":  # torch.optim.Adam: grad += wd * param, then the moments
+            return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+                               optax.scale_by_adam(b1=config.adam_beta1, b2=config.adam_beta2,
+                                                   eps=config.adam_epsilon),
+                               optax.scale_by_learning_rate(schedule))
+        raise ValueError(f"unknown weight decay type {config.weight_decay_type!r}; "
+                         f"use one of {', '.join(WEIGHT_DECAY_TYPES)}")
 
-    transforms = {name: adamw(s) for name, s in schedules.items()}
+    transforms = {name: adam(s) for name, s in schedules.items()}
     transforms["frozen"] = optax.set_to_zero()
     chain = []
     if config.max_grad_norm:
         chain.append(optax.clip_by_global_norm(config.max_grad_norm))
     chain.append(optax.multi_transform(transforms, lambda p: tower_labels(p, config)))
+    if config.lr_multiplier:
+        chain.append(scale_by_lr_multiplier())
     tx = optax.chain(*chain)
     if config.gradient_accumulation_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=config.gradient_accumulation_steps)
     return tx, schedules
+
+
+def set_lr_scale(opt_state: Any, scale: jax.Array) -> Any:
+    """The optimizer state with its `lr_scale` replaced (the optimizer must have `lr_multiplier=True`)."""
+    return optax.tree_utils.tree_set(opt_state, lr_scale=scale)

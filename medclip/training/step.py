@@ -13,9 +13,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx, struct
 
+from medclip.models.hybrid import LOGIT_SCALE_MAX, HybridCLIPOutput
 from medclip.models.packing import PackingPlan
 from medclip.training import losses
 
@@ -46,15 +48,31 @@ def init_state(params: Any, tx: optax.GradientTransformation, seed: int) -> Trai
                       nonfinite_in_a_row=zero(), nonfinite_total=zero())
 
 
-def compute_loss(config: StepConfig, out: Any) -> jax.Array:
-    if config.loss == "clip":
-        return losses.clip_loss(out.logits_per_text)
-    if config.loss == "hybrid":
-        return losses.hybrid_loss(out.logits_per_text, out.image_embeds, out.text_embeds,
-                                  config.hybrid_alpha, config.hybrid_temperature)
-    if config.loss == "sigmoid":
-        return losses.sigmoid_loss(out.logits_per_text)
-    raise ValueError(f"unknown loss {config.loss!r}; choose from {losses.LOSSES}")
+def embeddings_output(image_embeds: jax.Array, text_embeds: jax.Array, logit_scale: jax.Array,
+                      logit_bias: jax.Array | None = None) -> HybridCLIPOutput:
+    """The model's output rebuilt from its (normalised) embeddings and temperature/bias parameters, as
+    `FlaxHybridCLIP.__call__` forms its logits (tests/test_eval_loss.py checks they agree)."""
+    logits_per_text = text_embeds @ image_embeds.T * jnp.minimum(jnp.exp(logit_scale), LOGIT_SCALE_MAX)
+    if logit_bias is not None:
+        logits_per_text = logits_per_text + logit_bias
+    return HybridCLIPOutput(logits_per_image=logits_per_text.T, logits_per_text=logits_per_text,
+                            image_embeds=image_embeds, text_embeds=text_embeds)
+
+
+def make_eval_loss(config: StepConfig) -> Callable[[np.ndarray, np.ndarray, Any, int], float]:
+    """(image_embeds, text_embeds, params) -> the configured training loss averaged over eval batches of
+    `batch` pairs (the global train batch size, so it is comparable to the training loss)."""
+    loss = jax.jit(lambda image, text, scale, bias: losses.compute_loss(embeddings_output(image, text, scale, bias),
+                                                                       config))
+
+    def eval_loss(image_embeds: np.ndarray, text_embeds: np.ndarray, params: Any, batch: int) -> float:
+        scale, bias = jax.device_get(params["logit_scale"]), params.get("logit_bias")
+        bias = None if bias is None else jax.device_get(bias)
+        values = [loss(image_embeds[start:start + batch], text_embeds[start:start + batch], scale, bias)
+                  for start in range(0, len(image_embeds), batch)]
+        return float(np.mean(jax.device_get(values)))
+
+    return eval_loss
 
 
 def _apply_update(tx: optax.GradientTransformation, grads: Any, opt_state: Any, params: Any) -> tuple[Any, Any]:
@@ -84,7 +102,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
         model = nnx.merge(graphdef, params)
         out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
                     dropout_rng=rng if config.dropout else None, text_packing=text_packing)
-        return compute_loss(config, out), out.logits_per_text
+        return losses.compute_loss(out, config), out.logits_per_text
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)

@@ -20,20 +20,21 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from medclip.hybrid_clip import FlaxHybridCLIP
-from medclip.models.hybrid import LOGIT_SCALE_MAX
 from medclip.models.packing import PackingPlan, plan_packing
 from medclip.training import mesh as mesh_lib
 from medclip.training.distributed import barrier
 from medclip.training.arguments import DataArguments, ModelArguments, TrainingArguments
 from medclip.training.checkpointing import Checkpointer
+from medclip.training.config_check import ConfigError, metric_key, validate
 from medclip.training.data_feed import DataFeed, build_data, write_data_report
 from medclip.training.logger import MetricsLogger, truncate_jsonl
 from medclip.training.model_setup import build_model_and_tokenizer
-from medclip.training.optim import OptimizerConfig, make_optimizer
-from medclip.training.step import StepConfig, TrainState, init_state, make_embed_step, make_train_step
+from medclip.training.optim import OptimizerConfig, make_optimizer, set_lr_scale
+from medclip.training.plateau import Plateau, PlateauConfig, mode_for
+from medclip.training.step import (StepConfig, TrainState, init_state, make_embed_step, make_eval_loss,
+                                   make_train_step)
 
 logger = logging.getLogger(__name__)
-LOWER_IS_BETTER = ("loss", "rank")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -48,20 +49,21 @@ class Progress:
     best_epoch: int | None = None
     epochs_without_improvement: int = 0
     stopped_early: bool = False
+    plateau: dict[str, Any] | None = None  # ReduceLROnPlateau's state (medclip.training.plateau.PlateauState)
 
 
 def _is_better(metric: str, value: float, best: float | None) -> bool:
     if best is None:
         return True
-    return value < best if any(w in metric for w in LOWER_IS_BETTER) else value > best
+    return value < best if mode_for(metric) == "min" else value > best
 
 
 def _prepare_output_dir(args: TrainingArguments) -> Path:
     out = Path(args.output_dir)
     has_checkpoint = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
     if out.is_dir() and any(out.iterdir()) and not args.overwrite_output_dir and not (args.resume and has_checkpoint):
-        raise SystemExit(f"output directory {out} exists and is not empty; use --overwrite_output_dir, "
-                         "or keep --resume to continue its checkpoint")
+        raise ConfigError(f"--output_dir {out} exists and is not empty; use --overwrite_output_dir, "
+                          "or keep --resume to continue its checkpoint")
     barrier("output_dir checked")  # every process looked before anyone deletes
     if jax.process_index() == 0:
         if args.overwrite_output_dir and out.is_dir():
@@ -77,16 +79,21 @@ def _dtype(name: str):
     try:
         return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
     except KeyError:
-        raise SystemExit(f"--dtype must be float32, bfloat16 or float16, not {name!r}") from None
+        raise ConfigError(f"--dtype must be float32, bfloat16 or float16, not {name!r}") from None
 
 
 class Trainer:
+    """Expects flags that `config_check.validate` accepted (`train()` below validates; so does the script)."""
+
     def __init__(self, model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments):
         self.model_args, self.data_args, self.args = model_args, data_args, train_args
         self.output_dir = _prepare_output_dir(train_args)
         self.mesh = mesh_lib.make_mesh()
         self.model, self.tokenizer = build_model_and_tokenizer(model_args, data_args, _dtype(model_args.dtype),
                                                                train_args.seed, self.output_dir)
+        if train_args.loss == "sigmoid" and self.model.logit_bias is None:  # a Hub model: known only now
+            raise ConfigError(f"--loss sigmoid needs a learned logit bias, and {model_args.model_name_or_path} "
+                              "has none: use --loss clip, or a model saved with logit_bias_init_value")
         self.data: DataFeed = build_data(data_args, train_args, self.tokenizer, self.model.config,
                                          self.output_dir, num_devices=jax.device_count())
         self.graphdef, params = nnx.split(self.model, nnx.Param)
@@ -98,6 +105,7 @@ class Trainer:
             learning_rate=train_args.learning_rate, warmup_steps=train_args.warmup_steps,
             total_steps=max(self.total_steps // train_args.gradient_accumulation_steps, 1),
             schedule=train_args.lr_schedule, weight_decay=train_args.weight_decay,
+            weight_decay_type=train_args.weight_decay_type, lr_multiplier=train_args.reduce_lr_on_plateau,
             adam_beta1=train_args.adam_beta1, adam_beta2=train_args.adam_beta2,
             adam_epsilon=train_args.adam_epsilon, max_grad_norm=train_args.max_grad_norm or None,
             gradient_accumulation_steps=train_args.gradient_accumulation_steps,
@@ -105,8 +113,16 @@ class Trainer:
             freeze_vision=train_args.freeze_vision, freeze_text=train_args.freeze_text)
         self.tx, self.schedules = make_optimizer(self.params, self.optimizer_config)
         self.step_config = StepConfig(loss=train_args.loss, hybrid_alpha=train_args.hybrid_alpha,
+                                      hybrid_temperature=train_args.hybrid_temperature,
                                       dropout=model_args.text_dropout, freeze_vision=train_args.freeze_vision,
                                       freeze_text=train_args.freeze_text)
+        self.eval_loss = make_eval_loss(self.step_config)
+        self.plateau_config = PlateauConfig(
+            mode=mode_for(train_args.plateau_metric), factor=train_args.plateau_factor,
+            patience=train_args.plateau_patience, threshold=train_args.plateau_threshold,
+            threshold_mode=train_args.plateau_threshold_mode, cooldown=train_args.plateau_cooldown,
+            min_lr=train_args.plateau_min_lr) if train_args.reduce_lr_on_plateau else None
+        self.lr_scale = 1.0  # the plateau's multiplier, for logging (the step reads it from the optimizer state)
         self.checkpointer = Checkpointer(self.output_dir / "checkpoints", max_to_keep=train_args.save_total_limit)
         self.metrics = MetricsLogger(self.output_dir, train_args.report_to,
                                      run_config={**dataclasses.asdict(model_args), **dataclasses.asdict(data_args),
@@ -123,6 +139,9 @@ class Trainer:
         self._train_steps: dict[PackingPlan | None, Any] = {}
         self.embed_step = jax.jit(make_embed_step(self.graphdef),
                                   in_shardings=(self.state_shardings.params, batch_sharding))
+        self._set_lr_scale = jax.jit(
+            lambda state, scale: state.replace(opt_state=set_lr_scale(state.opt_state, scale.astype(jnp.float32))),
+            in_shardings=(self.state_shardings, None), out_shardings=self.state_shardings, donate_argnums=0)
 
     def train_step(self, state: TrainState, batch: dict[str, np.ndarray]) -> tuple[TrainState, dict]:
         """One step on this process's rows, jitted once per text-packing plan (at most --text_packing_sizes)."""
@@ -168,6 +187,10 @@ class Trainer:
         barrier("train start")
         steps_per_epoch = self.data.steps_per_epoch
         global_batch = self.data.global_train_batch_size
+        plateau = None
+        if self.plateau_config is not None:
+            plateau = Plateau(self.plateau_config, args.learning_rate, progress.plateau)
+            self.lr_scale = plateau.state.lr / args.learning_rate
         summary: dict[str, Any] = {}
         bar = tqdm(total=self.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
                    disable=jax.process_index() != 0)
@@ -192,6 +215,8 @@ class Trainer:
             if end_of_epoch and self.data.has_eval:
                 summary["eval"] = self.evaluate(state.params, step, epoch)
                 self._track_best(state, summary["eval"], progress, epoch)
+                if plateau is not None:
+                    state = self._step_plateau(plateau, state, summary["eval"], progress)
                 last_time = time.perf_counter()  # evaluation time is not training throughput
             if end_of_epoch or (args.save_steps > 0 and step % args.save_steps == 0):
                 self._save(step, state, progress)
@@ -206,10 +231,20 @@ class Trainer:
         self.checkpointer.close()
         return summary
 
+    def _step_plateau(self, plateau: Plateau, state: TrainState, metrics: dict, progress: Progress) -> TrainState:
+        """ReduceLROnPlateau after an evaluation: the new rate goes into the optimizer state (both checkpointed)."""
+        before = plateau.state.lr
+        lr = plateau.step(metrics[metric_key(self.args.plateau_metric)])
+        progress.plateau = plateau.to_dict()
+        if lr != before:
+            logger.info("%s plateaued: learning rate %.3g -> %.3g", self.args.plateau_metric, before, lr)
+        self.lr_scale = lr / self.args.learning_rate
+        return self._set_lr_scale(state, np.float32(self.lr_scale))
+
     def evaluate_only(self) -> dict[str, Any]:
         """--do_eval without --do_train: the starting (or latest checkpointed) model on the validation set."""
         if not self.data.has_eval:
-            raise SystemExit("--do_eval needs --validation_file, --data_dir or synthetic validation data")
+            raise ConfigError("--do_eval needs --validation_file, --data_dir or synthetic validation data")
         state, progress = self._initial_state()
         return {"eval": self.evaluate(state.params, int(state.step), int(state.step) // max(self.data.steps_per_epoch, 1)),
                 "dropped": self.data.drop_summary}
@@ -221,7 +256,8 @@ class Trainer:
 
     def _log_train(self, step: int, epoch: int, metrics: dict, rate: float) -> dict[str, float]:
         fetched = {f"train_{k}": float(v) for k, v in jax.device_get(metrics).items()}
-        fetched["learning_rate"] = float(self.schedules["head"](step // self.args.gradient_accumulation_steps))
+        fetched["learning_rate"] = self.lr_scale * float(
+            self.schedules["head"](step // self.args.gradient_accumulation_steps))
         fetched["pairs_per_s"] = rate
         fetched["epoch"] = epoch
         self.metrics.log(step, fetched)
@@ -256,9 +292,10 @@ class Trainer:
         captions = self.data.eval_captions
         if len(captions) != len(image_embeds):
             raise RuntimeError(f"evaluation saw {len(image_embeds)} examples but the split has {len(captions)}")
-        scale = min(math.exp(float(jax.device_get(params["logit_scale"]))), LOGIT_SCALE_MAX)
         result = evaluate_retrieval(image_embeds, text_embeds, captions)
-        metrics = {"eval_loss": _eval_loss(image_embeds, text_embeds, scale, self.data.global_eval_batch_size),
+        # The training loss (the same function), in batches of the global train batch: comparable to train_loss.
+        eval_loss = self.eval_loss(image_embeds, text_embeds, params, self.data.global_train_batch_size)
+        metrics = {"eval_loss": eval_loss,
                    **{f"eval_{k}": v for k, v in result.metrics.items()}, "epoch": epoch,
                    "eval_examples": len(image_embeds)}
         self.metrics.log(step, metrics)
@@ -276,10 +313,10 @@ class Trainer:
 
     def _track_best(self, state: TrainState, metrics: dict, progress: Progress, epoch: int) -> None:
         """Exports each new best model to output_dir/best; sets `stopped_early` when patience runs out."""
-        name = f"eval_{self.args.metric_for_best_model}"
-        if name not in metrics:
-            raise SystemExit(f"--metric_for_best_model {self.args.metric_for_best_model!r} is not an eval metric; "
-                             f"choose from {sorted(k[5:] for k in metrics if k.startswith('eval_'))}")
+        name = metric_key(self.args.metric_for_best_model)
+        if name not in metrics:  # config_check.validate lists the valid names; this guards a new metric set
+            raise ConfigError(f"--metric_for_best_model {self.args.metric_for_best_model!r} is not an eval metric; "
+                              f"choose from {sorted(k[5:] for k in metrics if k.startswith('eval_'))}")
         value = metrics[name]
         if _is_better(name, value, progress.best_metric):
             progress.best_metric, progress.best_epoch, progress.epochs_without_improvement = value, epoch, 0
@@ -300,8 +337,10 @@ class Trainer:
         source = d.data_dir or d.train_file or d.dataset_name or (
             f"{d.synthetic_train_samples} synthetic radiology-like pairs (medclip demo)" if d.synthetic_train_samples else "")
         training = {"steps": self.total_steps, "global batch": self.data.global_train_batch_size,
-                    "learning rate": a.learning_rate, "schedule": f"{a.lr_schedule}, warmup {a.warmup_steps}",
-                    "weight decay": a.weight_decay, "loss": a.loss, "max_seq_length": d.max_seq_length,
+                    "learning rate": a.learning_rate,
+                    "schedule": f"{a.lr_schedule}, warmup {a.warmup_steps}"
+                                + (f", ReduceLROnPlateau on {a.plateau_metric}" if a.reduce_lr_on_plateau else ""),
+                    "weight decay": f"{a.weight_decay} ({a.weight_decay_type})", "loss": a.loss, "max_seq_length": d.max_seq_length,
                     "compute dtype": m.dtype}
         bases = tuple(x for x in (m.vision_model_name_or_path, m.text_model_name_or_path, m.model_name_or_path) if x)
         metrics = {k[5:]: v for k, v in (eval_metrics or {}).items() if k.startswith("eval_") and isinstance(v, float)}
@@ -335,17 +374,6 @@ class Trainer:
         return exported
 
 
-def _eval_loss(image_embeds: np.ndarray, text_embeds: np.ndarray, scale: float, batch: int) -> float:
-    """Symmetric InfoNCE averaged over eval batches of the training batch size (comparable to train loss)."""
-    losses = []
-    for start in range(0, len(image_embeds), batch):
-        logits = scale * text_embeds[start:start + batch] @ image_embeds[start:start + batch].T
-        logits = logits - logits.max()
-        t2i = -np.mean(np.diag(logits) - np.log(np.exp(logits).sum(1)))
-        i2t = -np.mean(np.diag(logits) - np.log(np.exp(logits).sum(0)))
-        losses.append((t2i + i2t) / 2)
-    return float(np.mean(losses))
-
-
 def train(model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments) -> dict[str, Any]:
+    validate(model_args, data_args, train_args)
     return Trainer(model_args, data_args, train_args).train()

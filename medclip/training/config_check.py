@@ -1,0 +1,109 @@
+"""The run's configuration, checked once before anything is built, and the typed errors of the trainer.
+
+Library code raises `ConfigError` (a flag, or a combination of flags, is wrong: the message names the flag) or
+`DataError` (the data cannot make the run the flags ask for); `run_hybrid_clip.py` turns them into exit
+codes 2 and 3 with the message on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from medclip.training.arguments import DataArguments, ModelArguments, TrainingArguments
+from medclip.training.losses import LOSSES
+from medclip.training.optim import SCHEDULES, WEIGHT_DECAY_TYPES
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A flag or a combination of flags that cannot work; the message names the flag and what to do."""
+
+
+class DataError(ValueError):
+    """The data cannot serve the run (too few pairs, not the checkpoint's data...)."""
+
+
+def eval_metric_names() -> list[str]:
+    """The metrics `Trainer.evaluate` logs (each as eval_<name>): the loss and every retrieval metric."""
+    import numpy as np
+
+    from medclip.evaluation.retrieval import evaluate_retrieval
+
+    pairs = np.eye(2, dtype=np.float32)  # the names do not depend on the data
+    return ["loss", *evaluate_retrieval(pairs, pairs).metrics]
+
+
+def metric_key(name: str) -> str:
+    """'t2i_R@5' or 'eval_t2i_R@5' -> 'eval_t2i_R@5' (the key in the evaluation's metrics)."""
+    return "eval_" + name.removeprefix("eval_")
+
+
+def _check_metric(flag: str, name: str) -> None:
+    valid = eval_metric_names()
+    if name.removeprefix("eval_") not in valid:
+        raise ConfigError(f"{flag} {name!r} is not an eval metric; choose from {', '.join(valid)} "
+                          "(with or without the eval_ prefix)")
+
+
+def _choice(flag: str, value: str, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{flag} {value!r} is unknown; choose from {', '.join(allowed)}")
+
+
+def _model_has_logit_bias(model: ModelArguments) -> bool | None:
+    """Whether the model the run starts from learns a logit bias; None when it cannot be known before loading
+    (a Hub id: checked once the model is built)."""
+    if model.model_name_or_path is not None:
+        config = Path(model.model_name_or_path) / "config.json"
+        if not config.is_file():
+            return None
+        return json.loads(config.read_text()).get("logit_bias_init_value") is not None
+    if model.model_preset is not None:
+        return False  # the presets have no bias
+    return model.logit_bias_init is not None
+
+
+def validate(model: ModelArguments, data: DataArguments, train: TrainingArguments) -> None:
+    """Raises ConfigError for the first problem found. Pure: reads the flags (and a local config.json)."""
+    if not (train.do_train or train.do_eval):
+        raise ConfigError("nothing to do: pass --do_train and/or --do_eval")
+    _choice("--dtype", model.dtype, DTYPES)
+    _choice("--loss", train.loss, tuple(LOSSES))
+    _choice("--lr_schedule", train.lr_schedule, SCHEDULES)
+    _choice("--weight_decay_type", train.weight_decay_type, WEIGHT_DECAY_TYPES)
+    _check_metric("--metric_for_best_model", train.metric_for_best_model)
+    if train.loss == "sigmoid" and _model_has_logit_bias(model) is False:
+        raise ConfigError("--loss sigmoid needs a learned logit bias: give --logit_bias_init (e.g. -10) with "
+                          "--text_model_name_or_path/--vision_model_name_or_path, or a --model_name_or_path "
+                          "saved with one (--model_preset models have none)")
+    if train.hybrid_temperature <= 0:
+        raise ConfigError(f"--hybrid_temperature must be > 0, not {train.hybrid_temperature}")
+    if train.freeze_vision and train.freeze_text:
+        raise ConfigError("--freeze_vision and --freeze_text together leave only the projections to train; "
+                          "drop one of them")
+    if train.gradient_accumulation_steps < 1:
+        raise ConfigError(f"--gradient_accumulation_steps must be >= 1, not {train.gradient_accumulation_steps}")
+    if train.reduce_lr_on_plateau:
+        _check_plateau(data, train)
+
+
+def _check_plateau(data: DataArguments, train: TrainingArguments) -> None:
+    _check_metric("--plateau_metric", train.plateau_metric)
+    # One schedule owns the learning rate: a decay that also falls on its own would make the plateau's
+    # reductions compound with it in ways nobody reads off a curve. Warmup is allowed.
+    if train.lr_schedule != "constant":
+        raise ConfigError(f"--reduce_lr_on_plateau needs --lr_schedule constant (after --warmup_steps), "
+                          f"not {train.lr_schedule!r}: the plateau is the decay")
+    if not 0 < train.plateau_factor < 1:
+        raise ConfigError(f"--plateau_factor must be in (0, 1), not {train.plateau_factor}")
+    if train.plateau_patience < 0 or train.plateau_cooldown < 0:
+        raise ConfigError("--plateau_patience and --plateau_cooldown must be >= 0")
+    _choice("--plateau_threshold_mode", train.plateau_threshold_mode, ("rel", "abs"))
+    if train.plateau_min_lr < 0:
+        raise ConfigError(f"--plateau_min_lr must be >= 0, not {train.plateau_min_lr}")
+    has_validation = data.validation_file or data.data_dir or data.dataset_name or data.synthetic_train_samples
+    if not has_validation:
+        raise ConfigError("--reduce_lr_on_plateau needs validation data (--validation_file, --data_dir, "
+                          "--dataset_name or synthetic data): it steps on each epoch's evaluation")

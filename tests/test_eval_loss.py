@@ -1,0 +1,56 @@
+"""eval_loss is the configured training loss: the trainer's eval loss (from the eval embeddings and the
+temperature/bias parameters) equals the training step's loss on the model output for the same batch."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from medclip import FlaxHybridCLIP, HybridCLIPConfig
+from medclip.training import losses
+from medclip.training.step import StepConfig, make_eval_loss
+
+
+@pytest.fixture(scope="module")
+def model_and_batch():
+    config = dataclasses.replace(HybridCLIPConfig.tiny(), logit_bias_init_value=-3.0)
+    model = FlaxHybridCLIP(config, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    batch = {"input_ids": jnp.asarray(rng.integers(2, 90, size=(8, 8)), jnp.int32),
+             "attention_mask": jnp.ones((8, 8), jnp.int32),
+             "pixel_values": jnp.asarray(rng.normal(size=(8, 32, 32, 3)), jnp.float32)}
+    return model, batch
+
+
+@pytest.mark.parametrize("config", [StepConfig(loss="clip"), StepConfig(loss="sigmoid"),
+                                    StepConfig(loss="hybrid", hybrid_alpha=0.3, hybrid_temperature=0.5)])
+def test_eval_loss_is_the_training_loss(model_and_batch, config):
+    model, batch = model_and_batch
+    out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
+    training = float(losses.compute_loss(out, config))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    image, text = np.asarray(out.image_embeds), np.asarray(out.text_embeds)
+    evaluated = make_eval_loss(config)(image, text, params, batch=8)
+    np.testing.assert_allclose(evaluated, training, rtol=1e-6)
+    # In batches of 4 pairs: the mean of the loss of each half.
+    halves = [float(losses.compute_loss(model(batch["input_ids"][s], batch["pixel_values"][s],
+                                              batch["attention_mask"][s]), config))
+              for s in (slice(0, 4), slice(4, 8))]
+    np.testing.assert_allclose(make_eval_loss(config)(image, text, params, batch=4), np.mean(halves), rtol=1e-5)
+
+
+def test_the_losses_differ_so_the_test_above_can_fail(model_and_batch):
+    model, batch = model_and_batch
+    out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
+    values = {name: float(losses.compute_loss(out, StepConfig(loss=name))) for name in losses.LOSSES}
+    assert len({round(v, 4) for v in values.values()}) == 3, values
+
+
+def test_unknown_loss_is_named():
+    with pytest.raises(ValueError, match="'focal'.*clip, hybrid, sigmoid"):
+        losses.compute_loss(None, StepConfig(loss="focal"))

@@ -1,0 +1,111 @@
+"""Runs through the real CLI: ReduceLROnPlateau survives SIGKILL and resume bit for bit (its multiplier is in the
+optimizer state, its counters in the checkpoint's progress), and the pubmedclip recipe trains a few steps from a
+tiny transformers CLIPModel."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+# 96 pairs / 32 = 3 steps an epoch, 3 epochs. Patience 0 and a 50% relative threshold: epoch 2 cannot count
+# as better, so the learning rate halves after epoch 2's evaluation and epoch 3 trains at the reduced rate.
+PLATEAU = ["--model_preset", "demo", "--synthetic_train_samples", "96", "--synthetic_validation_samples", "32",
+           "--synthetic_image_size", "32", "--max_seq_length", "24", "--do_train", "--do_eval",
+           "--num_train_epochs", "3", "--per_device_train_batch_size", "32", "--per_device_eval_batch_size", "32",
+           "--learning_rate", "1e-3", "--lr_schedule", "constant", "--reduce_lr_on_plateau",
+           "--plateau_patience", "0", "--plateau_threshold", "0.5", "--plateau_factor", "0.5",
+           "--weight_decay", "0.1", "--weight_decay_type", "l2", "--preprocessing_num_workers", "2",
+           "--save_steps", "1", "--logging_steps", "1", "--report_to", "none", "--seed", "5"]
+
+
+def _start(output_dir: Path, log: Path) -> subprocess.Popen:
+    with log.open("a") as f:
+        return subprocess.Popen([sys.executable, "run_hybrid_clip.py", "--output_dir", str(output_dir), *PLATEAU],
+                                cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _latest_saved_step(output_dir: Path) -> int:
+    folder = output_dir / "checkpoints"
+    return max([int(p.name) for p in folder.iterdir() if p.name.isdigit()], default=0) if folder.is_dir() else 0
+
+
+def _finish(output_dir: Path, log: Path) -> dict[str, np.ndarray]:
+    proc = _start(output_dir, log)
+    assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
+    return load_file(str(output_dir / "model.safetensors"))
+
+
+def _learning_rates(output_dir: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["learning_rate"]) for r in rows if "learning_rate" in r]
+
+
+def test_plateau_killed_and_resumed_equals_uninterrupted(tmp_path):
+    reference = _finish(tmp_path / "reference", tmp_path / "reference.log")
+    rates = _learning_rates(tmp_path / "reference")
+    assert [lr for _, lr in rates] == [1e-3] * 6 + [5e-4] * 3, rates  # the plateau did reduce, once
+
+    interrupted, log = tmp_path / "interrupted", tmp_path / "interrupted.log"
+    # Killed mid epoch 2 (plateau state from epoch 1 in the checkpoint), then in epoch 3 (after the reduction).
+    for kill_after in (4, 7):
+        proc = _start(interrupted, log)
+        deadline = time.time() + 600
+        while _latest_saved_step(interrupted) < kill_after and proc.poll() is None:
+            assert time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed:\n" + log.read_text()[-3000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert log.read_text().count("resumed from step") == 1
+    resumed = _finish(interrupted, log)
+    assert log.read_text().count("resumed from step") == 2
+
+    assert _learning_rates(interrupted) == rates
+    assert reference.keys() == resumed.keys()
+    for key in reference:
+        np.testing.assert_array_equal(resumed[key], reference[key], err_msg=key)
+
+
+def _tiny_clip_model(folder: Path, vocab_size: int) -> Path:
+    """A transformers CLIPModel (both towers, projections, temperature) small enough for a CPU test; its text
+    tower pools at [SEP] (id 3) of the synthetic WordPiece tokenizer saved beside it."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torch")
+    text = dict(vocab_size=vocab_size, max_position_embeddings=32, bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    tiny = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+    config = transformers.CLIPConfig(text_config={**text, **tiny},
+                                     vision_config={**tiny, "image_size": 32, "patch_size": 8}, projection_dim=16)
+    transformers.CLIPModel(config).save_pretrained(str(folder))
+    return folder
+
+
+def test_pubmedclip_recipe_trains_a_few_steps_from_a_clip_model(tmp_path):
+    from medclip.data.synthetic import write_synthetic_tokenizer
+
+    tokenizer = write_synthetic_tokenizer(tmp_path / "tokenizer")
+    model = _tiny_clip_model(tmp_path / "clip", len(tokenizer))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "run_hybrid_clip.py", "--recipe", "pubmedclip", "--output_dir", str(out),
+           "--model_name_or_path", str(model), "--tokenizer_name", str(tmp_path / "tokenizer"),
+           "--synthetic_train_samples", "64", "--synthetic_validation_samples", "32", "--synthetic_image_size", "32",
+           "--max_seq_length", "24", "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16",
+           "--num_train_epochs", "2", "--logging_steps", "1", "--save_steps", "0", "--report_to", "none"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_loss" in r]
+    assert len(evals) == 2 and all(np.isfinite(r["eval_loss"]) for r in evals)
+    assert [r["learning_rate"] for r in rows if "learning_rate" in r][0] == 1e-5
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert summary["steps"] == 8 and summary["best_metric"] == min(r["eval_loss"] for r in evals)
+    assert "ReduceLROnPlateau" in (out / "README.md").read_text()  # the model card names the recipe's schedule

@@ -1,0 +1,200 @@
+"""Named recipes (configs/*.toml): each resolves to its documented settings, later flags win, bad recipes and
+bad flags are ConfigErrors naming the flag; run_medclip.sh works under sh; the advisory about PyTorch is gone."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medclip.training import recipes
+from medclip.training.config_check import ConfigError, eval_metric_names, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("run_hybrid_clip", ROOT / "run_hybrid_clip.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def _parse(*argv):
+    return _script().parse(["--output_dir", "out", *argv])
+
+
+def test_every_recipe_has_its_fields_and_only_real_flags():
+    names = recipes.available()
+    assert {"medclip", "pubmedclip"} <= set(names)
+    for name in names:
+        recipe = recipes.load(name)
+        assert recipe.name == name and recipe.description and recipe.source and recipe.reports
+        validate(*_parse("--recipe", name, "--data_dir", "/data/roco"))  # resolves and passes the check
+
+
+def test_medclip_recipe_is_the_original_roco_recipe():
+    model, data, train = _parse("--recipe", "medclip", "--data_dir", "/data/roco")
+    assert model.text_model_name_or_path == "allenai/scibert_scivocab_uncased"
+    assert model.vision_model_name_or_path == "openai/clip-vit-base-patch32"
+    assert model.tokenizer_name == "allenai/scibert_scivocab_uncased" and model.model_name_or_path is None
+    assert (train.learning_rate, train.weight_decay, train.weight_decay_type) == (5e-5, 0.1, "decoupled")
+    assert train.lr_schedule == "linear" and train.num_train_epochs == 40 and train.loss == "clip"
+    assert train.per_device_train_batch_size == 16 and train.per_device_eval_batch_size == 16
+    assert data.max_seq_length == 128 and data.data_dir == "/data/roco" and not data.hflip
+    assert train.do_train and train.do_eval and not train.reduce_lr_on_plateau
+
+
+def test_pubmedclip_recipe_resolves_to_the_papers_settings():
+    model, data, train = _parse("--recipe", "pubmedclip", "--data_dir", "/data/roco")
+    assert model.model_name_or_path == "openai/clip-vit-base-patch32"
+    assert model.text_model_name_or_path is None and model.vision_model_name_or_path is None
+    assert train.loss == "clip"  # symmetric 0.5/0.5 cross-entropy
+    assert (train.learning_rate, train.weight_decay, train.weight_decay_type) == (1e-5, 5e-4, "l2")
+    assert train.adam_epsilon == 1e-8 and train.max_grad_norm == 0.0
+    assert train.lr_schedule == "constant" and train.warmup_steps == 0
+    assert train.reduce_lr_on_plateau and train.plateau_metric == "eval_loss"
+    assert (train.plateau_factor, train.plateau_patience, train.plateau_threshold) == (0.1, 2, 1e-4)
+    assert (train.plateau_threshold_mode, train.plateau_cooldown, train.plateau_min_lr) == ("rel", 0, 0.0)
+    assert train.metric_for_best_model == "loss" and train.early_stopping_patience == 5
+    assert data.hflip and data.crop_scale_min == 0.08 and data.max_seq_length == 77
+    assert train.per_device_train_batch_size == 64 and train.num_train_epochs == 50
+
+
+def test_later_flags_win_over_the_recipe():
+    _, data, train = _parse("--recipe", "pubmedclip", "--learning_rate", "3e-5", "--hflip", "false",
+                            "--weight_decay_type", "decoupled", "--data_dir", "/d")
+    assert train.learning_rate == 3e-5 and not data.hflip and train.weight_decay_type == "decoupled"
+    assert train.weight_decay == 5e-4  # the rest stays the recipe's
+    _, _, train = _parse("--recipe=medclip", "--num_train_epochs", "2")
+    assert train.num_train_epochs == 2
+
+
+def test_recipe_list_prints_name_source_and_description():
+    proc = subprocess.run([sys.executable, "run_hybrid_clip.py", "--recipe", "list"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for name in recipes.available():
+        recipe = recipes.load(name)
+        assert f"{name}\n  source: {recipe.source}\n  {recipe.description}" in proc.stdout
+
+
+def test_unknown_recipe_lists_the_available_ones():
+    with pytest.raises(ConfigError, match=r"--recipe 'nope'.*available: .*medclip.*pubmedclip"):
+        _parse("--recipe", "nope")
+
+
+def test_a_recipe_flag_that_is_not_a_flag_is_named(tmp_path):
+    (tmp_path / "typo.toml").write_text('name = "typo"\ndescription = "d"\nsource = "s"\nreports = "r"\n'
+                                        '[flags]\nlearning_rat = 1e-4\n')
+    with pytest.raises(ConfigError, match="--learning_rat is not a run_hybrid_clip.py flag"):
+        recipes.load("typo", tmp_path)
+    (tmp_path / "bare.toml").write_text('name = "bare"\n[flags]\n')
+    with pytest.raises(ConfigError, match="missing description, source, reports"):
+        recipes.load("bare", tmp_path)
+
+
+def test_deprecated_from_pt_is_accepted_and_ignored():
+    model, _, _ = _parse("--from_pt", "--model_preset", "demo", "--do_train")
+    assert model.model_preset == "demo" and not hasattr(model, "from_pt")
+    model, _, _ = _parse("--from_pt", "false", "--no_from_pt", "--model_preset", "demo")
+    assert model.model_preset == "demo"
+
+
+DEMO = ("--model_preset", "demo", "--do_train", "--synthetic_train_samples", "64")
+
+
+@pytest.mark.parametrize("flags,named", [
+    (("--loss", "focal"), "--loss 'focal'"),
+    (("--metric_for_best_model", "t2i_R@3"), "--metric_for_best_model 't2i_R@3'"),
+    (("--reduce_lr_on_plateau", "--lr_schedule", "constant", "--plateau_metric", "eval_accuracy"),
+     "--plateau_metric 'eval_accuracy'"),
+    (("--loss", "sigmoid"), "--loss sigmoid needs a learned logit bias"),
+    (("--lr_schedule", "step"), "--lr_schedule 'step'"),
+    (("--weight_decay_type", "l1"), "--weight_decay_type 'l1'"),
+    (("--freeze_vision", "--freeze_text"), "--freeze_vision and --freeze_text"),
+    (("--reduce_lr_on_plateau",), "--reduce_lr_on_plateau needs --lr_schedule constant"),
+    (("--reduce_lr_on_plateau", "--lr_schedule", "constant", "--plateau_factor", "1.5"), "--plateau_factor"),
+    (("--dtype", "float64"), "--dtype 'float64'"),
+    (("--hybrid_temperature", "0"), "--hybrid_temperature"),
+])
+def test_config_errors_name_their_flag(flags, named):
+    with pytest.raises(ConfigError, match="^" + named.replace("(", r"\(").replace(")", r"\)")):
+        validate(*_parse(*DEMO, *flags))
+
+
+def test_plateau_needs_validation_data_and_sigmoid_accepts_a_bias():
+    with pytest.raises(ConfigError, match="needs validation data"):
+        validate(*_parse("--train_file", "t.jsonl", "--do_train", "--model_preset", "demo",
+                         "--reduce_lr_on_plateau", "--lr_schedule", "constant"))
+    validate(*_parse("--text_model_name_or_path", "t", "--vision_model_name_or_path", "v", "--do_train",
+                     "--loss", "sigmoid", "--logit_bias_init", "-10"))
+
+
+def test_valid_metrics_are_what_evaluation_logs():
+    names = eval_metric_names()
+    assert names[0] == "loss" and {"t2i_R@5", "i2t_R@10", "t2i_mrr", "i2t_median_rank"} <= set(names)
+    validate(*_parse(*DEMO, "--metric_for_best_model", "eval_t2i_median_rank"))  # with the prefix too
+
+
+def test_script_turns_a_config_error_into_exit_code_2():
+    proc = subprocess.run([sys.executable, "run_hybrid_clip.py", "--output_dir", "out", *DEMO, "--loss", "focal"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "configuration error: --loss 'focal' is unknown; choose from clip, hybrid, sigmoid" in proc.stderr
+
+
+# -- run_medclip.sh ----------------------------------------------------------------------------------------
+
+def _sh(*args, shell="sh"):
+    env = {**os.environ, "PYTHON": sys.executable}
+    return subprocess.run([shell, "run_medclip.sh", *args], cwd=ROOT, capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_run_medclip_sh_works_under_sh():
+    proc = _sh("--recipe", "list")
+    assert proc.returncode == 0, proc.stderr
+    assert "medclip\n  source:" in proc.stdout and "pubmedclip\n  source:" in proc.stdout
+    assert "Illegal option" not in proc.stderr
+
+
+@pytest.mark.parametrize("args", [("/nonexistent/roco",), ("--recipe",), ("--recipe", "pubmedclip")])
+def test_run_medclip_sh_usage_error_exits_2(args):
+    proc = _sh(*args)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("usage: run_medclip.sh [--recipe NAME|list] [ROCO_ROOT | TRAIN_FILE")
+
+
+def test_run_medclip_sh_passes_the_recipe_and_an_unknown_recipe_is_named(tmp_path):
+    proc = _sh("--recipe", "nope", str(tmp_path), shell="bash")
+    assert proc.returncode == 2 and "--recipe 'nope': no such recipe" in proc.stderr
+
+
+# -- transformers' advisory ---------------------------------------------------------------------------------
+
+# Makes torch invisible to transformers (as on a JAX-only install) in a child interpreter.
+HIDE_TORCH = ("import importlib.util as u; f = u.find_spec; "
+              "u.find_spec = lambda n, *a, **k: None if n.split('.')[0] == 'torch' else f(n, *a, **k); ")
+ADVISORY = "PyTorch was not found"
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
+    return subprocess.run([sys.executable, "-c", HIDE_TORCH + code], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_no_pytorch_advisory_from_our_tools():
+    assert ADVISORY in _python("import transformers").stderr  # the set-up does show it without our tools
+    script = _python("import runpy, sys; sys.argv = ['run_hybrid_clip.py', '--recipe', 'list']; "
+                     "runpy.run_path('run_hybrid_clip.py', run_name='__main__')")
+    assert script.returncode == 0 and "pubmedclip" in script.stdout, script.stderr
+    assert ADVISORY not in script.stderr
+    cli = _python("import medclip.cli, transformers")
+    assert cli.returncode == 0, cli.stderr
+    assert ADVISORY not in cli.stderr
