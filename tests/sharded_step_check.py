@@ -69,7 +69,8 @@ def main() -> None:
         for b in batches:
             b["input_ids"][:, -1] = 98  # CLIP text pools at its end-of-text token
         one = run(jax.devices()[:1], False, batches, family=family)
-        report = {"replicated": _diffs(one, run(jax.devices(), False, batches, family=family)), "losses": one[0]}
+        report = {"replicated": _diffs(one, run(jax.devices(), False, batches, family=family)), "losses": one[0],
+                  "grad_norms": one[1]}
         json.dump(report, sys.stdout)
         return
     one = run(jax.devices()[:1], False, batches)

@@ -86,6 +86,10 @@ def test_two_processes_match_one_and_resume_exactly(tmp_path):
         assert abs(a["eval_loss"] - b["eval_loss"]) < 1e-4 and a["eval_t2i_R@5"] == b["eval_t2i_R@5"]
     single_w, multi_w = load_file(str(single / "model.safetensors")), load_file(str(multi / "model.safetensors"))
     for key in single_w:
+        if key.endswith(("k_proj.bias", "attention.self.key.bias")):
+            # The key bias adds the same q.b_k to every score of a query, which softmax cancels: its true gradient
+            # is 0, and Adam turns reduction-order noise into updates of up to lr (as in tests/sharded_step_check).
+            continue
         np.testing.assert_allclose(multi_w[key], single_w[key], atol=1e-4, err_msg=key)
     assert not (multi / "metrics.jsonl.1").exists() and len(list(multi.glob("data_report.json"))) == 1
 

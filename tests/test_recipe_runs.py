@@ -5,7 +5,6 @@ tiny transformers CLIPModel."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
+
+from tests import killable_run
 
 ROOT = Path(__file__).resolve().parents[1]
 # 96 pairs / 32 = 3 steps an epoch, 3 epochs. Patience 0 and a 50% relative threshold: epoch 2 cannot count
@@ -28,21 +28,12 @@ PLATEAU = ["--model_preset", "demo", "--synthetic_train_samples", "96", "--synth
            "--save_steps", "1", "--logging_steps", "1", "--report_to", "none", "--seed", "5"]
 
 
-def _start(output_dir: Path, log: Path) -> subprocess.Popen:
-    with log.open("a") as f:
-        return subprocess.Popen([sys.executable, "run_hybrid_clip.py", "--output_dir", str(output_dir), *PLATEAU],
-                                cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+def _start(output_dir: Path, log: Path):
+    return killable_run.start(output_dir, log, PLATEAU)
 
 
-def _latest_saved_step(output_dir: Path) -> int:
-    folder = output_dir / "checkpoints"
-    return max([int(p.name) for p in folder.iterdir() if p.name.isdigit()], default=0) if folder.is_dir() else 0
-
-
-def _finish(output_dir: Path, log: Path) -> dict[str, np.ndarray]:
-    proc = _start(output_dir, log)
-    assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
-    return load_file(str(output_dir / "model.safetensors"))
+def _finish(output_dir: Path, log: Path):
+    return killable_run.finish(output_dir, log, PLATEAU)
 
 
 def _learning_rates(output_dir: Path) -> list[tuple[int, float]]:
@@ -60,7 +51,7 @@ def test_plateau_killed_and_resumed_equals_uninterrupted(tmp_path):
     for kill_after in (4, 7):
         proc = _start(interrupted, log)
         deadline = time.time() + 600
-        while _latest_saved_step(interrupted) < kill_after and proc.poll() is None:
+        while killable_run.latest_saved_step(interrupted) < kill_after and proc.poll() is None:
             assert time.time() < deadline, log.read_text()[-3000:]
             time.sleep(0.05)
         assert proc.poll() is None, "the run ended before it could be killed:\n" + log.read_text()[-3000:]

@@ -3,16 +3,14 @@ with exactly the parameters of a run that was never interrupted."""
 
 from __future__ import annotations
 
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file
+
+from tests import killable_run
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--model_preset", "demo", "--synthetic_train_samples", "192", "--synthetic_validation_samples", "32",
@@ -21,21 +19,12 @@ ARGS = ["--model_preset", "demo", "--synthetic_train_samples", "192", "--synthet
         "--save_steps", "1", "--logging_steps", "1", "--report_to", "none", "--seed", "3"]
 
 
-def _start(output_dir: Path, log: Path) -> subprocess.Popen:
-    with log.open("a") as f:
-        return subprocess.Popen([sys.executable, "run_hybrid_clip.py", "--output_dir", str(output_dir), *ARGS],
-                                cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+def _start(output_dir: Path, log: Path):
+    return killable_run.start(output_dir, log, ARGS)
 
 
-def _latest_saved_step(output_dir: Path) -> int:
-    folder = output_dir / "checkpoints"
-    return max([int(p.name) for p in folder.iterdir() if p.name.isdigit()], default=0) if folder.is_dir() else 0
-
-
-def _finish(output_dir: Path, log: Path) -> dict[str, np.ndarray]:
-    proc = _start(output_dir, log)
-    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
-    return load_file(str(output_dir / "model.safetensors"))
+def _finish(output_dir: Path, log: Path):
+    return killable_run.finish(output_dir, log, ARGS)
 
 
 def test_sigkill_anywhere_then_resume_gives_identical_parameters(tmp_path):
@@ -46,9 +35,9 @@ def test_sigkill_anywhere_then_resume_gives_identical_parameters(tmp_path):
     kills = 0
     for round_ in range(2):
         proc = _start(interrupted, log)
-        seen = _latest_saved_step(interrupted)
+        seen = killable_run.latest_saved_step(interrupted)
         deadline = time.time() + 300
-        while _latest_saved_step(interrupted) < min(seen + 2 + round_ * 3, 10) and proc.poll() is None:
+        while killable_run.latest_saved_step(interrupted) < min(seen + 2 + round_ * 3, 10) and proc.poll() is None:
             assert time.time() < deadline, log.read_text()[-3000:]
             time.sleep(0.05)
         time.sleep(rng.uniform(0.0, 0.4))

@@ -70,5 +70,6 @@ def test_eight_devices_match_one(family):
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(set(report["losses"])) > 1  # the steps really trained
     assert report["replicated"]["loss_diff"] < 1e-5, report
-    assert report["replicated"]["grad_norm_diff"] < 1e-4, report
+    # fp32 reduction order differs across devices: the norm agrees to 1e-5 of its size
+    assert report["replicated"]["grad_norm_diff"] < 1e-5 * max(1.0, *report["grad_norms"]), report
     assert report["replicated"]["param_diff"] < 1e-4, report

@@ -7,7 +7,6 @@ instead of silently keeping random weights.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Callable, Iterable
 
