@@ -13,7 +13,9 @@
 if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi  # sh is dash on Debian: re-run under bash
 set -euo pipefail
 cd "$(dirname "$0")"
-PYTHON=${PYTHON:-python}
+if [ -z "${PYTHON:-}" ]; then  # the project's venv (make demo / make test create it), else python on PATH
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
+fi
 USAGE="usage: $0 [--recipe NAME|list] [ROCO_ROOT | TRAIN_FILE VALIDATION_FILE] [run_hybrid_clip.py flags...]"
 
 RECIPE=medclip
