@@ -9,6 +9,8 @@ from typing import Any
 
 import jax
 
+from medclip.training.config_check import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -30,7 +32,7 @@ class MetricsLogger:
             try:
                 import wandb
             except ImportError:
-                raise SystemExit("--report_to wandb needs `pip install wandb`") from None
+                raise ConfigError("--report_to wandb needs `pip install wandb`") from None
             self._wandb = wandb.init(config=run_config or {}, dir=str(output_dir))
 
     def truncate_after(self, step: int) -> None:
