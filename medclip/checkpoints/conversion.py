@@ -22,7 +22,7 @@ class WeightMismatchError(ValueError):
 
 # Buffers and pre-training heads that checkpoints carry but an encoder does not use.
 IGNORED_KEYS = re.compile(
-    r"(^|\.)(position_ids|token_type_ids)$"
+    r"(^|\.)(position_ids|token_type_ids|num_batches_tracked)$"
     r"|^(cls|lm_head|vocab_transform|vocab_layer_norm|vocab_projector|qa_outputs|classifier|pre_classifier)\.")
 
 _TO_OURS: dict[str, Callable[[np.ndarray], np.ndarray]] = {

@@ -69,3 +69,14 @@ def embedding(hf: str, ours: str, transform: str = "identity") -> list[Rule]:
 
 def prefixed(prefix: str, rules: Iterable[Rule], ours_prefix: str) -> list[Rule]:
     return [dataclasses.replace(r, hf=prefix + r.hf, ours=ours_prefix + r.ours) for r in rules]
+
+
+def conv(hf: str, ours: str, bias: bool = False) -> list[Rule]:
+    """A torch Conv2d (OIHW) onto medclip.models.conv.Conv2d (HWIO `kernel`)."""
+    return [Rule(f"{hf}.weight", f"{ours}.kernel", "conv")] + ([Rule(f"{hf}.bias", f"{ours}.bias")] if bias else [])
+
+
+def batch_norm(hf: str, ours: str) -> list[Rule]:
+    """A torch BatchNorm2d: affine parameters and running statistics (`num_batches_tracked` is not used)."""
+    return [Rule(f"{hf}.weight", f"{ours}.scale"), Rule(f"{hf}.bias", f"{ours}.bias"),
+            Rule(f"{hf}.running_mean", f"{ours}.mean"), Rule(f"{hf}.running_var", f"{ours}.var")]

@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-# Parameter paths ('.'-joined) that get no weight decay.
+# Parameter paths ('.'-joined) that get no weight decay: `.scale` is every norm's gain, LayerNorm's and BatchNorm's.
 # Embedding tables end in `.embedding`; the ViT patch projection (`patch_embedding`) is a weight and decays.
-NO_DECAY = re.compile(r"(\.bias$|norm|\.embedding$|class_embedding$|^logit_scale$|^logit_bias$)")
+NO_DECAY = re.compile(r"(\.bias$|\.scale$|norm|\.embedding$|class_embedding$|^logit_scale$|^logit_bias$)")
 
 
 @dataclasses.dataclass(frozen=True)
