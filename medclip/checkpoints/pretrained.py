@@ -113,7 +113,7 @@ WEIGHTS = (nnx.Param, nnx.BatchStat)
 
 def param_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
     return {".".join(map(str, path)): tuple(v.shape)
-            for path, v in nnx.to_flat_state(nnx.state(model, *WEIGHTS))}
+            for path, v in nnx.to_flat_state(nnx.state(model, WEIGHTS))}
 
 
 def _collapse_double_prefixes(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -271,7 +271,7 @@ def load_from_towers(cls, text_name_or_path: str | os.PathLike, vision_name_or_p
 def model_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
     """Our parameters and running statistics as fp32 NumPy arrays under our keys; refuses non-finite values."""
     ours = {".".join(map(str, p)): np.asarray(v[...], dtype=np.float32)
-            for p, v in nnx.to_flat_state(nnx.state(model, *WEIGHTS))}
+            for p, v in nnx.to_flat_state(nnx.state(model, WEIGHTS))}
     bad = [k for k, v in ours.items() if not np.all(np.isfinite(v))]
     if bad:
         raise ValueError(f"refusing to save non-finite parameters: {bad[:10]}{' ...' if len(bad) > 10 else ''}")

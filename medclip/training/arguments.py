@@ -114,6 +114,9 @@ class TrainingArguments:
     gradient_accumulation_steps: int = 1
     freeze_vision: bool = field(default=False, metadata={"help": "Locked-image tuning: train the text side only."})
     freeze_text: bool = False
+    freeze_bn_stats: bool = field(default=False, metadata={
+        "help": "BatchNorm towers normalise with their running statistics and keep them (open_clip's "
+                "lock_image_freeze_bn_stats): the usual choice when fine-tuning with small batches."})
     loss: str = field(default="clip", metadata={"help": "clip (symmetric InfoNCE), hybrid or sigmoid."})
     hybrid_alpha: float = 0.5
     hybrid_temperature: float = field(default=1.0, metadata={

@@ -96,8 +96,8 @@ class Trainer:
                               "has none: use --loss clip, or a model saved with logit_bias_init_value")
         self.data: DataFeed = build_data(data_args, train_args, self.tokenizer, self.model.config,
                                          self.output_dir, num_devices=jax.device_count())
-        self.graphdef, params = nnx.split(self.model, nnx.Param)
-        self.params = nnx.to_pure_dict(params)
+        self.graphdef, params, batch_stats = nnx.split(self.model, nnx.Param, nnx.BatchStat)
+        self.params, self.batch_stats = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
         steps_per_epoch = self.data.steps_per_epoch if self.data.has_train else 0
         self.total_steps = (train_args.max_steps if train_args.max_steps > 0
                             else math.ceil(train_args.num_train_epochs * max(steps_per_epoch, 1)))
@@ -115,7 +115,7 @@ class Trainer:
         self.step_config = StepConfig(loss=train_args.loss, hybrid_alpha=train_args.hybrid_alpha,
                                       hybrid_temperature=train_args.hybrid_temperature,
                                       dropout=model_args.text_dropout, freeze_vision=train_args.freeze_vision,
-                                      freeze_text=train_args.freeze_text)
+                                      freeze_text=train_args.freeze_text, freeze_bn_stats=train_args.freeze_bn_stats)
         self.eval_loss = make_eval_loss(self.step_config)
         self.plateau_config = PlateauConfig(
             mode=mode_for(train_args.plateau_metric), factor=train_args.plateau_factor,
@@ -131,14 +131,19 @@ class Trainer:
 
     # -- set-up --------------------------------------------------------------------------------------------
     def _compile(self) -> None:
-        abstract = jax.eval_shape(lambda p: init_state(p, self.tx, self.args.seed), self.params)
-        self.state_shardings = mesh_lib.state_shardings(self.mesh, abstract, self.args.fully_sharded)
+        abstract = jax.eval_shape(lambda p, s: init_state(p, self.tx, self.args.seed, s), self.params,
+                                  self.batch_stats)
+        shardings = mesh_lib.state_shardings(self.mesh, abstract, self.args.fully_sharded)
+        # Running statistics are small and every device normalises with them: replicated, also under FSDP.
+        self.state_shardings = shardings.replace(batch_stats=jax.tree.map(
+            lambda _: mesh_lib.replicated(self.mesh), shardings.batch_stats))
         batch_sharding = mesh_lib.batch_sharding(self.mesh)
         self.abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                            abstract, self.state_shardings)
         self._train_steps: dict[PackingPlan | None, Any] = {}
         self.embed_step = jax.jit(make_embed_step(self.graphdef),
-                                  in_shardings=(self.state_shardings.params, batch_sharding))
+                                  in_shardings=(self.state_shardings.params, self.state_shardings.batch_stats,
+                                                batch_sharding))
         self._set_lr_scale = jax.jit(
             lambda state, scale: state.replace(opt_state=set_lr_scale(state.opt_state, scale.astype(jnp.float32))),
             in_shardings=(self.state_shardings, None), out_shardings=self.state_shardings, donate_argnums=0)
@@ -171,8 +176,8 @@ class Trainer:
             self.metrics.truncate_after(int(state.step))
             truncate_jsonl(self.output_dir / f"data_order.process{jax.process_index()}.jsonl", int(state.step))
             return state, Progress(**meta["progress"])
-        init = jax.jit(lambda p: init_state(p, self.tx, self.args.seed), out_shardings=self.state_shardings)
-        return init(self.params), Progress()
+        init = jax.jit(lambda p, s: init_state(p, self.tx, self.args.seed, s), out_shardings=self.state_shardings)
+        return init(self.params, self.batch_stats), Progress()
 
     def _save(self, step: int, state: TrainState, progress: Progress) -> None:
         barrier(f"save {step}")  # process 0 may still be writing an export
@@ -213,7 +218,7 @@ class Trainer:
             self._check_finite(state)
             end_of_epoch = step % steps_per_epoch == 0 or step == self.total_steps
             if end_of_epoch and self.data.has_eval:
-                summary["eval"] = self.evaluate(state.params, step, epoch)
+                summary["eval"] = self.evaluate(state, step, epoch)
                 self._track_best(state, summary["eval"], progress, epoch)
                 if plateau is not None:
                     state = self._step_plateau(plateau, state, summary["eval"], progress)
@@ -246,7 +251,7 @@ class Trainer:
         if not self.data.has_eval:
             raise ConfigError("--do_eval needs --validation_file, --data_dir or synthetic validation data")
         state, progress = self._initial_state()
-        return {"eval": self.evaluate(state.params, int(state.step), int(state.step) // max(self.data.steps_per_epoch, 1)),
+        return {"eval": self.evaluate(state, int(state.step), int(state.step) // max(self.data.steps_per_epoch, 1)),
                 "dropped": self.data.drop_summary}
 
     def _log_data_order(self, step: int, ids: list[str]) -> None:
@@ -271,11 +276,12 @@ class Trainer:
                 "Lower --learning_rate, raise --warmup_steps, or use --dtype float32.")
 
     # -- evaluation and export -----------------------------------------------------------------------------
-    def embed_eval_set(self, params: Any) -> tuple[np.ndarray, np.ndarray]:
+    def embed_eval_set(self, state: TrainState) -> tuple[np.ndarray, np.ndarray]:
         images, texts = [], []
         for batch in self.data.eval_batches():
             mask = batch.pop("mask")
-            image_embeds, text_embeds = self.embed_step(params, mesh_lib.global_batch(self.mesh, batch))
+            image_embeds, text_embeds = self.embed_step(state.params, state.batch_stats,
+                                                        mesh_lib.global_batch(self.mesh, batch))
             mask = multihost_utils.process_allgather(mask, tiled=True) if jax.process_count() > 1 else mask
             image_embeds = multihost_utils.process_allgather(image_embeds, tiled=True)
             text_embeds = multihost_utils.process_allgather(text_embeds, tiled=True)
@@ -283,18 +289,18 @@ class Trainer:
             texts.append(np.asarray(text_embeds)[mask])
         return np.concatenate(images), np.concatenate(texts)
 
-    def evaluate(self, params: Any, step: int, epoch: int) -> dict[str, float]:
+    def evaluate(self, state: TrainState, step: int, epoch: int) -> dict[str, float]:
         from medclip.evaluation.retrieval import evaluate_retrieval
 
         barrier(f"evaluate {step}")
 
-        image_embeds, text_embeds = self.embed_eval_set(params)
+        image_embeds, text_embeds = self.embed_eval_set(state)
         captions = self.data.eval_captions
         if len(captions) != len(image_embeds):
             raise RuntimeError(f"evaluation saw {len(image_embeds)} examples but the split has {len(captions)}")
         result = evaluate_retrieval(image_embeds, text_embeds, captions)
         # The training loss (the same function), in batches of the global train batch: comparable to train_loss.
-        eval_loss = self.eval_loss(image_embeds, text_embeds, params, self.data.global_train_batch_size)
+        eval_loss = self.eval_loss(image_embeds, text_embeds, state.params, self.data.global_train_batch_size)
         metrics = {"eval_loss": eval_loss,
                    **{f"eval_{k}": v for k, v in result.metrics.items()}, "epoch": epoch,
                    "eval_examples": len(image_embeds)}
@@ -302,14 +308,15 @@ class Trainer:
         logger.info("epoch %d eval: %s", epoch, {k: round(v, 4) for k, v in metrics.items()})
         return metrics
 
-    def _model(self, params: Any) -> FlaxHybridCLIP:
-        """A host copy of the model. Collective when parameters are sharded across processes: every process
-        must call it, whichever one then writes."""
-        if all(leaf.is_fully_addressable for leaf in jax.tree.leaves(params)):
-            host = jax.device_get(params)
+    def _model(self, state: TrainState) -> FlaxHybridCLIP:
+        """A host copy of the model (parameters and running statistics). Collective when parameters are sharded
+        across processes: every process must call it, whichever one then writes."""
+        variables = (state.params, state.batch_stats)
+        if all(leaf.is_fully_addressable for leaf in jax.tree.leaves(variables)):
+            host = jax.device_get(variables)
         else:
-            host = multihost_utils.process_allgather(params, tiled=True)
-        return nnx.merge(self.graphdef, host)
+            host = multihost_utils.process_allgather(variables, tiled=True)
+        return nnx.merge(self.graphdef, *host)
 
     def _track_best(self, state: TrainState, metrics: dict, progress: Progress, epoch: int) -> None:
         """Exports each new best model to output_dir/best; sets `stopped_early` when patience runs out."""
@@ -320,7 +327,7 @@ class Trainer:
         value = metrics[name]
         if _is_better(name, value, progress.best_metric):
             progress.best_metric, progress.best_epoch, progress.epochs_without_improvement = value, epoch, 0
-            model = self._model(state.params)
+            model = self._model(state)
             if jax.process_index() == 0:
                 model.save_pretrained(self.output_dir / "best", tokenizer=self.tokenizer)
             return
@@ -349,7 +356,7 @@ class Trainer:
 
     def _export_final(self, state: TrainState, eval_metrics: dict[str, float] | None) -> dict[str, Any]:
         """Final model (and its card, curves) in output_dir; best model in output_dir/best; optional push."""
-        final = self._model(state.params)
+        final = self._model(state)
         if jax.process_index() != 0:
             return {}
         from medclip.evaluation.plots import plot_training_curves
