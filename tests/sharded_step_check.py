@@ -13,6 +13,7 @@ from flax import nnx
 
 from medclip import FlaxHybridCLIP, HybridCLIPConfig
 from medclip.models import BertConfig, HeadConfig, TimmViTConfig
+from medclip.models.modified_resnet import ModifiedResNetConfig
 from medclip.models.packing import plan_packing
 from medclip.training import mesh as mesh_lib
 from medclip.training.optim import OptimizerConfig, make_optimizer
@@ -24,6 +25,11 @@ def family_config(family: str) -> HybridCLIPConfig:
     with the [CLS] pooler and an MLP head)."""
     if family == "clip":
         tiny = HybridCLIPConfig.tiny("clip_text_model")
+    elif family == "modified_resnet":  # BatchNorm: the global batch's statistics on any number of devices
+        tiny = HybridCLIPConfig(vision_config=ModifiedResNetConfig(layers=(1, 1, 1, 1), width=8, heads=4,
+                                                                   output_dim=16, image_size=32),
+                                text_config=BertConfig.tiny(), projection_dim=16, vision_head=HeadConfig(type="none"))
+        return tiny.replace(text_config=tiny.text_config.replace(num_hidden_layers=1))
     elif family == "biomedclip":
         tiny = HybridCLIPConfig(vision_config=TimmViTConfig.tiny(), text_config=BertConfig.tiny(), projection_dim=16,
                                 text_head=HeadConfig(type="mlp", hidden_size=24, hidden_bias=False, pooler="cls"))
@@ -36,13 +42,13 @@ def family_config(family: str) -> HybridCLIPConfig:
 def run(devices, fully_sharded: bool, batches, dropout: bool = True, packed: bool = False, family: str = "bert"):
     config = family_config(family)
     model = FlaxHybridCLIP(config, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model, nnx.Param)
-    params = nnx.to_pure_dict(params)
+    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
     tx, _ = make_optimizer(params, OptimizerConfig(learning_rate=1e-3, total_steps=10, schedule="constant"))
     mesh = mesh_lib.make_mesh(devices)
-    abstract = jax.eval_shape(lambda p: init_state(p, tx, 0), params)
+    abstract = jax.eval_shape(lambda p, s: init_state(p, tx, 0, s), params, stats)
     shardings = mesh_lib.state_shardings(mesh, abstract, fully_sharded)
-    state = jax.jit(lambda p: init_state(p, tx, 0), out_shardings=shardings)(params)
+    state = jax.jit(lambda p, s: init_state(p, tx, 0, s), out_shardings=shardings)(params, stats)
     steps = {}  # one jitted step per packing plan, as the trainer keeps them
     losses, norms = [], []
     for batch in batches:
@@ -55,7 +61,7 @@ def run(devices, fully_sharded: bool, batches, dropout: bool = True, packed: boo
         state, metrics = steps[plan](state, mesh_lib.global_batch(mesh, batch))
         losses.append(float(metrics["loss"]))
         norms.append(float(metrics["grad_norm"]))
-    return losses, norms, jax.device_get(state.params)
+    return losses, norms, jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Each model family of the zoo trains through the real `run_hybrid_clip.py`: a whole CLIPModel (PubMedCLIP's
 full fine-tuning) and the BiomedCLIP architecture from an OpenCLIP folder; and on 8 simulated devices a step of
-each equals the step on 1."""
+each equals the step on 1 (BatchNorm statistics too: `param_diff` covers them)."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def test_biomedclip_architecture_fine_tunes_from_an_open_clip_folder(tmp_path):
     assert again.config.text_head.type == "mlp" and type(again.config.vision_config).__name__ == "TimmViTConfig"
 
 
-@pytest.mark.parametrize("family", ["clip", "biomedclip"])
+@pytest.mark.parametrize("family", ["clip", "biomedclip", "modified_resnet"])
 def test_eight_devices_match_one(family):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-m", "tests.sharded_step_check", family], cwd=ROOT, env=env,

@@ -20,6 +20,16 @@ def _table(metrics: dict[str, float]) -> str:
     return "\n".join(rows)
 
 
+def _describe(tower: Any) -> str:
+    """A tower's size in words, from whichever fields its config has (transformers or convolutional)."""
+    if hasattr(tower, "num_hidden_layers"):
+        patch = f", patch {tower.patch_size}" if hasattr(tower, "patch_size") else ""
+        return f"{tower.num_hidden_layers} layers, {tower.hidden_size} wide{patch}"
+    if hasattr(tower, "layers"):
+        return f"stages {list(tower.layers)}, {tower.hidden_size}-d output"
+    return f"{tower.hidden_size}-d output"
+
+
 def render_model_card(config: HybridCLIPConfig, *, training: dict[str, Any] | None = None,
                       eval_metrics: dict[str, float] | None = None, dataset: str = "",
                       base_models: tuple[str, ...] = ()) -> str:
@@ -33,9 +43,8 @@ def render_model_card(config: HybridCLIPConfig, *, training: dict[str, Any] | No
     lines = [
         *front, "", "# medclip dual encoder", "", _WARNING, "",
         "## Model", "",
-        f"A {vision.model_type} vision tower ({vision.num_hidden_layers} layers, {vision.hidden_size} wide, patch "
-        f"{vision.patch_size}, {vision.image_size} px) and a {text.model_type} text tower "
-        f"({text.num_hidden_layers} layers, {text.hidden_size} wide), projected to {config.projection_dim} "
+        f"A {vision.model_type} vision tower ({_describe(vision)}, {vision.image_size} px) and a "
+        f"{text.model_type} text tower ({_describe(text)}), projected to {config.projection_dim} "
         "dimensions and trained contrastively with medclip (JAX/Flax NNX).", "",
         "Load it with medclip or, in PyTorch, with transformers:", "",
         "```python", "from medclip import FlaxHybridCLIP", "model = FlaxHybridCLIP.from_pretrained(\"<this repo>\")",

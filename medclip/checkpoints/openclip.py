@@ -25,6 +25,7 @@ from medclip.checkpoints import conversion as conv
 from medclip.checkpoints.pretrained import (OPEN_CLIP_CONFIG, build_from_tensors, model_tensors, read_json,
                                             tower_rules)
 from medclip.checkpoints.readers import CheckpointError, read_checkpoint
+from medclip.models import modified_resnet
 from medclip.models.bert import BertConfig
 from medclip.models.clip_text import CLIPTextConfig
 from medclip.models.clip_vision import CLIPVisionConfig
@@ -112,9 +113,9 @@ def _vision_config(cfg: dict[str, Any], embed_dim: int, quick_gelu: bool) -> tup
             raise OpenCLIPConfigError(f"vision_cfg.timm_proj {proj!r} is not supported (linear, mlp)")
         return vision, head
     layers = cfg.get("layers", 12)
-    if isinstance(layers, (list, tuple)):
-        raise OpenCLIPConfigError("vision_cfg.layers is a list: a ModifiedResNet (RN50-style) tower, which medclip "
-                                  "does not build yet; supported: ViT towers and timm ViT trunks")
+    if isinstance(layers, (list, tuple)):  # OpenAI's ModifiedResNet (RN50...): attention pooling projects already
+        _refuse(cfg, "vision_cfg", {"freeze_bn_stats": False})
+        return modified_resnet.config_from_open_clip(cfg, embed_dim), HeadConfig(type="none")
     _refuse(cfg, "vision_cfg", {"ls_init_value": None, "attentional_pool": False, "no_ln_pre": False,
                                 "pool_type": "tok", "final_ln_after_pool": False, "output_tokens": False,
                                 "act_kwargs": None, "norm_kwargs": None, "patch_dropout": 0.0})
@@ -271,6 +272,8 @@ def openclip_rules(config: HybridCLIPConfig) -> list[Rule]:
         rules = [*conv.prefixed("visual.trunk.", tower_rules(vision, "timm"), "vision_model."),
                  *_head_rules("visual.head.mlp" if config.vision_head.type == "mlp" else "visual.head.proj",
                               "visual_projection", config.vision_head, raw=False)]
+    elif isinstance(vision, modified_resnet.ModifiedResNetConfig):
+        rules = conv.prefixed("visual.", tower_rules(vision, "openclip"), "vision_model.")
     elif type(vision) is CLIPVisionConfig:
         rules = [*conv.prefixed("visual.", tower_rules(vision, "openclip"), "vision_model."),
                  *_head_rules("visual.proj", "visual_projection", config.vision_head, raw=True)]

@@ -137,7 +137,7 @@ def _register_builtin() -> None:
     if _BUILTIN_DONE:
         return
     _BUILTIN_DONE = True
-    from medclip.models import bert, clip_text, clip_vision, timm_vit
+    from medclip.models import bert, clip_text, clip_vision, modified_resnet, timm_vit
 
     register(TowerSpec("clip_vision_model", "vision", clip_vision.CLIPVisionConfig, clip_vision.VisionTransformer,
                        clip_vision.conversion_rules,
@@ -146,6 +146,10 @@ def _register_builtin() -> None:
     register(TowerSpec("timm_vit", "vision", timm_vit.TimmViTConfig, clip_vision.VisionTransformer,
                        timm_vit.conversion_rules, prefixes={"timm": ("visual.trunk.", "trunk.", "")},
                        model_types=("timm_vit",), preprocess=timm_vit.INCEPTION_PREPROCESS))
+    register(TowerSpec("modified_resnet", "vision", modified_resnet.ModifiedResNetConfig,
+                       modified_resnet.ModifiedResNet, modified_resnet.conversion_rules,
+                       prefixes={"openclip": ("visual.", "")}, model_types=("modified_resnet",),
+                       preprocess=modified_resnet.ModifiedResNetConfig.default_preprocess))
     register(TowerSpec("clip_text_model", "text", clip_text.CLIPTextConfig, clip_text.CLIPTextTower,
                        clip_text.conversion_rules, prefixes={"hf": ("text_model.", ""), "openclip": ("",)},
                        model_types=("clip_text_model",)))
