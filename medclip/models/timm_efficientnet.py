@@ -89,6 +89,7 @@ class TimmEfficientNetConfig(TowerConfig):
     model_type: ClassVar[str] = "timm_efficientnet"
     default_preprocess: ClassVar[Preprocess] = INCEPTION_PREPROCESS
     timm_architectures: ClassVar[tuple[str, ...]] = tuple(ARCHITECTURES)
+    timm_pools: ClassVar[tuple[str, ...]] = ("", "avg")  # open_clip TimmModel pools this trunk builds
     padding: ClassVar[str] = "same"  # the tf_ variants
     bn_eps: ClassVar[float] = TF_BN_EPS
 

@@ -50,6 +50,7 @@ class TimmResNetConfig(TowerConfig):
     model_type: ClassVar[str] = "timm_resnet"
     default_preprocess: ClassVar[Preprocess] = IMAGENET_PREPROCESS
     timm_architectures: ClassVar[tuple[str, ...]] = tuple(ARCHITECTURES)
+    timm_pools: ClassVar[tuple[str, ...]] = ("", "avg")  # open_clip TimmModel pools this trunk builds
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(self.layers))
