@@ -20,7 +20,12 @@ from safetensors.numpy import load_file, save_file
 from medclip import FlaxHybridCLIP
 from medclip.checkpoints import conversion as conv
 from medclip.checkpoints.openclip import OpenCLIPConfigError, config_from_open_clip
-from medclip.checkpoints.pretrained import fill, model_tensors, param_shapes, tower_rules
+from medclip.checkpoints.pretrained import (
+    fill,
+    model_tensors,
+    param_shapes,
+    tower_rules,
+)
 from medclip.models import BertConfig, BertTower, registry
 from medclip.models.preprocess import IMAGENET_PREPROCESS
 from medclip.models.timm_efficientnet import TimmEfficientNetConfig
@@ -28,7 +33,7 @@ from medclip.models.timm_resnet import TimmResNetConfig
 
 GOLDEN = Path(__file__).parent / "golden"
 sys.path.insert(0, str(GOLDEN))
-from numpy_weights import load_fixture_weights  # noqa: E402
+from numpy_weights import load_fixture_weights
 
 ATOL = 1e-4  # features
 STATS_ATOL = 1e-5  # running statistics after one train-mode forward
@@ -78,7 +83,8 @@ def test_tiny_config_is_the_fixture_model_args(name, config):
 @pytest.mark.parametrize("name", ["timm_resnet50", "timm_efficientnetv2_tiny"])
 def test_hub_folder_loads_as_the_vision_tower_and_matches_timm(tmp_path, name):
     """timm's hub layout (config.json with architecture / model_args / pretrained_cfg + model.safetensors) through
-    the public `from_text_vision_pretrained`; the pooled features equal timm's `model(x)` with num_classes=0."""
+    the public `from_text_vision_pretrained`; the pooled features equal timm's `model(x)` with num_classes=0.
+    Saved in our layout and loaded back, the config and the features are unchanged."""
     model = FlaxHybridCLIP.from_text_vision_pretrained(_tiny_bert_folder(tmp_path / "text"), GOLDEN / name,
                                                        projection_dim=16)
     cfg = json.loads((GOLDEN / name / "config.json").read_text())["pretrained_cfg"]
@@ -90,6 +96,10 @@ def test_hub_folder_loads_as_the_vision_tower_and_matches_timm(tmp_path, name):
     err = _max_err(pooled, io["features"])
     assert err < ATOL, f"{name}: max abs error {err:.2e}"
     assert model.get_image_features(_nhwc(io)).shape == (3, 16)
+    model.save_pretrained(tmp_path / "ours")  # our layout: the tower under vision_model.* in timm's naming
+    again = FlaxHybridCLIP.from_pretrained(tmp_path / "ours")
+    assert again.config == model.config
+    assert _max_err(again.vision_model(_nhwc(io), pooled_only=True)[1], io["features"]) < ATOL
 
 
 @pytest.mark.parametrize("name,config", TINY, ids=[n for n, _ in TINY])

@@ -116,7 +116,7 @@ class TimmEfficientNetConfig(TowerConfig):
         in_chs, stages = self.stem_chs, []
         for block in ARCHITECTURES[self.timm_model_name]["arch_def"]:
             kind, o = _decode(block)
-            repeats = int(math.ceil(o["r"] * self.depth_multiplier))
+            repeats = math.ceil(o["r"] * self.depth_multiplier)
             out_chs, exp = self.round_channels(int(o["c"])), o.get("e", 1.0)
             stage = []
             for index in range(repeats):
