@@ -236,3 +236,5 @@ def test_open_clip_timm_trunk_pool_options():
     del vit["vision_cfg"]["timm_pool"]
     with pytest.raises(OpenCLIPConfigError, match="timm_pool 'avg'.*vit_base_patch16_224"):
         config_from_open_clip(vit)
+
+
