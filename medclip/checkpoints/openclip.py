@@ -25,14 +25,13 @@ from medclip.checkpoints import conversion as conv
 from medclip.checkpoints.pretrained import (OPEN_CLIP_CONFIG, build_from_tensors, model_tensors, read_json,
                                             tower_rules)
 from medclip.checkpoints.readers import CheckpointError, read_checkpoint
-from medclip.models import modified_resnet
+from medclip.models import modified_resnet, registry
 from medclip.models.bert import BertConfig
 from medclip.models.clip_text import CLIPTextConfig
 from medclip.models.clip_vision import CLIPVisionConfig
 from medclip.models.heads import HeadConfig
 from medclip.models.hybrid import HybridCLIPConfig, text_config_from_hf_dict
 from medclip.models.preprocess import Preprocess
-from medclip.models.timm_vit import TimmViTConfig
 from medclip.models.weights import Rule
 
 logger = logging.getLogger(__name__)
@@ -96,13 +95,19 @@ def _vision_config(cfg: dict[str, Any], embed_dim: int, quick_gelu: bool) -> tup
             raise OpenCLIPConfigError(f"vision_cfg.image_size {image_size}: only square images are supported")
         image_size = image_size[0]
     if cfg.get("timm_model_name"):
-        _refuse(cfg, "vision_cfg", {"timm_pool": "", "timm_drop": 0.0, "timm_drop_path": None})
+        _refuse(cfg, "vision_cfg", {"timm_drop": 0.0, "timm_drop_path": None})
         kwargs = dict(cfg.get("timm_model_kwargs") or {})
         kwargs.setdefault("img_size", image_size)
         try:
-            vision = TimmViTConfig.from_timm_name(cfg["timm_model_name"], **kwargs)
+            vision = registry.vision_config_from_timm(cfg["timm_model_name"], **kwargs)
         except ValueError as e:
             raise OpenCLIPConfigError(f"vision_cfg.timm_model_name: {e}") from None
+        # "" keeps the trunk's own pooling (a ViT's class token, a convnet's average), "avg" averages the
+        # feature map (or a ViT's tokens, which we do not build); open_clip's default is "avg"
+        pools, pool = getattr(vision, "timm_pools", ("",)), cfg.get("timm_pool", "avg")
+        if pool not in pools:
+            raise OpenCLIPConfigError(f"vision_cfg: OpenCLIP option timm_pool {pool!r} (open_clip's default when "
+                                      f"absent: 'avg') is not supported for {cfg['timm_model_name']} (only {pools})")
         proj = cfg.get("timm_proj", "linear")
         bias = bool(cfg.get("timm_proj_bias", False))
         if proj == "linear":
@@ -268,7 +273,7 @@ def _head_rules(ckpt: str, ours: str, head: HeadConfig, *, raw: bool) -> list[Ru
 
 def openclip_rules(config: HybridCLIPConfig) -> list[Rule]:
     vision, text = config.vision_config, config.text_config
-    if isinstance(vision, TimmViTConfig):
+    if "timm" in registry.tower_for_config(vision).formats():  # open_clip's TimmModel: any timm trunk
         rules = [*conv.prefixed("visual.trunk.", tower_rules(vision, "timm"), "vision_model."),
                  *_head_rules("visual.head.mlp" if config.vision_head.type == "mlp" else "visual.head.proj",
                               "visual_projection", config.vision_head, raw=False)]

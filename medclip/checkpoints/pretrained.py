@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from medclip.models import registry
 from medclip.models.bert import BertConfig
 from medclip.models.heads import HeadConfig, build_head
 from medclip.models.hybrid import HybridCLIPConfig, text_config_from_hf_dict, vision_config_from_hf_dict
+from medclip.models.preprocess import Preprocess
 from medclip.models.weights import Rule
 
 logger = logging.getLogger(__name__)
@@ -200,7 +202,11 @@ def _tower_values(tensors: dict[str, np.ndarray], tower_config: Any, fmt: str, o
         logger.info("%s: using the %d keys under %r, skipping %d others", source, len(selected), prefix,
                     len(tensors) - len(selected))
     fresh = fresh or {}
-    values = conv.to_ours(selected, tower_rules_, tower_shapes, source=source, optional=fresh)
+    ignored = re.compile(spec.ignored_keys) if spec.ignored_keys else None
+    skipped = sorted(k for k in selected if ignored is not None and ignored.search(k))
+    if skipped:
+        logger.info("%s: skipping %d keys the tower does not use (%s ...)", source, len(skipped), skipped[0])
+    values = conv.to_ours(selected, tower_rules_, tower_shapes, source=source, optional=fresh, ignored=ignored)
     for key in sorted(set(fresh) - set(values)):
         logger.warning("%s has no %s%s: it starts freshly initialised and is trained from scratch",
                        source, our_prefix, key)
@@ -233,6 +239,22 @@ def fresh_heads(config: HybridCLIPConfig, seed: int) -> dict[str, jax.Array]:
     return heads
 
 
+def timm_vision_config(data: dict[str, Any], source: str) -> tuple[Any, Preprocess | None]:
+    """A timm hub `config.json` (`architecture`, `model_args`, `pretrained_cfg`): the tower config of
+    `timm.create_model(architecture, **model_args)` and the normalisation its pretrained_cfg names."""
+    kwargs = dict(data.get("model_args") or {})
+    pretrained = data.get("pretrained_cfg") or {}
+    if "img_size" not in kwargs and pretrained.get("input_size"):
+        kwargs["img_size"] = int(pretrained["input_size"][-1])
+    try:
+        config = registry.vision_config_from_timm(data["architecture"], **kwargs)
+    except registry.UnknownArchitectureError as e:
+        raise registry.UnknownArchitectureError(f"{source}: {e}") from None
+    preprocess = (Preprocess(mean=tuple(pretrained["mean"]), std=tuple(pretrained["std"]))
+                  if "mean" in pretrained and "std" in pretrained else None)
+    return config, preprocess
+
+
 def load_from_towers(cls, text_name_or_path: str | os.PathLike, vision_name_or_path: str | os.PathLike, *,
                      projection_dim: int = 512, logit_scale_init_value: float = math.log(1 / 0.07),
                      logit_bias_init_value: float | None = None, vision_config_overrides: dict | None = None,
@@ -245,15 +267,21 @@ def load_from_towers(cls, text_name_or_path: str | os.PathLike, vision_name_or_p
     vision_dir = resolve_model_dir(vision_name_or_path, revision=revision)
     text_dir = resolve_model_dir(text_name_or_path, revision=revision)
     vision_data = read_config_json(vision_dir)
-    vision_data.setdefault("model_type", infer_model_type(vision_data, str(vision_name_or_path)))
+    preprocess = None
+    if "model_type" not in vision_data and "architecture" in vision_data:  # a timm model's config.json
+        vision_config, preprocess = timm_vision_config(vision_data, str(vision_dir / "config.json"))
+    else:
+        vision_data.setdefault("model_type", infer_model_type(vision_data, str(vision_name_or_path)))
+        vision_config = vision_config_from_hf_dict(vision_data)
     text_data = read_config_json(text_dir)
     text_data["model_type"] = infer_model_type(text_data, str(text_name_or_path))
-    vision_config = vision_config_from_hf_dict(vision_data).replace(**(vision_config_overrides or {}))
+    vision_config = vision_config.replace(**(vision_config_overrides or {}))
     text_config = text_config_from_hf_dict(text_data).replace(**(text_config_overrides or {}))
     config = HybridCLIPConfig(vision_config=vision_config, text_config=text_config,
                               projection_dim=projection_dim, logit_scale_init_value=logit_scale_init_value,
                               logit_bias_init_value=logit_bias_init_value,
-                              vision_head=vision_head or HeadConfig(), text_head=text_head or HeadConfig())
+                              vision_head=vision_head or HeadConfig(), text_head=text_head or HeadConfig(),
+                              preprocess=preprocess)
     abstract = abstract_model(cls, config, dtype, remat)
     shapes = param_shapes(abstract)
     vision_tensors, vision_source = load_tensors(vision_dir)

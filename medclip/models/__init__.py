@@ -9,6 +9,8 @@ from medclip.models.clip_vision import CLIPVisionConfig, CLIPVisionTower
 from medclip.models.heads import HeadConfig
 from medclip.models.hybrid import HybridCLIP, HybridCLIPConfig
 from medclip.models.preprocess import Preprocess
+from medclip.models.timm_efficientnet import TimmEfficientNetConfig
+from medclip.models.timm_resnet import TimmResNetConfig
 from medclip.models.timm_vit import TimmViTConfig
 
 __all__ = [
@@ -22,5 +24,7 @@ __all__ = [
     "HybridCLIP",
     "HybridCLIPConfig",
     "Preprocess",
+    "TimmEfficientNetConfig",
+    "TimmResNetConfig",
     "TimmViTConfig",
 ]

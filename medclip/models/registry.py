@@ -64,6 +64,9 @@ class TowerSpec:
     prefixes: dict[str, tuple[str, ...]]
     model_types: tuple[str, ...] = ()  # the `model_type` values of config.json this tower reads
     preprocess: Preprocess | None = None  # vision towers: how their source normalised images
+    # checkpoint keys (after the prefix) that this tower's source holds and the tower does not use: a timm
+    # classifier (`fc.*`), which a trunk drops as timm's `num_classes=0` does
+    ignored_keys: str | None = None
 
     def formats(self) -> tuple[str, ...]:
         return tuple(self.prefixes)
@@ -71,6 +74,30 @@ class TowerSpec:
 
 class UnknownTowerError(ValueError):
     """No registered tower of that name, model_type or config class."""
+
+
+class UnknownArchitectureError(UnknownTowerError):
+    """A checkpoint or config names an architecture (a timm model name) no tower can build."""
+
+
+class UnsupportedOptionError(UnknownArchitectureError):
+    """A known architecture with an option (a timm keyword argument, its value) its tower does not build."""
+
+
+def check_timm_kwargs(name: str, kwargs: dict[str, Any], ours: dict[str, str], no_effect: set[str],
+                      defaults: dict[str, tuple]) -> None:
+    """Refuses a timm keyword we do not implement, or one set to a value we do not build, by name.
+
+    `ours`: keywords the config reads (timm name -> field); `no_effect`: keywords that change nothing in the
+    tower (the classifier, initialisation); `defaults`: keywords accepted only at the values listed."""
+    unknown = sorted(set(kwargs) - set(ours) - no_effect - set(defaults))
+    if unknown:
+        raise UnsupportedOptionError(f"timm kwargs {unknown} for {name} are not supported; supported: "
+                                     f"{sorted(set(ours) | no_effect | set(defaults))}")
+    bad = {k: kwargs[k] for k in defaults if k in kwargs and kwargs[k] not in defaults[k]}
+    if bad:
+        raise UnsupportedOptionError(f"timm kwargs {bad} for {name} are not supported (only "
+                                     f"{ {k: defaults[k][0] for k in bad} })")
 
 
 _TOWERS: dict[str, TowerSpec] = {}
@@ -122,6 +149,26 @@ def config_from_hf_dict(data: dict[str, Any], kind: str) -> Any:
     return tower_for_model_type(data.get("model_type"), kind).config_class.from_hf_dict(data)
 
 
+def vision_config_from_timm(architecture: str, **timm_kwargs: Any) -> Any:
+    """The vision tower config of `timm.create_model(architecture, **timm_kwargs)`: asked of every vision tower
+    whose config class has `from_timm_name` (timm's hub `config.json` names `architecture` + `model_args`, an
+    OpenCLIP TimmModel `timm_model_name` + `timm_model_kwargs`). An unknown name is refused listing every
+    tower's `timm_architectures`; a known one with options its tower does not build, by that tower's error."""
+    supported = []
+    for spec in towers("vision"):
+        names = getattr(spec.config_class, "timm_architectures", None)
+        if names is None:
+            continue
+        try:
+            return spec.config_class.from_timm_name(architecture, **timm_kwargs)
+        except UnsupportedOptionError:
+            raise
+        except UnknownArchitectureError:
+            supported.extend(names)
+    raise UnknownArchitectureError(f"timm architecture {architecture!r} is not supported as a vision tower; "
+                                   f"supported: {', '.join(supported)}")
+
+
 def max_text_positions(text_config: Any) -> int:
     """Tokens a text tower takes: RoBERTa numbers positions from pad_token_id + 1."""
     offset = text_config.pad_token_id + 1 if getattr(text_config, "is_roberta", False) else 0
@@ -137,7 +184,7 @@ def _register_builtin() -> None:
     if _BUILTIN_DONE:
         return
     _BUILTIN_DONE = True
-    from medclip.models import bert, clip_text, clip_vision, modified_resnet, timm_vit
+    from medclip.models import bert, clip_text, clip_vision, modified_resnet, timm_efficientnet, timm_resnet, timm_vit
 
     register(TowerSpec("clip_vision_model", "vision", clip_vision.CLIPVisionConfig, clip_vision.VisionTransformer,
                        clip_vision.conversion_rules,
@@ -150,6 +197,16 @@ def _register_builtin() -> None:
                        modified_resnet.ModifiedResNet, modified_resnet.conversion_rules,
                        prefixes={"openclip": ("visual.", "")}, model_types=("modified_resnet",),
                        preprocess=modified_resnet.ModifiedResNetConfig.default_preprocess))
+    timm_classifier = r"^(fc|classifier)\."
+    register(TowerSpec("timm_resnet", "vision", timm_resnet.TimmResNetConfig, timm_resnet.TimmResNet,
+                       timm_resnet.conversion_rules, prefixes={"timm": ("visual.trunk.", "trunk.", "")},
+                       model_types=("timm_resnet",), preprocess=timm_resnet.TimmResNetConfig.default_preprocess,
+                       ignored_keys=timm_classifier))
+    register(TowerSpec("timm_efficientnet", "vision", timm_efficientnet.TimmEfficientNetConfig,
+                       timm_efficientnet.TimmEfficientNet, timm_efficientnet.conversion_rules,
+                       prefixes={"timm": ("visual.trunk.", "trunk.", "")}, model_types=("timm_efficientnet",),
+                       preprocess=timm_efficientnet.TimmEfficientNetConfig.default_preprocess,
+                       ignored_keys=timm_classifier))
     register(TowerSpec("clip_text_model", "text", clip_text.CLIPTextConfig, clip_text.CLIPTextTower,
                        clip_text.conversion_rules, prefixes={"hf": ("text_model.", ""), "openclip": ("",)},
                        model_types=("clip_text_model",)))

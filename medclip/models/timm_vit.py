@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Self
 
 from medclip.models.clip_vision import TIMM_RULES, CLIPVisionConfig
 from medclip.models.preprocess import Preprocess
+from medclip.models.registry import UnknownArchitectureError, UnsupportedOptionError
 from medclip.models.weights import Rule
 
 # timm's ViT sizes: width, depth, heads (mlp ratio 4 for all of these)
@@ -25,10 +26,6 @@ _KWARGS = {"embed_dim": "hidden_size", "depth": "num_hidden_layers", "num_heads"
 INCEPTION_PREPROCESS = Preprocess(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))  # timm's ViT default
 
 
-class UnknownArchitectureError(ValueError):
-    """A checkpoint or config names an architecture this tower cannot build."""
-
-
 @dataclasses.dataclass(frozen=True)
 class TimmViTConfig(CLIPVisionConfig):
     hidden_act: str = "gelu"
@@ -39,6 +36,8 @@ class TimmViTConfig(CLIPVisionConfig):
     patch_bias: ClassVar[bool] = True
     pre_layernorm: ClassVar[bool] = False
     default_preprocess: ClassVar[Preprocess] = INCEPTION_PREPROCESS
+    timm_architectures: ClassVar[tuple[str, ...]] = (
+        f"vit_{{{'|'.join(_SIZES)}}}_patch{{N}}_{{image size}} (e.g. vit_base_patch16_224)",)
 
     @classmethod
     def from_timm_name(cls, name: str, **timm_kwargs: Any) -> Self:
@@ -50,7 +49,7 @@ class TimmViTConfig(CLIPVisionConfig):
                 f"vit_{{{'|'.join(_SIZES)}}}_patch{{N}}_{{image size}} (e.g. vit_base_patch16_224)")
         unknown = sorted(set(timm_kwargs) - set(_KWARGS) - {"mlp_ratio"})
         if unknown:
-            raise UnknownArchitectureError(f"timm kwargs {unknown} for {name} are not supported; "
+            raise UnsupportedOptionError(f"timm kwargs {unknown} for {name} are not supported; "
                                            f"supported: {sorted(_KWARGS) + ['mlp_ratio']}")
         width, depth, heads = _SIZES[m["size"]]
         fields = dict(hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads,
