@@ -87,11 +87,13 @@ def fusion_rules(config: FusionConfig, our_prefix: str = "fusion.") -> list[Rule
     layer, ours = "fusion_module.resblocks.{i}", f"{our_prefix}fusion_module.layers.{{i}}"
     qkv = [f"{ours}.self_attn.{p}_proj" for p in "qkv"]
     return [
-        Rule(f"{layer}.ln_1.weight", f"{ours}.layer_norm1.scale"), Rule(f"{layer}.ln_1.bias", f"{ours}.layer_norm1.bias"),
+        Rule(f"{layer}.ln_1.weight", f"{ours}.layer_norm1.scale"),
+        Rule(f"{layer}.ln_1.bias", f"{ours}.layer_norm1.bias"),
         *[Rule(f"{layer}.attn.in_proj_weight", f"{o}.kernel", "linear", (i, 3)) for i, o in enumerate(qkv)],
         *[Rule(f"{layer}.attn.in_proj_bias", f"{o}.bias", "identity", (i, 3)) for i, o in enumerate(qkv)],
         *linear_rule(f"{layer}.attn.out_proj", f"{ours}.self_attn.out_proj"),
-        Rule(f"{layer}.ln_2.weight", f"{ours}.layer_norm2.scale"), Rule(f"{layer}.ln_2.bias", f"{ours}.layer_norm2.bias"),
+        Rule(f"{layer}.ln_2.weight", f"{ours}.layer_norm2.scale"),
+        Rule(f"{layer}.ln_2.bias", f"{ours}.layer_norm2.bias"),
         *linear_rule(f"{layer}.mlp.c_fc", f"{ours}.mlp.fc1"),
         *linear_rule(f"{layer}.mlp.c_proj", f"{ours}.mlp.fc2"),
         Rule("img_special_token", f"{our_prefix}img_special_token"),
