@@ -370,6 +370,9 @@ def save_open_clip(model: nnx.Module, save_directory: str | os.PathLike) -> Path
     from safetensors.numpy import save_file
 
     config = model.config
+    if config.text_inputs != 1 or config.fusion is not None:
+        raise ValueError("OpenCLIP's layout has no second text input and no fusion module: save this model with "
+                         "save_pretrained")
     model_cfg = open_clip_model_cfg(config)
     preprocess = config.image_preprocess
     folder = Path(save_directory)

@@ -27,6 +27,7 @@ from medclip.checkpoints.hub import resolve_model_dir
 from medclip.checkpoints.readers import CheckpointError, find_checkpoint_file, read_checkpoint
 from medclip.models import registry
 from medclip.models.bert import BertConfig
+from medclip.models.fusion import FusionConfig, MLMFusion, fusion_rules
 from medclip.models.heads import HeadConfig, build_head
 from medclip.models.hybrid import HybridCLIPConfig, text_config_from_hf_dict, vision_config_from_hf_dict
 from medclip.models.preprocess import Preprocess
@@ -67,6 +68,7 @@ def hybrid_rules(config: HybridCLIPConfig) -> list[Rule]:
         *head_rules("text_projection", "text_projection", config.text_head),
         conv.Rule("logit_scale", "logit_scale"),
         conv.Rule("logit_bias", "logit_bias"),
+        *(fusion_rules(config.fusion) if config.fusion is not None else []),  # PMC-CLIP's names
     ]
 
 
@@ -228,15 +230,26 @@ def fresh_heads(config: HybridCLIPConfig, seed: int) -> dict[str, jax.Array]:
     model's own initialisers, seeded."""
     rngs = nnx.Rngs(seed)
     heads = {"logit_scale": jnp.asarray(config.logit_scale_init_value, jnp.float32)}
+    text_width = config.text_config.hidden_size * config.text_inputs
     for name, width, head in (("visual_projection", config.vision_config.hidden_size, config.vision_head),
-                              ("text_projection", config.text_config.hidden_size, config.text_head)):
+                              ("text_projection", text_width, config.text_head)):
         module = build_head(width, head, config.projection_dim, dtype=jnp.float32, rngs=rngs)
         if module is not None:
             for path, value in nnx.to_flat_state(nnx.state(module, nnx.Param)):
                 heads[".".join([name, *map(str, path)])] = value[...]
     if config.logit_bias_init_value is not None:
         heads["logit_bias"] = jnp.asarray(config.logit_bias_init_value, jnp.float32)
-    return heads
+    return {**heads, **fresh_fusion(config, seed)}
+
+
+def fresh_fusion(config: HybridCLIPConfig, seed: int) -> dict[str, jax.Array]:
+    """A fresh fusion module + MLM head (`fusion.*`), or {} for a model without one."""
+    if config.fusion is None:
+        return {}
+    module = MLMFusion(config.fusion, config.text_config.hidden_size, config.projection_dim,
+                       config.text_config.vocab_size, dtype=jnp.float32, rngs=nnx.Rngs(seed + 2))
+    return {".".join(["fusion", *map(str, path)]): value[...]
+            for path, value in nnx.to_flat_state(nnx.state(module, nnx.Param))}
 
 
 def timm_vision_config(data: dict[str, Any], source: str) -> tuple[Any, Preprocess | None]:
@@ -259,8 +272,9 @@ def load_from_towers(cls, text_name_or_path: str | os.PathLike, vision_name_or_p
                      projection_dim: int = 512, logit_scale_init_value: float = math.log(1 / 0.07),
                      logit_bias_init_value: float | None = None, vision_config_overrides: dict | None = None,
                      text_config_overrides: dict | None = None, vision_head: HeadConfig | None = None,
-                     text_head: HeadConfig | None = None, dtype=jnp.float32, remat: bool = False,
-                     seed: int = 0, revision: str | None = None) -> nnx.Module:
+                     text_head: HeadConfig | None = None, text_inputs: int = 1, fusion: FusionConfig | None = None,
+                     dtype=jnp.float32, remat: bool = False, seed: int = 0,
+                     revision: str | None = None) -> nnx.Module:
     """Pairs a pretrained vision tower (a full CLIP checkpoint or a vision-only one) with a pretrained text
     encoder; projections and temperature start fresh, as in transformers' `from_vision_text_pretrained`.
     `vision_config_overrides={"image_size": 336}` interpolates the position embeddings."""
@@ -281,7 +295,7 @@ def load_from_towers(cls, text_name_or_path: str | os.PathLike, vision_name_or_p
                               projection_dim=projection_dim, logit_scale_init_value=logit_scale_init_value,
                               logit_bias_init_value=logit_bias_init_value,
                               vision_head=vision_head or HeadConfig(), text_head=text_head or HeadConfig(),
-                              preprocess=preprocess)
+                              preprocess=preprocess, text_inputs=text_inputs, fusion=fusion)
     abstract = abstract_model(cls, config, dtype, remat)
     shapes = param_shapes(abstract)
     vision_tensors, vision_source = load_tensors(vision_dir)

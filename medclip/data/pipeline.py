@@ -49,22 +49,56 @@ class Captions:
     attention_mask: np.ndarray  # (num_captions, max_seq_length) int32
     first: np.ndarray  # (num_records,) int64
     count: np.ndarray  # (num_records,) int64
+    # The second text input (--second_text_field), one row per record: (num_records, max_seq_length) int32
+    second_input_ids: np.ndarray | None = None
+    second_attention_mask: np.ndarray | None = None
 
 
-def tokenize_captions(items: list[Record], tokenizer, max_seq_length: int) -> Captions:
-    """One batched call of the (Rust) fast tokenizer for every caption of every record."""
+def _tokenize(tokenizer, texts: list[str], max_seq_length: int) -> tuple[np.ndarray, np.ndarray]:
+    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=max_seq_length,
+                        return_attention_mask=True, return_token_type_ids=False, return_tensors="np")
+    return encoded["input_ids"].astype(np.int32), encoded["attention_mask"].astype(np.int32)
+
+
+def second_texts(items: list[Record], field: str) -> list[str]:
+    """Each record's second text: its keywords or concepts joined by ", ", or another CSV column / JSON field
+    (`Record.fields`); "" where a record has none. A field no record has is refused (a typo, most likely)."""
+    if field in ("keywords", "concepts"):
+        return [", ".join(getattr(record, field)) for record in items]
+    if items and not any(field in record.fields for record in items):
+        raise ValueError(f"no record has a {field!r} field (--second_text_field): use keywords, concepts, or a "
+                         f"CSV column / JSON field of the data (e.g. {sorted(items[0].fields)[:8]})")
+    return [record.fields.get(field, "") for record in items]
+
+
+def tokenize_captions(items: list[Record], tokenizer, max_seq_length: int,
+                      second_text_field: str | None = None) -> Captions:
+    """One batched call of the (Rust) fast tokenizer for every caption of every record (and one for the second
+    texts)."""
     texts = [caption for record in items for caption in record.captions]
     count = np.array([len(record.captions) for record in items], np.int64)
     if (count == 0).any():
         raise ValueError(f"record {items[int(np.argmin(count))].id} has no caption; load records through a source")
-    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=max_seq_length,
-                        return_attention_mask=True, return_token_type_ids=False, return_tensors="np")
+    input_ids, attention_mask = _tokenize(tokenizer, texts, max_seq_length)
+    second = (None, None)
+    if second_text_field:
+        second = _tokenize(tokenizer, second_texts(items, second_text_field), max_seq_length)
     return Captions(
-        input_ids=encoded["input_ids"].astype(np.int32),
-        attention_mask=encoded["attention_mask"].astype(np.int32),
+        input_ids=input_ids,
+        attention_mask=attention_mask,
         first=np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64),
         count=count,
+        second_input_ids=second[0],
+        second_attention_mask=second[1],
     )
+
+
+def _second_inputs(captions: Captions) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
+    """record index -> {"second_input_ids", "second_attention_mask"}, or {} without a second text."""
+    if captions.second_input_ids is None:
+        return lambda index: {}
+    ids, mask = tf.constant(captions.second_input_ids), tf.constant(captions.second_attention_mask)
+    return lambda index: {"second_input_ids": ids[index], "second_attention_mask": mask[index]}
 
 
 def vision_image_size(config) -> int:
@@ -173,6 +207,7 @@ def build_train_dataset(items: list[Record], captions: Captions, layout: Layout,
     read_image = _image_reader(items)
     input_ids, attention_mask = tf.constant(captions.input_ids), tf.constant(captions.attention_mask)
     first, count = tf.constant(captions.first), tf.constant(captions.count)
+    second = _second_inputs(captions)
 
     def load(position, epoch, index):
         element_seed = tf.stack([tf.constant(seed, tf.int64), epoch * layout.num_records + index])
@@ -185,6 +220,7 @@ def build_train_dataset(items: list[Record], captions: Captions, layout: Layout,
             "input_ids": input_ids[row],
             "attention_mask": attention_mask[row],
             "position": position,
+            **second(index),
         }
 
     dataset = tf.data.Dataset.range(start_epoch, _INFINITE_EPOCHS).flat_map(epoch_elements).skip(offset)
@@ -296,15 +332,17 @@ def make_train_dataset(
     counter: DropCounter | None = None,
     threads: int | None = None,
     preprocess: Preprocess | None = None,
+    second_text_field: str | None = None,
 ) -> TrainIterator:
     """Endless shuffled training batches for this process (random resized crop, optional flip, CLIP normalisation).
 
     `process_index`/`process_count` default to JAX's. `counter` receives images that fail to decode in the graph.
     `threads` gives the pipeline its own thread pool of that size (default: TF's shared pool, one per core).
-    `preprocess` is the model's normalisation (`config.image_preprocess`; default CLIP's).
+    `preprocess` is the model's normalisation (`config.image_preprocess`; default CLIP's). `second_text_field`
+    adds each record's second text (`second_texts`) as "second_input_ids" / "second_attention_mask".
     """
     layout = make_layout(len(items), global_batch_size, process_index, process_count)
-    captions = tokenize_captions(items, tokenizer, max_seq_length)
+    captions = tokenize_captions(items, tokenizer, max_seq_length, second_text_field)
     return TrainIterator(items, captions, layout, image_size=image_size, seed=seed, crop_scale=crop_scale,
                          hflip=hflip, counter=counter, threads=threads, preprocess=preprocess)
 
@@ -343,6 +381,7 @@ class EvalDataset:
         read_image = _image_reader(self.items)
         first = tf.constant(self.captions.first)
         input_ids, attention_mask = tf.constant(self.captions.input_ids), tf.constant(self.captions.attention_mask)
+        second = _second_inputs(self.captions)
 
         def load(position, index, mask):
             row = first[index]
@@ -352,6 +391,7 @@ class EvalDataset:
                 "attention_mask": attention_mask[row],
                 "mask": mask,
                 "position": position,
+                **second(index),
             }
 
         filler = {
@@ -361,6 +401,8 @@ class EvalDataset:
             "mask": tf.constant(False),
             "position": tf.constant(-1, tf.int64),
         }
+        if self.captions.second_input_ids is not None:
+            filler["second_input_ids"] = filler["second_attention_mask"] = filler["attention_mask"]
         elements = tf.data.Dataset.from_tensor_slices((np.arange(len(self.order), dtype=np.int64), indices, real))
         dataset = elements.map(load, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
         # Skipped images would leave this process short: top up with filler so every process has num_batches.
@@ -394,10 +436,12 @@ def make_eval_dataset(
     counter: DropCounter | None = None,
     preprocess: Preprocess | None = None,
     threads: int | None = None,
+    second_text_field: str | None = None,
 ) -> EvalDataset:
     """Eval batches for this process: resize + center crop, CLIP normalisation, first caption, "mask" for padding.
-    `threads` as in `make_train_dataset`."""
+    `threads` and `second_text_field` as in `make_train_dataset` (evaluation sees the records' second texts, as
+    training does; the embedder, zero-shot and the app, with captions alone, feed the caption as both inputs)."""
     layout = make_layout(len(items), global_batch_size, process_index, process_count)
-    captions = tokenize_captions(items, tokenizer, max_seq_length)
+    captions = tokenize_captions(items, tokenizer, max_seq_length, second_text_field)
     return EvalDataset(items, captions, layout, image_size=image_size, counter=counter, preprocess=preprocess,
                        threads=threads)

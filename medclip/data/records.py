@@ -23,6 +23,8 @@ class Record:
     concepts: list[str] = dataclasses.field(default_factory=list)
     keywords: list[str] = dataclasses.field(default_factory=list)
     source: str = ""
+    # The source's other text fields (CSV columns, JSON string fields), e.g. for --second_text_field.
+    fields: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def to_json(self, relative_to: str | Path | None = None) -> dict:
         """The JSON-lines form (`image_path` + `captions`, the original medclip format, plus our fields).

@@ -54,8 +54,9 @@ class Embedder:
         self.image_preprocess = self.model.config.image_preprocess
         graphdef, params = nnx.split(self.model)
         self._image_fn = jax.jit(lambda p, x: l2_normalize(nnx.merge(graphdef, p).get_image_features(x)))
-        self._text_fn = jax.jit(lambda p, ids, mask: l2_normalize(
-            nnx.merge(graphdef, p).get_text_features(ids, mask)))
+        self._text_fn = jax.jit(lambda p, ids, mask, second_ids, second_mask: l2_normalize(
+            nnx.merge(graphdef, p).get_text_features(ids, mask, second_input_ids=second_ids,
+                                                     second_attention_mask=second_mask)))
         self._params = params
 
     @property
@@ -66,12 +67,33 @@ class Embedder:
         return float(self.model.temperature_scale())
 
     # -- texts ---------------------------------------------------------------------------------------------
-    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """(len(texts), dim) L2-normalised; empty strings are refused (they embed to noise)."""
+    @property
+    def text_inputs(self) -> int:
+        """2 for a model trained with a second text (keywords, concepts): see `embed_texts`."""
+        return self.model.config.text_inputs
+
+    def embed_texts(self, texts: Sequence[str], second_texts: Sequence[str] | None = None) -> np.ndarray:
+        """(len(texts), dim) L2-normalised; empty strings are refused (they embed to noise).
+
+        A two-input model also takes `second_texts` (one per text, "" allowed); without them each text fills
+        both inputs, so queries and captions alone still work (zero-shot, retrieval, the app)."""
         texts = list(texts)
         empty = [i for i, t in enumerate(texts) if not t or not t.strip()]
         if empty:
             raise ValueError(f"empty text at position(s) {empty}: give a non-empty query or caption")
+        if second_texts is not None:
+            if self.text_inputs != 2:
+                raise ValueError("this model takes one text input: second_texts cannot be used")
+            if len(second_texts) != len(texts):
+                raise ValueError(f"{len(second_texts)} second texts for {len(texts)} texts")
+        ids, mask = self._tokenize(texts)
+        if self.text_inputs == 1:
+            return self._batched(lambda a, b: self._text_fn(self._params, a, b, None, None), ids, mask)
+        second_ids, second_mask = (ids, mask) if second_texts is None else self._tokenize(list(second_texts))
+        return self._batched(lambda a, b, c, d: self._text_fn(self._params, a, b, c, d), ids, mask, second_ids,
+                             second_mask)
+
+    def _tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         encoded = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_seq_length,
                                  return_tensors="np")
         ids, mask = encoded["input_ids"].astype(np.int32), encoded["attention_mask"].astype(np.int32)
@@ -82,7 +104,7 @@ class Embedder:
         if pad > 0:
             ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=self.tokenizer.pad_token_id or 0)
             mask = np.pad(mask, ((0, 0), (0, pad)))
-        return self._batched(lambda a, b: self._text_fn(self._params, a, b), ids, mask)
+        return ids, mask
 
     # -- images --------------------------------------------------------------------------------------------
     def preprocess(self, images: Sequence[str | bytes]) -> np.ndarray:

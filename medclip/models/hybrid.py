@@ -20,7 +20,9 @@ from medclip.models import registry
 from medclip.models.bert import BertConfig
 from medclip.models.clip_text import CLIPTextConfig
 from medclip.models.clip_vision import CLIPVisionConfig
+from medclip.models.fusion import FusionConfig, MLMFusion
 from medclip.models.heads import HeadConfig, build_head, project
+from medclip.models.layers import split_rng
 from medclip.models.packing import PackingPlan
 from medclip.models.preprocess import Preprocess
 
@@ -55,6 +57,11 @@ class HybridCLIPConfig:
     vision_head: HeadConfig = HeadConfig()
     text_head: HeadConfig = HeadConfig()
     preprocess: Preprocess | None = None  # None: the vision tower's default (set at construction)
+    # 2: a second text (ROCO keywords, concepts...) through the same text tower, its pooled output concatenated
+    # with the caption's before the text head (whose input is then 2 x hidden_size), as the "CLIP TensorFlow &
+    # ROCO" report's final model. Without a second text the caption fills both inputs (get_text_features).
+    text_inputs: int = 1
+    fusion: FusionConfig | None = None  # PMC-CLIP's fusion module + MLM head (medclip.models.fusion)
     # An OpenCLIP model's own `model_cfg` (open_clip_config.json), kept so it can be exported back exactly.
     open_clip_model_cfg: dict[str, Any] | None = dataclasses.field(default=None, compare=False, hash=False)
 
@@ -63,6 +70,8 @@ class HybridCLIPConfig:
         registry.tower_for_config(self.text_config)
         if self.preprocess is None:
             object.__setattr__(self, "preprocess", vision.preprocess or Preprocess())
+        if self.text_inputs not in (1, 2):
+            raise ValueError(f"text_inputs must be 1 or 2, not {self.text_inputs}")
 
     @property
     def image_preprocess(self) -> Preprocess:
@@ -74,7 +83,8 @@ class HybridCLIPConfig:
         clip_head = HeadConfig()
         return (type(self.vision_config) is CLIPVisionConfig and type(self.text_config) is CLIPTextConfig
                 and self.vision_head == clip_head and self.text_head == clip_head
-                and self.logit_bias_init_value is None and self.text_config.pool_type == "eos")
+                and self.logit_bias_init_value is None and self.text_config.pool_type == "eos"
+                and self.text_inputs == 1 and self.fusion is None)
 
     @classmethod
     def tiny(cls, text_model_type: str = "bert") -> Self:
@@ -98,7 +108,9 @@ class HybridCLIPConfig:
         if self.logit_bias_init_value is not None:
             data["logit_bias_init_value"] = self.logit_bias_init_value
         extra = {"vision_head": self.vision_head.to_dict(), "text_head": self.text_head.to_dict(),
-                 "preprocess": self.image_preprocess.to_dict(), "open_clip_model_cfg": self.open_clip_model_cfg}
+                 "preprocess": self.image_preprocess.to_dict(), "open_clip_model_cfg": self.open_clip_model_cfg,
+                 "text_inputs": self.text_inputs if self.text_inputs != 1 else None,
+                 "fusion": self.fusion.to_dict() if self.fusion is not None else None}
         data["medclip"] = {k: v for k, v in extra.items() if v}
         return data
 
@@ -128,6 +140,8 @@ class HybridCLIPConfig:
             text_head=HeadConfig.from_dict(extra.get("text_head")),
             preprocess=Preprocess.from_dict(extra["preprocess"]) if "preprocess" in extra else None,
             open_clip_model_cfg=extra.get("open_clip_model_cfg"),
+            text_inputs=extra.get("text_inputs", 1),
+            fusion=FusionConfig.from_dict(extra.get("fusion")),
         )
 
     def to_json_file(self, path: str | os.PathLike) -> None:
@@ -151,6 +165,7 @@ class HybridCLIPOutput:
     logits_per_text: jax.Array  # (texts, images)
     image_embeds: jax.Array  # (images, projection_dim), L2-normalised
     text_embeds: jax.Array  # (texts, projection_dim), L2-normalised
+    mlm_logits: jax.Array | None = None  # (texts, length, vocab_size) fp32, from `__call__(..., mlm=True)`
 
 
 def _head_rng(rng: jax.Array | None) -> jax.Array | None:
@@ -176,27 +191,55 @@ class HybridCLIP(nnx.Module):
         self.text_model = registry.build_tower(config.text_config, dtype=dtype, remat=remat, rngs=rngs)
         self.visual_projection = build_head(config.vision_config.hidden_size, config.vision_head,
                                             config.projection_dim, dtype=dtype, rngs=rngs)
-        self.text_projection = build_head(config.text_config.hidden_size, config.text_head, config.projection_dim,
-                                          dtype=dtype, rngs=rngs)
+        self.text_projection = build_head(config.text_config.hidden_size * config.text_inputs, config.text_head,
+                                          config.projection_dim, dtype=dtype, rngs=rngs)
         self.logit_scale = nnx.Param(jnp.asarray(config.logit_scale_init_value, jnp.float32))
         self.logit_bias = (nnx.Param(jnp.asarray(config.logit_bias_init_value, jnp.float32))
                            if config.logit_bias_init_value is not None else None)
+        self.fusion = (MLMFusion(config.fusion, config.text_config.hidden_size, config.projection_dim,
+                                 config.text_config.vocab_size, dtype=dtype, rngs=rngs)
+                       if config.fusion is not None else None)
 
     def get_image_features(self, pixel_values: jax.Array, *, dropout_rng: jax.Array | None = None,
-                           train: bool = False) -> jax.Array:
-        """Projected, unnormalised image embeddings (batch, projection_dim); pixel_values are NHWC."""
+                           train: bool = False, head_dropout_rng: jax.Array | None = None) -> jax.Array:
+        """Projected, unnormalised image embeddings (batch, projection_dim); pixel_values are NHWC. The head's
+        dropout key is `head_dropout_rng`, else derived from `dropout_rng` (None: no dropout)."""
         _, pooled = self.vision_model(pixel_values, dropout_rng=dropout_rng, pooled_only=True, train=train)
-        return project(self.visual_projection, self.config.vision_head, pooled, _head_rng(dropout_rng))
+        return project(self.visual_projection, self.config.vision_head, pooled,
+                       _head_rng(dropout_rng if head_dropout_rng is None else head_dropout_rng))
 
     def get_text_features(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                           token_type_ids: jax.Array | None = None, position_ids: jax.Array | None = None, *,
-                          dropout_rng: jax.Array | None = None, text_packing: PackingPlan | None = None) -> jax.Array:
+                          dropout_rng: jax.Array | None = None, text_packing: PackingPlan | None = None,
+                          second_input_ids: jax.Array | None = None,
+                          second_attention_mask: jax.Array | None = None,
+                          head_dropout_rng: jax.Array | None = None) -> jax.Array:
         """Projected, unnormalised text embeddings (batch, projection_dim). `text_packing` (from
-        `medclip.models.packing.plan_packing` on this batch's mask) skips the padding's work."""
-        _, pooled = self.text_model(input_ids, attention_mask, token_type_ids=token_type_ids,
-                                    position_ids=position_ids, dropout_rng=dropout_rng, pooled_only=True,
-                                    packing=text_packing, pooler=self.config.text_head.pooler)
-        return project(self.text_projection, self.config.text_head, pooled, _head_rng(dropout_rng))
+        `medclip.models.packing.plan_packing` on this batch's mask) skips the padding's work. A two-input
+        model (config.text_inputs == 2) encodes `second_input_ids` with the same tower (padded, no packing)
+        and projects both pooled outputs concatenated; without a second input the caption fills it."""
+        return self._text_features(input_ids, attention_mask, token_type_ids, position_ids, dropout_rng,
+                                   text_packing, second_input_ids, second_attention_mask, head_dropout_rng)[1]
+
+    def _text_features(self, input_ids, attention_mask, token_type_ids, position_ids, dropout_rng, text_packing,
+                       second_input_ids, second_attention_mask, head_dropout_rng,
+                       with_hidden: bool = False) -> tuple[jax.Array | None, jax.Array]:
+        """(the caption's last hidden states (batch, length, hidden) when `with_hidden`, else None; features)."""
+        first_rng, second_rng = split_rng(dropout_rng, 2) if self.config.text_inputs == 2 else (dropout_rng, None)
+        hidden, pooled = self.text_model(input_ids, attention_mask, token_type_ids=token_type_ids,
+                                         position_ids=position_ids, dropout_rng=first_rng,
+                                         pooled_only=not with_hidden, packing=text_packing,
+                                         pooler=self.config.text_head.pooler)
+        if self.config.text_inputs == 2:
+            if second_input_ids is None:  # captions alone (zero-shot, retrieval): the caption is both inputs
+                second_input_ids, second_attention_mask = input_ids, attention_mask
+            _, second = self.text_model(second_input_ids, second_attention_mask, dropout_rng=second_rng,
+                                        pooled_only=True, pooler=self.config.text_head.pooler)
+            pooled = jnp.concatenate([pooled, second], axis=-1)
+        elif second_input_ids is not None:
+            raise ValueError("this model takes one text input (config.text_inputs == 1); got second_input_ids")
+        head_rng = _head_rng(dropout_rng if head_dropout_rng is None else head_dropout_rng)
+        return hidden, project(self.text_projection, self.config.text_head, pooled, head_rng)
 
     def temperature_scale(self) -> jax.Array:
         return jnp.minimum(jnp.exp(self.logit_scale[...]), LOGIT_SCALE_MAX)
@@ -204,14 +247,25 @@ class HybridCLIP(nnx.Module):
     def __call__(self, input_ids: jax.Array, pixel_values: jax.Array, attention_mask: jax.Array | None = None,
                  token_type_ids: jax.Array | None = None, position_ids: jax.Array | None = None, *,
                  dropout_rng: jax.Array | None = None, text_packing: PackingPlan | None = None,
-                 train: bool = False) -> HybridCLIPOutput:
-        vision_rng, text_rng = (None, None) if dropout_rng is None else tuple(jax.random.split(dropout_rng))
-        image_embeds = l2_normalize(self.get_image_features(pixel_values, dropout_rng=vision_rng, train=train))
-        text_embeds = l2_normalize(self.get_text_features(input_ids, attention_mask, token_type_ids,
-                                                          position_ids, dropout_rng=text_rng,
-                                                          text_packing=text_packing))
+                 train: bool = False, second_input_ids: jax.Array | None = None,
+                 second_attention_mask: jax.Array | None = None, head_dropout_rng: jax.Array | None = None,
+                 mlm: bool = False) -> HybridCLIPOutput:
+        """`dropout_rng` drives the towers' dropout, `head_dropout_rng` the heads' (projection dropout; default:
+        derived from `dropout_rng`); None means none. `mlm` also runs the fusion module on the caption's
+        hidden states and the image embeddings: `mlm_logits` (PMC-CLIP's objective; pass masked input_ids)."""
+        if mlm and self.fusion is None:
+            raise ValueError("mlm=True needs a model with a fusion module (config.fusion)")
+        vision_rng, text_rng = split_rng(dropout_rng, 2)
+        vision_head_rng, text_head_rng = split_rng(head_dropout_rng, 2)
+        image_embeds = l2_normalize(self.get_image_features(pixel_values, dropout_rng=vision_rng, train=train,
+                                                            head_dropout_rng=vision_head_rng))
+        text_hidden, text_features = self._text_features(
+            input_ids, attention_mask, token_type_ids, position_ids, text_rng, text_packing, second_input_ids,
+            second_attention_mask, text_head_rng, with_hidden=mlm)
+        text_embeds = l2_normalize(text_features)
         logits_per_text = text_embeds @ image_embeds.T * self.temperature_scale()
         if self.logit_bias is not None:
             logits_per_text = logits_per_text + self.logit_bias[...]
+        mlm_logits = self.fusion(text_hidden, image_embeds, attention_mask) if mlm else None
         return HybridCLIPOutput(logits_per_image=logits_per_text.T, logits_per_text=logits_per_text,
-                                image_embeds=image_embeds, text_embeds=text_embeds)
+                                image_embeds=image_embeds, text_embeds=text_embeds, mlm_logits=mlm_logits)

@@ -31,6 +31,9 @@ class ModelArguments:
     remat: bool = field(default=False, metadata={"help": "Rematerialise encoder layers (saves memory)."})
     logit_bias_init: float | None = field(default=None, metadata={"help": "Learned logit bias (sigmoid loss)."})
     text_dropout: bool = field(default=True, metadata={"help": "Use the text config's dropout when training."})
+    projection_dropout: float | None = field(default=None, metadata={
+        "help": "Dropout on both towers' pooled outputs before their projections, in training (the CLIP-TF "
+                "report: 0.1); default: the model's own (0 for fresh heads)."})
 
 
 @dataclasses.dataclass
@@ -45,6 +48,9 @@ class DataArguments:
     dataset_name: str | None = field(default=None, metadata={"help": "Hugging Face dataset (folder or id)."})
     image_column: str | None = field(default=None, metadata={"help": "CSV / HF datasets image column (image)."})
     caption_column: str | None = field(default=None, metadata={"help": "CSV / HF datasets caption column (caption)."})
+    second_text_field: str | None = field(default=None, metadata={
+        "help": "A second text input through the same text tower, concatenated with the caption's before the "
+                "text projection: keywords or concepts (ROCO, JSON lines, ROCOv2), or a CSV column / JSON field."})
     synthetic_train_samples: int = field(default=0, metadata={
         "help": "Generate this many synthetic radiology-like pairs (the embedded demo); 0 = off."})
     synthetic_validation_samples: int = 256
@@ -119,6 +125,13 @@ class TrainingArguments:
                 "lock_image_freeze_bn_stats): the usual choice when fine-tuning with small batches."})
     loss: str = field(default="clip", metadata={"help": "clip (symmetric InfoNCE), hybrid or sigmoid."})
     hybrid_alpha: float = 0.5
+    mlm: bool = field(default=False, metadata={
+        "help": "PMC-CLIP's masked-language modelling: masked captions predicted by a fusion module that attends "
+                "to the image embedding; the contrastive loss sees the masked captions too, as in PMC-CLIP."})
+    mlm_weight: float = field(default=1.0, metadata={
+        "help": "loss = contrastive + mlm_weight * MLM loss (PMC-CLIP: 0.5 * both, the same up to a factor 2)."})
+    mlm_probability: float = field(default=0.15, metadata={
+        "help": "Share of real, non-special tokens selected for MLM; of those 80% -> [MASK], 10% random, 10% kept."})
     hybrid_temperature: float = field(default=1.0, metadata={
         "help": "Temperature of the hybrid loss's soft targets (softmax of image-image + text-text similarities / T)."})
     seed: int = 42

@@ -87,6 +87,41 @@ def validate(model: ModelArguments, data: DataArguments, train: TrainingArgument
         raise ConfigError(f"--gradient_accumulation_steps must be >= 1, not {train.gradient_accumulation_steps}")
     if train.reduce_lr_on_plateau:
         _check_plateau(data, train)
+    _check_text_objectives(model, data, train)
+
+
+def _local_model_config(model: ModelArguments) -> dict | None:
+    """config.json of a local --model_name_or_path folder; None when there is none to read before loading."""
+    if model.model_name_or_path is None:
+        return None
+    path = Path(model.model_name_or_path) / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _check_text_objectives(model: ModelArguments, data: DataArguments, train: TrainingArguments) -> None:
+    """--projection_dropout, --second_text_field and --mlm (with --mlm_weight/--mlm_probability)."""
+    if model.projection_dropout is not None and not 0 <= model.projection_dropout < 1:
+        raise ConfigError(f"--projection_dropout must be in [0, 1), not {model.projection_dropout}")
+    if not train.mlm and (train.mlm_weight != 1.0 or train.mlm_probability != 0.15):
+        raise ConfigError("--mlm_weight and --mlm_probability configure the MLM objective: add --mlm, or drop them")
+    if train.mlm:
+        if not 0 < train.mlm_probability < 1:
+            raise ConfigError(f"--mlm_probability must be in (0, 1), not {train.mlm_probability}")
+        if train.mlm_weight < 0:
+            raise ConfigError(f"--mlm_weight must be >= 0, not {train.mlm_weight}")
+    saved = _local_model_config(model)
+    if saved is None:
+        return  # towers, a preset or a Hub id: model_setup checks once the model and tokenizer exist
+    extra = saved.get("medclip") or {}
+    if data.second_text_field and extra.get("text_inputs", 1) != 2:
+        raise ConfigError(f"--second_text_field {data.second_text_field} needs a model with two text inputs, and "
+                          f"--model_name_or_path {model.model_name_or_path} was trained with one (its text head "
+                          "takes one pooled output): drop the flag, or start from towers")
+    text_type = (saved.get("text_config") or {}).get("model_type", "clip_text_model" if saved.get("model_type") ==
+                                                      "clip" else None)
+    if train.mlm and text_type == "clip_text_model" and not model.tokenizer_name:
+        raise ConfigError(f"--mlm needs a text tower whose tokenizer has a mask token; {model.model_name_or_path} "
+                          "has a CLIP text tower (its BPE vocabulary has no [MASK]): use a BERT-family text tower")
 
 
 def _check_plateau(data: DataArguments, train: TrainingArguments) -> None:

@@ -16,7 +16,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from medclip.data.pipeline import EvalDataset, TrainIterator, epoch_order, make_eval_dataset, make_train_dataset
+from medclip.data.pipeline import (EvalDataset, TrainIterator, epoch_order, make_eval_dataset, make_train_dataset,
+                                   second_texts)
 from medclip.data.records import DropCounter, Record
 from medclip.data.sources.auto import load_records
 from medclip.training.distributed import barrier
@@ -126,27 +127,39 @@ def build_data(args: DataArguments, train_args: TrainingArguments, tokenizer, mo
         if not items:
             raise ConfigError("--do_train needs training data: --train_file, --data_dir, --dataset_name or "
                              "--synthetic_train_samples")
+        _check_second_field(items, args.second_text_field)
         if len(items) < global_train:
             raise DataError(f"{len(items)} training pairs do not fill one global batch of {global_train} "
                              f"({train_args.per_device_train_batch_size} per device x {num_devices} devices)")
         train = make_train_dataset(items, tokenizer, image_size=image_size, max_seq_length=args.max_seq_length,
                                    global_batch_size=global_train, seed=train_args.seed,
                                    crop_scale=(args.crop_scale_min, 1.0), hflip=args.hflip, counter=counter,
-                                   preprocess=model_config.image_preprocess, threads=args.preprocessing_num_workers)
+                                   preprocess=model_config.image_preprocess, threads=args.preprocessing_num_workers,
+                                   second_text_field=args.second_text_field)
     if train_args.do_eval or train_args.do_train:
         items, counter = load_split(args, "validation", output_dir, train_args.seed)
         if items:
+            _check_second_field(items, args.second_text_field)
             counters["validation"] = (len(items), counter)
             evaluation = make_eval_dataset(items, tokenizer, image_size=image_size,
                                            max_seq_length=args.max_seq_length, global_batch_size=global_eval,
                                            counter=counter, preprocess=model_config.image_preprocess,
-                                           threads=args.preprocessing_num_workers)
+                                           threads=args.preprocessing_num_workers,
+                                           second_text_field=args.second_text_field)
             eval_captions = [record.captions[0] for record in items]
     feed = DataFeed(train=train, eval=evaluation, eval_captions=eval_captions, counters=counters,
                     global_train_batch_size=global_train,
                     global_eval_batch_size=global_eval)
     write_data_report(feed, output_dir)
     return feed
+
+
+def _check_second_field(items: list[Record], field: str | None) -> None:
+    if field:
+        try:
+            second_texts(items, field)
+        except ValueError as error:
+            raise DataError(str(error)) from None
 
 
 def write_data_report(feed: DataFeed, output_dir: Path) -> None:

@@ -4,6 +4,7 @@ recipe: CLIP ViT-B/32 + SciBERT)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from flax import nnx
 from medclip.checkpoints.tokenizers import load_tokenizer, tokenizer_for_model
 from medclip.hybrid_clip import FlaxHybridCLIP
 from medclip.models import BertConfig, CLIPVisionConfig, HybridCLIPConfig
+from medclip.models.fusion import FusionConfig, MLMFusion
+from medclip.models.heads import HeadConfig
 from medclip.models.registry import max_text_positions
 from medclip.training.arguments import DataArguments, ModelArguments
 from medclip.training.config_check import ConfigError
@@ -27,14 +30,14 @@ class ModelSetupError(ConfigError):
     """The flags do not describe a model and tokenizer that can be used together."""
 
 
-def demo_config(vocab_size: int, image_size: int, max_seq_length: int) -> HybridCLIPConfig:
+def demo_config(vocab_size: int, image_size: int, max_seq_length: int, **changes: Any) -> HybridCLIPConfig:
     """Small enough to train in minutes on 2 CPU cores, big enough to learn the synthetic captions."""
     vision = CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                               image_size=image_size, patch_size=8)
     text = BertConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                       num_attention_heads=4, max_position_embeddings=max(max_seq_length, 16),
                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return HybridCLIPConfig(vision_config=vision, text_config=text, projection_dim=64)
+    return HybridCLIPConfig(vision_config=vision, text_config=text, projection_dim=64, **changes)
 
 
 def _saved_model(model_args: ModelArguments, dtype) -> tuple[FlaxHybridCLIP, Any]:
@@ -49,7 +52,10 @@ def _saved_model(model_args: ModelArguments, dtype) -> tuple[FlaxHybridCLIP, Any
 
 
 def build_model_and_tokenizer(model_args: ModelArguments, data_args: DataArguments, dtype, seed: int,
-                              output_dir: Path) -> tuple[FlaxHybridCLIP, Any]:
+                              output_dir: Path, mlm: bool = False) -> tuple[FlaxHybridCLIP, Any]:
+    """`mlm` adds PMC-CLIP's fusion module and MLM head (fresh) where the model has none."""
+    heads = _head_changes(model_args)
+    new = {"text_inputs": 2 if data_args.second_text_field else 1, "fusion": FusionConfig() if mlm else None}
     if model_args.model_preset is not None:
         if model_args.model_preset != "demo":
             raise ModelSetupError(f"unknown --model_preset {model_args.model_preset!r}; available: demo")
@@ -63,10 +69,12 @@ def build_model_and_tokenizer(model_args: ModelArguments, data_args: DataArgumen
             barrier("demo tokenizer")
             tokenizer = load_tokenizer(output_dir / "demo_tokenizer")
         image_size = model_args.image_size or data_args.synthetic_image_size
-        config = demo_config(len(tokenizer), image_size, data_args.max_seq_length)
+        config = demo_config(len(tokenizer), image_size, data_args.max_seq_length, **new)
+        config = config.replace(**{name: head(getattr(config, name)) for name, head in heads.items()})
         model = FlaxHybridCLIP(config, dtype=dtype, remat=model_args.remat, rngs=nnx.Rngs(seed))
     elif model_args.model_name_or_path is not None:
         model, tokenizer = _saved_model(model_args, dtype)
+        _adapt_loaded(model, model_args, data_args, mlm, heads, seed)
     else:
         if not (model_args.text_model_name_or_path and model_args.vision_model_name_or_path):
             raise ModelSetupError("give --model_name_or_path, or both --text_model_name_or_path and "
@@ -75,10 +83,43 @@ def build_model_and_tokenizer(model_args: ModelArguments, data_args: DataArgumen
         model = FlaxHybridCLIP.from_text_vision_pretrained(
             model_args.text_model_name_or_path, model_args.vision_model_name_or_path,
             projection_dim=model_args.projection_dim, logit_bias_init_value=model_args.logit_bias_init,
-            vision_config_overrides=overrides, dtype=dtype, remat=model_args.remat, seed=seed)
+            vision_config_overrides=overrides, dtype=dtype, remat=model_args.remat, seed=seed,
+            vision_head=heads["vision_head"](HeadConfig()), text_head=heads["text_head"](HeadConfig()), **new)
         tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.text_model_name_or_path)
     check_text_inputs(model.config.text_config, tokenizer, data_args.max_seq_length)
+    if mlm and getattr(tokenizer, "mask_token_id", None) is None:
+        raise ModelSetupError("--mlm needs a tokenizer with a mask token ([MASK]); this text tower's tokenizer "
+                              f"({type(tokenizer).__name__}) has none: use a BERT-family text tower, or drop --mlm")
     return model, tokenizer
+
+
+def _head_changes(model_args: ModelArguments) -> dict[str, Any]:
+    """--projection_dropout as changes to both heads' configs (identity when not given)."""
+    p = model_args.projection_dropout
+    change = (lambda head: head) if p is None else (lambda head: dataclasses.replace(head, dropout=p))
+    return {"vision_head": change, "text_head": change}
+
+
+def _adapt_loaded(model: FlaxHybridCLIP, model_args: ModelArguments, data_args: DataArguments, mlm: bool,
+                  heads: dict[str, Any], seed: int) -> None:
+    """A saved model takes the flags that do not change its trained weights' shapes: projection dropout, and a
+    fresh fusion module for --mlm. A second text input would change the text head's width: refused."""
+    config = model.config
+    if data_args.second_text_field and config.text_inputs != 2:
+        raise ModelSetupError(f"--second_text_field {data_args.second_text_field} needs a model with two text "
+                              f"inputs, and {model_args.model_name_or_path} was trained with one (its text head "
+                              "takes one pooled output): drop the flag, or start from towers")
+    if not data_args.second_text_field and config.text_inputs == 2:
+        logger.warning("%s takes two text inputs and no --second_text_field was given: the caption fills both",
+                       model_args.model_name_or_path)
+    config = config.replace(**{name: head(getattr(config, name)) for name, head in heads.items()})
+    if mlm and config.fusion is None:
+        config = config.replace(fusion=FusionConfig())
+        logger.warning("%s has no fusion module: --mlm adds a fresh one (PMC-CLIP's, %d layers)",
+                       model_args.model_name_or_path, config.fusion.num_layers)
+        model.fusion = nnx.data(MLMFusion(config.fusion, config.text_config.hidden_size, config.projection_dim,
+                                          config.text_config.vocab_size, dtype=model.dtype, rngs=nnx.Rngs(seed + 2)))
+    model.config = config
 
 
 def check_text_inputs(text_config: Any, tokenizer: Any, max_seq_length: int) -> None:

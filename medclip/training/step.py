@@ -20,6 +20,7 @@ from flax import nnx, struct
 from medclip.models.hybrid import LOGIT_SCALE_MAX, HybridCLIPOutput
 from medclip.models.packing import PackingPlan
 from medclip.training import losses
+from medclip.training.mlm import MASK_STREAM, MaskingConfig, mask_tokens, mlm_loss_and_accuracy
 
 
 @struct.dataclass
@@ -44,6 +45,8 @@ class StepConfig:
     freeze_vision: bool = False
     freeze_text: bool = False
     freeze_bn_stats: bool = False  # BatchNorm uses and keeps its running statistics (open_clip's freeze_bn_stats)
+    masking: MaskingConfig | None = None  # set: PMC-CLIP's MLM objective on the masked captions (--mlm)
+    mlm_weight: float = 1.0  # loss = contrastive + mlm_weight * MLM loss
 
 
 def init_state(params: Any, tx: optax.GradientTransformation, seed: int, batch_stats: Any = None) -> TrainState:
@@ -105,15 +108,27 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
         if config.freeze_text:
             params = {**params, "text_model": jax.lax.stop_gradient(params["text_model"])}
         model = nnx.merge(graphdef, params, batch_stats)
-        out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
-                    dropout_rng=rng if config.dropout else None, text_packing=text_packing,
-                    train=not config.freeze_bn_stats)
+        input_ids = batch["input_ids"]
+        if config.masking is not None:  # PMC-CLIP: one text pass on the masked caption serves both losses
+            input_ids, selected = mask_tokens(jax.random.fold_in(rng, MASK_STREAM), input_ids,
+                                              batch["attention_mask"], config.masking)
+        # The heads' (projection) dropout always gets the key in training; --text_dropout governs the towers'.
+        out = model(input_ids, batch["pixel_values"], batch["attention_mask"],
+                    dropout_rng=rng if config.dropout else None, head_dropout_rng=rng, text_packing=text_packing,
+                    train=not config.freeze_bn_stats, second_input_ids=batch.get("second_input_ids"),
+                    second_attention_mask=batch.get("second_attention_mask"), mlm=config.masking is not None)
         new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))  # what train-mode BatchNorm updated
-        return losses.compute_loss(out, config), (out.logits_per_text, new_stats)
+        loss = losses.compute_loss(out, config)
+        extra = {}
+        if config.masking is not None:
+            mlm_loss, mlm_acc = mlm_loss_and_accuracy(out.mlm_logits, batch["input_ids"], selected)
+            extra = {"contrastive_loss": loss, "mlm_loss": mlm_loss, "mlm_acc": mlm_acc}
+            loss = loss + config.mlm_weight * mlm_loss
+        return loss, (out.logits_per_text, new_stats, extra)
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
-        (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        (loss, (logits, new_stats, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, state.batch_stats, batch, rng)
         # The global norm is finite exactly when every gradient is (or when their squares overflow fp32, which
         # is as good a reason to skip): one reduction that clipping and the metrics share, instead of a
@@ -134,7 +149,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
                                batch_stats=batch_stats)
         accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == jnp.arange(logits.shape[0]))
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
-                   "logit_scale": jnp.exp(state.params["logit_scale"]), "in_batch_t2i_acc": accuracy}
+                   "logit_scale": jnp.exp(state.params["logit_scale"]), "in_batch_t2i_acc": accuracy, **extra}
         return new_state, metrics
 
     return step
@@ -146,7 +161,9 @@ def make_embed_step(graphdef: nnx.GraphDef) -> Callable[[Any, Any, dict], tuple[
 
     def embed(params, batch_stats, batch):
         model = nnx.merge(graphdef, params, batch_stats)
-        out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
+        out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
+                    second_input_ids=batch.get("second_input_ids"),
+                    second_attention_mask=batch.get("second_attention_mask"))
         return out.image_embeds, out.text_embeds
 
     return embed

@@ -28,6 +28,7 @@ from medclip.training.checkpointing import Checkpointer
 from medclip.training.config_check import ConfigError, metric_key, validate
 from medclip.training.data_feed import DataFeed, build_data, write_data_report
 from medclip.training.logger import MetricsLogger, truncate_jsonl
+from medclip.training.mlm import MaskingConfig
 from medclip.training.model_setup import build_model_and_tokenizer
 from medclip.training.optim import OptimizerConfig, make_optimizer, set_lr_scale
 from medclip.training.plateau import Plateau, PlateauConfig, mode_for
@@ -90,7 +91,7 @@ class Trainer:
         self.output_dir = _prepare_output_dir(train_args)
         self.mesh = mesh_lib.make_mesh()
         self.model, self.tokenizer = build_model_and_tokenizer(model_args, data_args, _dtype(model_args.dtype),
-                                                               train_args.seed, self.output_dir)
+                                                               train_args.seed, self.output_dir, mlm=train_args.mlm)
         if train_args.loss == "sigmoid" and self.model.logit_bias is None:  # a Hub model: known only now
             raise ConfigError(f"--loss sigmoid needs a learned logit bias, and {model_args.model_name_or_path} "
                               "has none: use --loss clip, or a model saved with logit_bias_init_value")
@@ -115,7 +116,10 @@ class Trainer:
         self.step_config = StepConfig(loss=train_args.loss, hybrid_alpha=train_args.hybrid_alpha,
                                       hybrid_temperature=train_args.hybrid_temperature,
                                       dropout=model_args.text_dropout, freeze_vision=train_args.freeze_vision,
-                                      freeze_text=train_args.freeze_text, freeze_bn_stats=train_args.freeze_bn_stats)
+                                      freeze_text=train_args.freeze_text, freeze_bn_stats=train_args.freeze_bn_stats,
+                                      masking=(MaskingConfig.from_tokenizer(self.tokenizer, train_args.mlm_probability)
+                                               if train_args.mlm else None),
+                                      mlm_weight=train_args.mlm_weight)
         self.eval_loss = make_eval_loss(self.step_config)
         self.plateau_config = PlateauConfig(
             mode=mode_for(train_args.plateau_metric), factor=train_args.plateau_factor,

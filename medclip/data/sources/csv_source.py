@@ -90,6 +90,7 @@ def read_csv(
             captions=cleaned,
             concepts=concepts.get(record_id, []),
             source=where,
+            fields={k: v for k, v in row.items() if isinstance(k, str) and isinstance(v, str)},
         ))
     return items
 

@@ -43,6 +43,7 @@ def _parse(obj, where: str, resolve, counter: DropCounter, min_caption_length: i
         concepts=[str(c) for c in obj.get("concepts") or []],
         keywords=[str(k) for k in obj.get("keywords") or []],
         source=where,
+        fields={k: v for k, v in obj.items() if isinstance(v, str)},
     )
 
 
