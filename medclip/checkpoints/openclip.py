@@ -196,7 +196,8 @@ def config_from_open_clip(model_cfg: dict[str, Any], preprocess_cfg: dict[str, A
                             open_clip_model_cfg=copy.deepcopy(model_cfg))
 
 
-def resolve_hf_text_config(name: str, tensors: dict[str, np.ndarray] | None, source: str) -> Any:
+def resolve_hf_text_config(name: str, tensors: dict[str, np.ndarray] | None, source: str,
+                           prefix: str = "text.transformer.") -> Any:
     """open_clip fetches an HF text tower's config by `hf_model_name` at build time; the checkpoint has none.
 
     In order: a local folder of that name, the huggingface_hub cache, else the BERT config inferred from the
@@ -216,7 +217,7 @@ def resolve_hf_text_config(name: str, tensors: dict[str, np.ndarray] | None, sou
     if tensors is None:
         raise OpenCLIPConfigError(f"{source}: the text tower's config ({name}) is neither a local folder nor in the "
                                   "huggingface_hub cache, and there are no weights to infer it from")
-    config = infer_bert_config(tensors, "text.transformer.", source)
+    config = infer_bert_config(tensors, prefix, source)
     logger.warning("%s: the config of text tower %s is neither a local folder nor cached; inferred it from the "
                    "weights as a BERT with %d layers, width %d, %d heads (assumed: 64 per head), vocabulary %d. "
                    "Download %s (or pass a folder) to use its own config.", source, name, config.num_hidden_layers,
@@ -313,11 +314,21 @@ def state_dict_from_checkpoint(tensors: dict[str, np.ndarray], source: str) -> d
     return tensors
 
 
-def load_state_dict_file(cls, path: Path, spec: str | os.PathLike | dict, *, dtype=jnp.float32,
+def load_state_dict_file(cls, path: Path, spec: str | os.PathLike | dict | None, *, dtype=jnp.float32,
                          remat: bool = False, preprocess_cfg: dict | None = None) -> nnx.Module:
-    """A bare OpenCLIP state dict (.pt / .bin / .safetensors; read without executing pickled code)."""
-    model_cfg = model_config(spec)
+    """A bare OpenCLIP state dict (.pt / .bin / .safetensors; read without executing pickled code); PMC-CLIP's
+    checkpoint.pt is recognised by its keys (or the config name RN50_fusion4)."""
+    from medclip.checkpoints import pmc_clip
+
     tensors = state_dict_from_checkpoint(read_checkpoint(path), str(path))
+    if (isinstance(spec, str) and spec in pmc_clip.CONFIGS) or pmc_clip.is_pmc_clip(
+            spec if isinstance(spec, dict) else None, tensors):
+        return pmc_clip.load_tensors(cls, tensors, spec, str(path), dtype=dtype, remat=remat)
+    if spec is None:
+        raise CheckpointError(f"{path} is a bare weights file: say which model it holds with an OpenCLIP model "
+                              f"config (open_clip_model= one of {builtin_model_names()} or a JSON file), or pass "
+                              "the model folder")
+    model_cfg = model_config(spec)
     config = config_from_open_clip(model_cfg, preprocess_cfg, tensors=tensors, source=str(path))
     return build_from_tensors(cls, config, tensors, openclip_rules(config), source=str(path), dtype=dtype,
                               remat=remat, ignored=_IGNORED)

@@ -166,12 +166,12 @@ def load_hybrid(cls, name_or_path: str | os.PathLike, *, dtype=jnp.float32, rema
         name = name[len(openclip.HF_HUB_PREFIX):]
     path = Path(name).expanduser()
     if path.is_file():
-        if open_clip_model is None:
-            raise CheckpointError(f"{path} is a bare weights file: say which model it holds with an OpenCLIP model "
-                                  f"config (open_clip_model={sorted(openclip.builtin_model_names())} or a JSON file), "
-                                  "or pass the model folder")
         return openclip.load_state_dict_file(cls, path, open_clip_model, dtype=dtype, remat=remat)
     folder = resolve_model_dir(name, revision=revision)
+    from medclip.checkpoints import pmc_clip
+
+    if pmc_clip.has_parts(folder):
+        return pmc_clip.load_parts(cls, folder, open_clip_model, dtype=dtype, remat=remat)
     if (folder / OPEN_CLIP_CONFIG).is_file() and not (folder / "config.json").is_file():
         return openclip.load_folder(cls, folder, dtype=dtype, remat=remat)
     config = HybridCLIPConfig.from_dict(read_config_json(folder))

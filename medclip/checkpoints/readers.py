@@ -466,7 +466,10 @@ def _read_torch_legacy(path: Path) -> dict[str, np.ndarray]:
 def _materialize(
     state: Any, storages: dict[str, _Storage], path: Path, swap_bytes: bool
 ) -> dict[str, np.ndarray]:
-    """Turn every ``_TensorRef`` in the unpickled state dict into an owned, contiguous numpy array."""
+    """Turn every ``_TensorRef`` in the unpickled state dict into an owned, contiguous numpy array. A file holding
+    one bare tensor (`torch.save(parameter)`, as PMC-CLIP's text_projection_layer.pth) gives {"": tensor}."""
+    if isinstance(state, _TensorRef):
+        state = {"": state}
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{path}: expected a dict of tensors (a state_dict), got {type(state).__name__}.")
     out: dict[str, np.ndarray] = {}
