@@ -17,6 +17,7 @@ import pytest
 from tests import killable_run
 
 ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = ROOT / "tests" / "golden"
 # 96 pairs / 32 = 3 steps an epoch, 3 epochs. Patience 0 and a 50% relative threshold: epoch 2 cannot count
 # as better, so the learning rate halves after epoch 2's evaluation and epoch 3 trains at the reduced rate.
 PLATEAU = ["--model_preset", "demo", "--synthetic_train_samples", "96", "--synthetic_validation_samples", "32",
@@ -100,3 +101,61 @@ def test_pubmedclip_recipe_trains_a_few_steps_from_a_clip_model(tmp_path):
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert summary["steps"] == 8 and summary["best_metric"] == min(r["eval_loss"] for r in evals)
     assert "ReduceLROnPlateau" in (out / "README.md").read_text()  # the model card names the recipe's schedule
+
+
+def _tiny_bert_folder(folder: Path, tokenizer) -> Path:
+    """A tiny BERT text tower (ClinicalBERT's architecture) saved in transformers' layout by our own code."""
+    from flax import nnx
+
+    from medclip.models import BertConfig
+    from medclip.models.bert import BertTower
+    from medclip.checkpoints import conversion as conv
+    from medclip.checkpoints.pretrained import model_tensors, tower_rules
+    from safetensors.numpy import save_file
+
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=48, max_position_embeddings=64)
+    tower = BertTower(config, rngs=nnx.Rngs(0))
+    folder.mkdir(parents=True)
+    save_file(conv.to_hf(model_tensors(tower), tower_rules(config, "hf")), str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config.to_hf_dict()))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def _recipe_smoke(tmp_path: Path, recipe: str, vision: Path, text: Path, *extra: str) -> list[dict]:
+    out = tmp_path / "run"
+    cmd = [sys.executable, "run_hybrid_clip.py", "--recipe", recipe, "--output_dir", str(out),
+           "--vision_model_name_or_path", str(vision), "--text_model_name_or_path", str(text),
+           "--tokenizer_name", str(text), "--synthetic_train_samples", "64", "--synthetic_validation_samples", "32",
+           "--synthetic_image_size", "64", "--image_size", "64", "--max_seq_length", "24",
+           "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16", "--num_train_epochs", "1",
+           "--logging_steps", "1", "--save_steps", "0", "--report_to", "none", "--warmup_steps", "1",
+           "--min_mean_intensity", "0", *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_clip_tf_hybrid_recipe_trains_with_two_text_inputs_and_an_efficientnet(tmp_path):
+    """The report's final model at tiny widths: EfficientNetV2 (timm's folder, written by timm), a BERT taking
+    captions and a second text, hybrid loss, projection dropout, per-part learning rates."""
+    from medclip.data.synthetic import write_synthetic_tokenizer
+
+    text = _tiny_bert_folder(tmp_path / "bert", write_synthetic_tokenizer(tmp_path / "tokenizer"))
+    rows = _recipe_smoke(tmp_path, "clip-tf-hybrid", GOLDEN / "timm_efficientnetv2_tiny", text,
+                         "--second_text_field", "keywords")
+    assert [r for r in rows if "eval_loss" in r] and all(np.isfinite(r["train_loss"]) for r in rows if "train_loss" in r)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["vision_config"]["model_type"] == "timm_efficientnet"
+    assert config["medclip"]["text_inputs"] == 2 and config["medclip"]["text_head"]["dropout"] == 0.1
+
+
+def test_clip_medical_caption_recipe_trains_a_resnet50(tmp_path):
+    from medclip.data.synthetic import write_synthetic_tokenizer
+
+    text = _tiny_bert_folder(tmp_path / "bert", write_synthetic_tokenizer(tmp_path / "tokenizer"))
+    rows = _recipe_smoke(tmp_path, "clip-medical-caption", GOLDEN / "timm_resnet50", text)
+    assert [r for r in rows if "eval_loss" in r]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["vision_config"]["model_type"] == "timm_resnet"

@@ -65,6 +65,26 @@ def test_pubmedclip_recipe_resolves_to_the_papers_settings():
     assert train.per_device_train_batch_size == 64 and train.num_train_epochs == 50
 
 
+def test_clip_tf_hybrid_recipe_resolves_to_the_reports_settings():
+    model, data, train = _parse("--recipe", "clip-tf-hybrid", "--data_dir", "/data/roco")
+    assert model.vision_model_name_or_path == "timm/tf_efficientnetv2_m.in21k_ft_in1k"
+    assert model.text_model_name_or_path == "emilyalsentzer/Bio_ClinicalBERT"
+    assert data.second_text_field == "concepts" and model.image_size == 128 and model.projection_dropout == 0.1
+    assert train.loss == "hybrid" and train.hybrid_alpha == 0.5 and train.weight_decay == 0.0
+    assert (train.vision_learning_rate, train.learning_rate, train.text_learning_rate) == (1e-3, 1e-4, 1e-5)
+    assert train.early_stopping_patience == 5 and train.metric_for_best_model == "loss"
+    assert data.min_mean_intensity == 10.0
+    assert data.expand_abbreviations and data.remove_stopwords and data.remove_single_letters
+
+
+def test_clip_medical_caption_recipe_resolves_to_its_settings():
+    model, data, train = _parse("--recipe", "clip-medical-caption", "--data_dir", "/data/rocov2")
+    assert model.vision_model_name_or_path == "timm/resnet50.a1_in1k" and model.projection_dim == 512
+    assert data.max_seq_length == 77 and train.per_device_train_batch_size == 128
+    assert (train.learning_rate, train.lr_schedule, train.warmup_steps) == (5e-4, "cosine", 500)
+    assert train.weight_decay_type == "decoupled"  # AdamW
+
+
 def test_later_flags_win_over_the_recipe():
     _, data, train = _parse("--recipe", "pubmedclip", "--learning_rate", "3e-5", "--hflip", "false",
                             "--weight_decay_type", "decoupled", "--data_dir", "/d")

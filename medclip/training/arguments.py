@@ -26,6 +26,12 @@ class ModelArguments:
     tokenizer_name: str | None = field(default=None, metadata={"help": "Defaults to the text model's."})
     dtype: str = field(default="float32", metadata={"help": "Compute dtype: float32, bfloat16 or float16."})
     projection_dim: int = 512
+    vision_head: str = field(default="linear", metadata={
+        "help": "Models built from towers: the image projection, linear or none (towers whose pooled output is "
+                "already an embedding: ModifiedResNet's attention pool, as PMC-CLIP)."})
+    text_pooler: str = field(default="default", metadata={
+        "help": "Models built from towers: the text tower's pooled output: default (BERT pooler / CLIP EOS), cls "
+                "(the [CLS] hidden state, as PMC-CLIP and BiomedCLIP), mean, eos, pooler_output."})
     image_size: int | None = field(default=None, metadata={
         "help": "Train at this resolution; position embeddings are interpolated."})
     remat: bool = field(default=False, metadata={"help": "Rematerialise encoder layers (saves memory)."})

@@ -88,6 +88,14 @@ def validate(model: ModelArguments, data: DataArguments, train: TrainingArgument
     if train.reduce_lr_on_plateau:
         _check_plateau(data, train)
     _check_text_objectives(model, data, train)
+    _choice("--vision_head", model.vision_head, ("linear", "none"))
+    _choice("--text_pooler", model.text_pooler, ("default", "cls", "mean", "eos", "pooler_output"))
+    built_from_towers = model.model_name_or_path is None and model.model_preset is None
+    for flag, value, default in (("--vision_head", model.vision_head, "linear"),
+                                 ("--text_pooler", model.text_pooler, "default")):
+        if value != default and not built_from_towers:
+            raise ConfigError(f"{flag} {value} applies to models built from --text_model_name_or_path and "
+                              "--vision_model_name_or_path; a saved model or preset keeps its own heads")
 
 
 def _local_model_config(model: ModelArguments) -> dict | None:

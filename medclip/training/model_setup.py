@@ -84,7 +84,8 @@ def build_model_and_tokenizer(model_args: ModelArguments, data_args: DataArgumen
             model_args.text_model_name_or_path, model_args.vision_model_name_or_path,
             projection_dim=model_args.projection_dim, logit_bias_init_value=model_args.logit_bias_init,
             vision_config_overrides=overrides, dtype=dtype, remat=model_args.remat, seed=seed,
-            vision_head=heads["vision_head"](HeadConfig()), text_head=heads["text_head"](HeadConfig()), **new)
+            vision_head=heads["vision_head"](HeadConfig(type=model_args.vision_head)),
+            text_head=heads["text_head"](HeadConfig(pooler=model_args.text_pooler)), **new)
         tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.text_model_name_or_path)
     check_text_inputs(model.config.text_config, tokenizer, data_args.max_seq_length)
     if mlm and getattr(tokenizer, "mask_token_id", None) is None:
