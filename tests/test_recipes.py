@@ -121,6 +121,9 @@ DEMO = ("--model_preset", "demo", "--do_train", "--synthetic_train_samples", "64
     (("--reduce_lr_on_plateau", "--lr_schedule", "constant", "--plateau_factor", "1.5"), "--plateau_factor"),
     (("--dtype", "float64"), "--dtype 'float64'"),
     (("--hybrid_temperature", "0"), "--hybrid_temperature"),
+    (("--loss", "concept", "--false_negatives", "drop"), "--false_negatives 'drop'"),
+    (("--loss", "concept", "--concept_target_weight", "1.5"), "--concept_target_weight"),
+    (("--loss", "concept", "--concept_width", "0"), "--concept_width"),
 ])
 def test_config_errors_name_their_flag(flags, named):
     with pytest.raises(ConfigError, match="^" + named.replace("(", r"\(").replace(")", r"\)")):
