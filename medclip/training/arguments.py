@@ -14,6 +14,13 @@ from dataclasses import field
 class ModelArguments:
     text_model_name_or_path: str | None = field(default=None, metadata={"help": "Text encoder: Hub id or folder."})
     vision_model_name_or_path: str | None = field(default=None, metadata={"help": "CLIP (vision) checkpoint."})
+    vision_config: str | None = field(default=None, metadata={
+        "help": "Train the vision tower from scratch (seeded by --seed): a JSON file, or NAME[:key=value,...] "
+                "overriding a registered tower's base defaults (NAME.tiny: its .tiny()), e.g. "
+                "clip_vision_model:hidden_size=256,num_hidden_layers=4,image_size=128,patch_size=16."})
+    text_config: str | None = field(default=None, metadata={
+        "help": "Train the text tower from scratch, as --vision_config (e.g. bert:num_hidden_layers=4); needs "
+                "--tokenizer_name."})
     model_name_or_path: str | None = field(default=None, metadata={
         "help": "A model to start from: a saved FlaxHybridCLIP or VisionTextDualEncoder, a whole transformers "
                 "CLIPModel (openai/clip-vit-base-patch32: PubMedCLIP's full fine-tuning), an OpenCLIP folder or "
