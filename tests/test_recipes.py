@@ -141,6 +141,13 @@ DEMO = ("--model_preset", "demo", "--do_train", "--synthetic_train_samples", "64
     (("--reduce_lr_on_plateau", "--lr_schedule", "constant", "--plateau_factor", "1.5"), "--plateau_factor"),
     (("--dtype", "float64"), "--dtype 'float64'"),
     (("--hybrid_temperature", "0"), "--hybrid_temperature"),
+    (("--loss", "concept", "--false_negatives", "drop"), "--false_negatives 'drop'"),
+    (("--loss", "concept", "--concept_target_weight", "1.5"), "--concept_target_weight"),
+    (("--loss", "concept", "--concept_width", "0"), "--concept_width"),
+    (("--vision_config", "clip_vison_model:hidden_size=64"), "--vision_config: unknown vision tower 'clip_vison_model'"),
+    (("--text_config", "bert:hiden_size=64"), "--text_config: bert has no field 'hiden_size'"),
+    (("--vision_config", "clip_vision_model", "--vision_model_name_or_path", "v"),
+     "--vision_config and --vision_model_name_or_path"),
 ])
 def test_config_errors_name_their_flag(flags, named):
     with pytest.raises(ConfigError, match="^" + named.replace("(", r"\(").replace(")", r"\)")):

@@ -268,6 +268,45 @@ def timm_vision_config(data: dict[str, Any], source: str) -> tuple[Any, Preproce
     return config, preprocess
 
 
+def pretrained_tower_config(folder: str | os.PathLike, kind: str, overrides: dict | None = None,
+                            name: str | None = None) -> tuple[Any, Preprocess | None]:
+    """The tower config of a local checkpoint folder's config.json (`kind` "vision" or "text"; a whole CLIP
+    config gives its tower's; a timm config.json its architecture's), with `overrides` applied (`image_size`
+    interpolates position embeddings), and the preprocessing the folder names (timm's pretrained_cfg) or None.
+    `name` (the Hub id, default the folder) helps infer a missing model_type."""
+    data = read_config_json(Path(folder))
+    name = name or str(folder)
+    preprocess = None
+    if kind == "vision" and "model_type" not in data and "architecture" in data:  # a timm model's config.json
+        config, preprocess = timm_vision_config(data, str(Path(folder) / "config.json"))
+    elif kind == "vision":
+        data.setdefault("model_type", infer_model_type(data, name))
+        config = vision_config_from_hf_dict(data)
+    else:
+        data["model_type"] = infer_model_type(data, name)
+        config = text_config_from_hf_dict(data)
+    return config.replace(**(overrides or {})), preprocess
+
+
+def load_tower(model: nnx.Module, kind: str, name_or_path: str | os.PathLike, *, seed: int = 0,
+               revision: str | None = None) -> nnx.Module:
+    """Loads one pretrained tower ("vision" or "text") into `model` in place, the way `load_from_towers`
+    loads each: the model's `{kind}_config` must be the checkpoint's (`pretrained_tower_config`); everything
+    else in the model (the other tower, the heads) keeps its values. Returns the model."""
+    folder = resolve_model_dir(name_or_path, revision=revision)
+    tower_config = getattr(model.config, f"{kind}_config")
+    tensors, source = load_tensors(folder)
+    fresh = _fresh_pooler(tower_config, seed) if kind == "text" else None
+    values = _tower_values(_collapse_double_prefixes(tensors), tower_config, native_format(tower_config),
+                           f"{kind}_model.", param_shapes(model), source, fresh=fresh)
+    state = nnx.state(model, WEIGHTS)
+    leaves = [(path, variable.replace(jnp.asarray(values[key], dtype=variable.dtype)) if key in values
+               else variable) for path, variable in nnx.to_flat_state(state)
+              for key in [".".join(map(str, path))]]
+    nnx.update(model, nnx.from_flat_state(leaves))
+    return model
+
+
 def load_from_towers(cls, text_name_or_path: str | os.PathLike, vision_name_or_path: str | os.PathLike, *,
                      projection_dim: int = 512, logit_scale_init_value: float = math.log(1 / 0.07),
                      logit_bias_init_value: float | None = None, vision_config_overrides: dict | None = None,
@@ -280,17 +319,9 @@ def load_from_towers(cls, text_name_or_path: str | os.PathLike, vision_name_or_p
     `vision_config_overrides={"image_size": 336}` interpolates the position embeddings."""
     vision_dir = resolve_model_dir(vision_name_or_path, revision=revision)
     text_dir = resolve_model_dir(text_name_or_path, revision=revision)
-    vision_data = read_config_json(vision_dir)
-    preprocess = None
-    if "model_type" not in vision_data and "architecture" in vision_data:  # a timm model's config.json
-        vision_config, preprocess = timm_vision_config(vision_data, str(vision_dir / "config.json"))
-    else:
-        vision_data.setdefault("model_type", infer_model_type(vision_data, str(vision_name_or_path)))
-        vision_config = vision_config_from_hf_dict(vision_data)
-    text_data = read_config_json(text_dir)
-    text_data["model_type"] = infer_model_type(text_data, str(text_name_or_path))
-    vision_config = vision_config.replace(**(vision_config_overrides or {}))
-    text_config = text_config_from_hf_dict(text_data).replace(**(text_config_overrides or {}))
+    vision_config, preprocess = pretrained_tower_config(vision_dir, "vision", vision_config_overrides,
+                                                        str(vision_name_or_path))
+    text_config, _ = pretrained_tower_config(text_dir, "text", text_config_overrides, str(text_name_or_path))
     config = HybridCLIPConfig(vision_config=vision_config, text_config=text_config,
                               projection_dim=projection_dim, logit_scale_init_value=logit_scale_init_value,
                               logit_bias_init_value=logit_bias_init_value,
@@ -337,4 +368,4 @@ def save_hybrid(model: nnx.Module, save_directory: str | os.PathLike, *, tokeniz
         tokenizer.save_pretrained(str(folder))
 
 
-__all__ = ["CheckpointError", "load_from_towers", "load_hybrid", "save_hybrid", "model_tensors_hf"]
+__all__ = ["CheckpointError", "load_from_towers", "load_tower", "pretrained_tower_config", "load_hybrid", "save_hybrid", "model_tensors_hf"]

@@ -6,6 +6,10 @@
     state = train.state()      # save with the model checkpoint; `train.restore(state)` resumes exactly there
     for batch in make_eval_dataset(...): ...   # the same keys plus "mask": (B,) bool, False on padding
 
+With `concept_width=K` the training batches also hold "concept_ids" (B, K) int32 (each example's concept set
+as ids of a vocabulary built over the training records, -1 padding) and "caption_group" (B,) int32 (equal for
+identical normalised captions), for concept-aware losses (medclip.data.concepts).
+
 Order. Every epoch is a permutation of all records drawn from (seed, epoch); it is cut into global batches (the
 last partial one is dropped) and each process takes its slice of every global batch, so the data seen does not
 depend on the number of processes. Each process walks a stream of positions (epoch * per_epoch + offset); the
@@ -35,6 +39,7 @@ import numpy as np
 import tensorflow as tf
 
 from medclip.data import images, records
+from medclip.data.concepts import ConceptFields, ConceptVocabulary, concept_fields
 from medclip.data.records import DropCounter, Record
 from medclip.models.preprocess import Preprocess
 
@@ -193,7 +198,8 @@ def _options(threads: int | None = None) -> tf.data.Options:
 
 def build_train_dataset(items: list[Record], captions: Captions, layout: Layout, *, image_size: int, seed: int,
                         crop_scale=images.DEFAULT_CROP_SCALE, hflip: bool = False, position: int = 0,
-                        threads: int | None = None, preprocess: Preprocess | None = None) -> tf.data.Dataset:
+                        threads: int | None = None, preprocess: Preprocess | None = None,
+                        concepts: ConceptFields | None = None) -> tf.data.Dataset:
     """The tf.data graph behind `TrainIterator`, starting at stream `position` (skipping costs no decoding)."""
     per_epoch = layout.per_epoch
     start_epoch, offset = divmod(position, per_epoch)
@@ -208,13 +214,15 @@ def build_train_dataset(items: list[Record], captions: Captions, layout: Layout,
     input_ids, attention_mask = tf.constant(captions.input_ids), tf.constant(captions.attention_mask)
     first, count = tf.constant(captions.first), tf.constant(captions.count)
     second = _second_inputs(captions)
+    if concepts is not None:
+        concept_ids, caption_group = tf.constant(concepts.concept_ids), tf.constant(concepts.caption_group)
 
     def load(position, epoch, index):
         element_seed = tf.stack([tf.constant(seed, tf.int64), epoch * layout.num_records + index])
         caption_seed, image_seed = tf.unstack(tf.random.experimental.stateless_split(element_seed, 2))
         pick = tf.random.stateless_uniform([], caption_seed, maxval=count[index], dtype=tf.int64)
         row = first[index] + pick
-        return {
+        element = {
             "pixel_values": images.train_image(read_image(index), image_seed, image_size, crop_scale, hflip,
                                                preprocess),
             "input_ids": input_ids[row],
@@ -222,6 +230,9 @@ def build_train_dataset(items: list[Record], captions: Captions, layout: Layout,
             "position": position,
             **second(index),
         }
+        if concepts is not None:
+            element.update(concept_ids=concept_ids[index], caption_group=caption_group[row])
+        return element
 
     dataset = tf.data.Dataset.range(start_epoch, _INFINITE_EPOCHS).flat_map(epoch_elements).skip(offset)
     dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
@@ -260,12 +271,14 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
 
     def __init__(self, items: list[Record], captions: Captions, layout: Layout, *, image_size: int, seed: int,
                  crop_scale=images.DEFAULT_CROP_SCALE, hflip: bool = False, counter: DropCounter | None = None,
-                 threads: int | None = None, preprocess: Preprocess | None = None):
+                 threads: int | None = None, preprocess: Preprocess | None = None,
+                 concepts: ConceptFields | None = None, concept_vocab: ConceptVocabulary | None = None):
         if layout.steps_per_epoch == 0:
             raise ValueError(f"{layout.num_records} records do not fill one global batch of {layout.global_batch_size}")
         self.items, self.captions, self.layout = items, captions, layout
         self.settings = dict(image_size=image_size, seed=seed, crop_scale=tuple(crop_scale), hflip=hflip,
-                             threads=threads, preprocess=preprocess)
+                             threads=threads, preprocess=preprocess, concepts=concepts)
+        self.concept_vocab = concept_vocab  # with `concepts`: the vocabulary their ids index (eval reuses it)
         self.counter = counter if counter is not None else DropCounter()
         self.position = 0
         self._batches = None
@@ -333,6 +346,7 @@ def make_train_dataset(
     threads: int | None = None,
     preprocess: Preprocess | None = None,
     second_text_field: str | None = None,
+    concept_width: int = 0,
 ) -> TrainIterator:
     """Endless shuffled training batches for this process (random resized crop, optional flip, CLIP normalisation).
 
@@ -340,11 +354,22 @@ def make_train_dataset(
     `threads` gives the pipeline its own thread pool of that size (default: TF's shared pool, one per core).
     `preprocess` is the model's normalisation (`config.image_preprocess`; default CLIP's). `second_text_field`
     adds each record's second text (`second_texts`) as "second_input_ids" / "second_attention_mask".
+    `concept_width` K > 0 adds "concept_ids" (B, K) and "caption_group" (B,) to every batch; the number of
+    concept sets cut to K is counted in `counter` (changed: concept_set_truncated).
     """
     layout = make_layout(len(items), global_batch_size, process_index, process_count)
     captions = tokenize_captions(items, tokenizer, max_seq_length, second_text_field)
-    return TrainIterator(items, captions, layout, image_size=image_size, seed=seed, crop_scale=crop_scale,
-                         hflip=hflip, counter=counter, threads=threads, preprocess=preprocess)
+    fields = vocab = None
+    if concept_width > 0:
+        vocab = ConceptVocabulary.build(items)
+        fields = concept_fields(items, vocab, concept_width)
+    iterator = TrainIterator(items, captions, layout, image_size=image_size, seed=seed, crop_scale=crop_scale,
+                             hflip=hflip, counter=counter, threads=threads, preprocess=preprocess,
+                             concepts=fields, concept_vocab=vocab)
+    if fields is not None:
+        iterator.counter.change("concept_set_truncated", len(fields.truncated),
+                                example=", ".join(fields.truncated[:3]))
+    return iterator
 
 
 class EvalDataset:

@@ -14,6 +14,13 @@ from dataclasses import field
 class ModelArguments:
     text_model_name_or_path: str | None = field(default=None, metadata={"help": "Text encoder: Hub id or folder."})
     vision_model_name_or_path: str | None = field(default=None, metadata={"help": "CLIP (vision) checkpoint."})
+    vision_config: str | None = field(default=None, metadata={
+        "help": "Train the vision tower from scratch (seeded by --seed): a JSON file, or NAME[:key=value,...] "
+                "overriding a registered tower's base defaults (NAME.tiny: its .tiny()), e.g. "
+                "clip_vision_model:hidden_size=256,num_hidden_layers=4,image_size=128,patch_size=16."})
+    text_config: str | None = field(default=None, metadata={
+        "help": "Train the text tower from scratch, as --vision_config (e.g. bert:num_hidden_layers=4); needs "
+                "--tokenizer_name."})
     model_name_or_path: str | None = field(default=None, metadata={
         "help": "A model to start from: a saved FlaxHybridCLIP or VisionTextDualEncoder, a whole transformers "
                 "CLIPModel (openai/clip-vit-base-patch32: PubMedCLIP's full fine-tuning), an OpenCLIP folder or "
@@ -68,6 +75,9 @@ class DataArguments:
     preprocessing_num_workers: int | None = field(default=None, metadata={
         "help": "Threads of the tf.data pipelines (decoding, augmentation); default: TF's shared pool, one per core."})
     crop_scale_min: float = 0.5
+    concept_width: int = field(default=16, metadata={
+        "help": "--loss concept: concepts kept per example (the most frequent; sets cut are counted in "
+                "data_report.json as concept_set_truncated)."})
     hflip: bool = field(default=False, metadata={
         "help": "Random horizontal flips. Off: radiology captions say left and right."})
     strict: bool = field(default=False, metadata={"help": "Stop at the first bad record instead of skipping it."})
@@ -129,7 +139,14 @@ class TrainingArguments:
     freeze_bn_stats: bool = field(default=False, metadata={
         "help": "BatchNorm towers normalise with their running statistics and keep them (open_clip's "
                 "lock_image_freeze_bn_stats): the usual choice when fine-tuning with small batches."})
-    loss: str = field(default="clip", metadata={"help": "clip (symmetric InfoNCE), hybrid or sigmoid."})
+    loss: str = field(default="clip", metadata={
+        "help": "clip (symmetric InfoNCE), hybrid, sigmoid, or concept (soft targets from the overlap of the "
+                "examples' concept sets, ROCO's CUIs: --concept_target_weight, --false_negatives)."})
+    concept_target_weight: float = field(default=0.5, metadata={
+        "help": "--loss concept: targets = (1 - w) * identity + w * row-normalised Jaccard overlap of concept sets."})
+    false_negatives: str = field(default="positive", metadata={
+        "help": "--loss concept: pairs with the same normalised caption or the same concept set are positive "
+                "(share the identity target), mask (left out of the softmax) or none (negatives, as clip)."})
     hybrid_alpha: float = 0.5
     mlm: bool = field(default=False, metadata={
         "help": "PMC-CLIP's masked-language modelling: masked captions predicted by a fusion module that attends "

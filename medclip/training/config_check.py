@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from medclip.training.arguments import DataArguments, ModelArguments, TrainingArguments
-from medclip.training.losses import LOSSES
+from medclip.training.losses import FALSE_NEGATIVES, LOSSES
 from medclip.training.optim import SCHEDULES, WEIGHT_DECAY_TYPES
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -78,6 +78,20 @@ def validate(model: ModelArguments, data: DataArguments, train: TrainingArgument
         raise ConfigError("--loss sigmoid needs a learned logit bias: give --logit_bias_init (e.g. -10) with "
                           "--text_model_name_or_path/--vision_model_name_or_path, or a --model_name_or_path "
                           "saved with one (--model_preset models have none)")
+    for kind in ("vision", "text"):  # a tower from a config: parsed now, so a typo fails before any loading
+        if getattr(model, f"{kind}_config"):
+            from medclip.training.tower_configs import parse_tower_config
+
+            if getattr(model, f"{kind}_model_name_or_path"):
+                raise ConfigError(f"--{kind}_config and --{kind}_model_name_or_path both describe the {kind} "
+                                  "tower: give one")
+            parse_tower_config(getattr(model, f"{kind}_config"), kind, f"--{kind}_config")
+    if train.loss == "concept":
+        _choice("--false_negatives", train.false_negatives, FALSE_NEGATIVES)
+        if not 0 <= train.concept_target_weight <= 1:
+            raise ConfigError(f"--concept_target_weight must be in [0, 1], not {train.concept_target_weight}")
+        if data.concept_width < 1:
+            raise ConfigError(f"--concept_width must be >= 1 with --loss concept, not {data.concept_width}")
     if train.hybrid_temperature <= 0:
         raise ConfigError(f"--hybrid_temperature must be > 0, not {train.hybrid_temperature}")
     if train.freeze_vision and train.freeze_text:

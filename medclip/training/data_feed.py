@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from medclip.data.concepts import ConceptVocabulary, caption_group_ids
 from medclip.data.pipeline import (EvalDataset, TrainIterator, epoch_order, make_eval_dataset, make_train_dataset,
                                    second_texts)
 from medclip.data.records import DropCounter, Record
@@ -23,6 +24,7 @@ from medclip.data.sources.auto import load_records
 from medclip.training.distributed import barrier
 from medclip.training.arguments import DataArguments, TrainingArguments
 from medclip.training.config_check import ConfigError, DataError
+from medclip.training.losses import batch_fields
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +62,8 @@ class DataFeed:
     counters: dict[str, tuple[int, DropCounter]]  # split -> (records kept at load, drop counter)
     global_train_batch_size: int
     global_eval_batch_size: int
+    # The per-example fields the loss reads (losses.batch_fields), for the eval set in its order; {} if none.
+    eval_loss_fields: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @property
     def drop_summary(self) -> dict[str, Any]:
@@ -121,6 +125,8 @@ def build_data(args: DataArguments, train_args: TrainingArguments, tokenizer, mo
     counters: dict[str, tuple[int, DropCounter]] = {}
     train = evaluation = None
     eval_captions: list[str] = []
+    eval_loss_fields: dict[str, np.ndarray] = {}
+    concept_width = args.concept_width if batch_fields(train_args.loss) else 0
     if train_args.do_train:
         items, counter = load_split(args, "train", output_dir, train_args.seed)
         counters["train"] = (len(items), counter)
@@ -135,7 +141,8 @@ def build_data(args: DataArguments, train_args: TrainingArguments, tokenizer, mo
                                    global_batch_size=global_train, seed=train_args.seed,
                                    crop_scale=(args.crop_scale_min, 1.0), hflip=args.hflip, counter=counter,
                                    preprocess=model_config.image_preprocess, threads=args.preprocessing_num_workers,
-                                   second_text_field=args.second_text_field)
+                                   second_text_field=args.second_text_field,
+                                   concept_width=concept_width)
     if train_args.do_eval or train_args.do_train:
         items, counter = load_split(args, "validation", output_dir, train_args.seed)
         if items:
@@ -147,9 +154,13 @@ def build_data(args: DataArguments, train_args: TrainingArguments, tokenizer, mo
                                            threads=args.preprocessing_num_workers,
                                            second_text_field=args.second_text_field)
             eval_captions = [record.captions[0] for record in items]
+            if concept_width:  # the training vocabulary (the eval set's own for --do_eval alone)
+                vocab = train.concept_vocab if train is not None else ConceptVocabulary.build(items)
+                eval_loss_fields = {"concept_ids": vocab.encode(items, concept_width)[0],
+                                    "caption_group": caption_group_ids(eval_captions)}
     feed = DataFeed(train=train, eval=evaluation, eval_captions=eval_captions, counters=counters,
                     global_train_batch_size=global_train,
-                    global_eval_batch_size=global_eval)
+                    global_eval_batch_size=global_eval, eval_loss_fields=eval_loss_fields)
     write_data_report(feed, output_dir)
     return feed
 

@@ -1,5 +1,6 @@
-"""Contrastive losses over the global batch, each a pure function of logits (and embeddings), and the one
-registry that training and evaluation both call (`compute_loss(out, config)`).
+"""Contrastive losses over the global batch, each a pure function of logits (and embeddings, and for the
+concept loss the batch's concept ids and caption groups), and the one registry that training and evaluation
+both call (`compute_loss(out, config, batch)`).
 
 With `jax.jit` over a device mesh the logits are the global (batch, batch) matrix, so every device's
 examples serve as negatives for every other's; XLA inserts the gathers.
@@ -7,7 +8,7 @@ examples serve as negatives for every other's; XLA inserts the gathers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import jax
@@ -47,12 +48,66 @@ def sigmoid_loss(logits_per_text: jax.Array) -> jax.Array:
     return -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / logits.shape[0]
 
 
+FALSE_NEGATIVES = ("positive", "mask", "none")
+
+
+def concept_similarity(concept_ids: jax.Array) -> jax.Array:
+    """(batch, K) int ids of each example's concept set (distinct within a row, -1 padding) -> (batch, batch)
+    Jaccard overlap |A & B| / |A | B|; 0 where both sets are empty."""
+    valid = concept_ids >= 0
+    same = ((concept_ids[:, None, :, None] == concept_ids[None, :, None, :])
+            & valid[:, None, :, None] & valid[None, :, None, :])  # (batch, batch, K, K)
+    shared = same.sum(axis=(2, 3)).astype(jnp.float32)
+    sizes = valid.sum(axis=-1).astype(jnp.float32)
+    union = sizes[:, None] + sizes[None, :] - shared
+    return jnp.where(union > 0, shared / jnp.maximum(union, 1.0), 0.0)
+
+
+def concept_loss(logits_per_text: jax.Array, concept_ids: jax.Array, caption_group: jax.Array,
+                 weight: float = 0.5, false_negatives: str = "positive") -> jax.Array:
+    """Symmetric cross-entropy against concept-aware targets (MedCLIP's semantic matching, Wang et al. 2022).
+
+    targets = (1 - weight) * hard + weight * soft, where soft is the Jaccard overlap of the examples' concept
+    sets (1 on the diagonal), row-normalised. Duplicates (pairs with the same normalised caption, or the same
+    non-empty concept set) are false negatives of the identity target, handled as `false_negatives` says:
+      positive: the hard target is uniform over the example's duplicates (itself included);
+      mask:     duplicates leave the softmax (neither positives nor negatives: zero gradient) and the targets;
+      none:     the identity, as the clip loss (weight 0 and none is exactly `clip_loss`).
+    The similarity matrices are symmetric, so the same targets serve both directions. No gradient flows into
+    the targets (they depend on ids only).
+    """
+    if false_negatives not in FALSE_NEGATIVES:
+        raise ValueError(f"false_negatives must be one of {', '.join(FALSE_NEGATIVES)}, not {false_negatives!r}")
+    logits = logits_per_text.astype(jnp.float32)
+    n = logits.shape[0]
+    eye = jnp.eye(n, dtype=bool)
+    overlap = concept_similarity(concept_ids)
+    has_concepts = (concept_ids >= 0).any(axis=-1)
+    duplicate = ((caption_group[:, None] == caption_group[None, :])
+                 | ((overlap == 1.0) & has_concepts[:, None] & has_concepts[None, :]) | eye)
+    overlap = jnp.where(eye, 1.0, overlap)
+    if false_negatives == "positive":
+        hard = duplicate / duplicate.sum(axis=-1, keepdims=True)
+    else:
+        hard = eye.astype(jnp.float32)
+    if false_negatives == "mask":
+        masked = duplicate & ~eye
+        overlap = jnp.where(masked, 0.0, overlap)
+        logits = jnp.where(masked, -1e9, logits)  # finite: 0 * log_softmax stays 0 where the target is 0
+    soft = overlap / overlap.sum(axis=-1, keepdims=True)
+    targets = jax.lax.stop_gradient((1 - weight) * hard + weight * soft)
+    return (optax.softmax_cross_entropy(logits, targets).mean()
+            + optax.softmax_cross_entropy(logits.T, targets).mean()) / 2
+
+
 class LossConfig(Protocol):
     """What a loss may read from its configuration (`medclip.training.step.StepConfig` is one)."""
 
     loss: str
     hybrid_alpha: float
     hybrid_temperature: float
+    concept_target_weight: float
+    false_negatives: str
 
 
 class ModelOutput(Protocol):
@@ -63,18 +118,36 @@ class ModelOutput(Protocol):
     text_embeds: jax.Array
 
 
-LOSSES: dict[str, Callable[[Any, Any], jax.Array]] = {
-    "clip": lambda out, config: clip_loss(out.logits_per_text),
-    "hybrid": lambda out, config: hybrid_loss(out.logits_per_text, out.image_embeds, out.text_embeds,
-                                              config.hybrid_alpha, config.hybrid_temperature),
-    "sigmoid": lambda out, config: sigmoid_loss(out.logits_per_text),
+def _concept(out, config, batch):
+    return concept_loss(out.logits_per_text, batch["concept_ids"], batch["caption_group"],
+                        config.concept_target_weight, config.false_negatives)
+
+
+# name -> loss(out, config, batch); `batch` holds at least the fields BATCH_FIELDS names for that loss.
+LOSSES: dict[str, Callable[[Any, Any, Mapping[str, jax.Array]], jax.Array]] = {
+    "clip": lambda out, config, batch: clip_loss(out.logits_per_text),
+    "hybrid": lambda out, config, batch: hybrid_loss(out.logits_per_text, out.image_embeds, out.text_embeds,
+                                                     config.hybrid_alpha, config.hybrid_temperature),
+    "sigmoid": lambda out, config, batch: sigmoid_loss(out.logits_per_text),
+    "concept": _concept,
 }
+# The per-example batch fields (beyond the model's inputs) a loss reads: the data pipeline adds them.
+BATCH_FIELDS: dict[str, tuple[str, ...]] = {"concept": ("concept_ids", "caption_group")}
 
 
-def compute_loss(out: ModelOutput, config: LossConfig) -> jax.Array:
-    """The configured loss of a model output: the training step and evaluation both call this."""
+def batch_fields(loss: str) -> tuple[str, ...]:
+    return BATCH_FIELDS.get(loss, ())
+
+
+def compute_loss(out: ModelOutput, config: LossConfig, batch: Mapping[str, jax.Array] | None = None) -> jax.Array:
+    """The configured loss of a model output: the training step and evaluation both call this. `batch` holds
+    the fields the loss needs (`batch_fields(config.loss)`); others are ignored."""
     try:
         loss = LOSSES[config.loss]
     except KeyError:
         raise ValueError(f"unknown loss {config.loss!r}; choose from {', '.join(LOSSES)}") from None
-    return loss(out, config)
+    missing = [f for f in batch_fields(config.loss) if batch is None or f not in batch]
+    if missing:
+        raise ValueError(f"--loss {config.loss} reads the batch fields {missing}, which this batch lacks "
+                         "(the data pipeline adds them with concept_width > 0)")
+    return loss(out, config, batch or {})

@@ -1,6 +1,6 @@
 """Which model and tokenizer a run starts from: the tiny `demo` preset, a saved model in any layout
-FlaxHybridCLIP.from_pretrained reads (ours, a whole CLIPModel, OpenCLIP), or two pretrained towers (the ROCO
-recipe: CLIP ViT-B/32 + SciBERT)."""
+FlaxHybridCLIP.from_pretrained reads (ours, a whole CLIPModel, OpenCLIP), or two towers (the ROCO recipe:
+CLIP ViT-B/32 + SciBERT), each pretrained or, with --vision_config / --text_config, from a config and --seed."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from typing import Any
 import jax
 from flax import nnx
 
+from medclip.checkpoints import pretrained
+from medclip.checkpoints.hub import resolve_model_dir
 from medclip.checkpoints.tokenizers import load_tokenizer, tokenizer_for_model
 from medclip.hybrid_clip import FlaxHybridCLIP
 from medclip.models import BertConfig, CLIPVisionConfig, HybridCLIPConfig
@@ -21,6 +23,7 @@ from medclip.models.registry import max_text_positions
 from medclip.training.arguments import DataArguments, ModelArguments
 from medclip.training.config_check import ConfigError
 from medclip.training.distributed import barrier
+from medclip.training.tower_configs import parse_tower_config
 
 logger = logging.getLogger(__name__)
 __all__ = ["ModelSetupError", "build_model_and_tokenizer", "demo_config", "load_tokenizer"]
@@ -51,6 +54,48 @@ def _saved_model(model_args: ModelArguments, dtype) -> tuple[FlaxHybridCLIP, Any
     return model, tokenizer_for_model(source, model.config)
 
 
+def _tower_config(model_args: ModelArguments, kind: str) -> tuple[Any, Any, str | None]:
+    """(the tower's config, its folder's preprocessing or None, the pretrained folder to load it from or None
+    for a fresh tower)."""
+    config_flag, source = getattr(model_args, f"{kind}_config"), getattr(model_args, f"{kind}_model_name_or_path")
+    if config_flag and source:
+        raise ModelSetupError(f"give --{kind}_config (a tower from scratch) or --{kind}_model_name_or_path "
+                              "(a pretrained one), not both")
+    overrides = {"image_size": model_args.image_size} if kind == "vision" and model_args.image_size else {}
+    if config_flag:
+        return parse_tower_config(config_flag, kind, f"--{kind}_config").replace(**overrides), None, None
+    if not source:
+        raise ModelSetupError(f"--{'text' if kind == 'vision' else 'vision'}_config needs a {kind} tower too: "
+                              f"--{kind}_model_name_or_path or --{kind}_config")
+    folder = resolve_model_dir(source)
+    return *pretrained.pretrained_tower_config(folder, kind, overrides, name=source), source
+
+
+def _configured_towers(model_args: ModelArguments, dtype, seed: int, heads: dict[str, Any],
+                       new: dict[str, Any]) -> tuple[FlaxHybridCLIP, Any]:
+    """At least one tower from a config: the model is initialised from `seed` (towers, heads and any fusion
+    module), then any pretrained tower is loaded over its part."""
+    if model_args.model_preset is not None:
+        raise ModelSetupError("--model_preset and --vision_config/--text_config both describe the model: give one")
+    vision_config, preprocess, vision_source = _tower_config(model_args, "vision")
+    text_config, _, text_source = _tower_config(model_args, "text")
+    if text_source is None and not model_args.tokenizer_name:
+        raise ModelSetupError("--text_config builds a text tower from scratch: give --tokenizer_name (its "
+                              "vocab_size must cover the tokenizer)")
+    config = HybridCLIPConfig(vision_config=vision_config, text_config=text_config,
+                              projection_dim=model_args.projection_dim,
+                              logit_bias_init_value=model_args.logit_bias_init,
+                              vision_head=heads["vision_head"](HeadConfig()), text_head=heads["text_head"](HeadConfig()),
+                              preprocess=preprocess, **new)
+    model = FlaxHybridCLIP(config, dtype=dtype, remat=model_args.remat, rngs=nnx.Rngs(seed))
+    for kind, source in (("vision", vision_source), ("text", text_source)):
+        if source is not None:
+            pretrained.load_tower(model, kind, source, seed=seed)
+    logger.info("towers: vision %s, text %s", vision_source or "from --vision_config",
+                text_source or "from --text_config")
+    return model, load_tokenizer(model_args.tokenizer_name or text_source)
+
+
 def build_model_and_tokenizer(model_args: ModelArguments, data_args: DataArguments, dtype, seed: int,
                               output_dir: Path, mlm: bool = False) -> tuple[FlaxHybridCLIP, Any]:
     """`mlm` adds PMC-CLIP's fusion module and MLM head (fresh) where the model has none."""
@@ -75,6 +120,8 @@ def build_model_and_tokenizer(model_args: ModelArguments, data_args: DataArgumen
     elif model_args.model_name_or_path is not None:
         model, tokenizer = _saved_model(model_args, dtype)
         _adapt_loaded(model, model_args, data_args, mlm, heads, seed)
+    elif model_args.vision_config or model_args.text_config:
+        model, tokenizer = _configured_towers(model_args, dtype, seed, heads, new)
     else:
         if not (model_args.text_model_name_or_path and model_args.vision_model_name_or_path):
             raise ModelSetupError("give --model_name_or_path, or both --text_model_name_or_path and "

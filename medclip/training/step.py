@@ -38,9 +38,11 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-    loss: str = "clip"  # clip | hybrid | sigmoid
+    loss: str = "clip"  # clip | hybrid | sigmoid | concept
     hybrid_alpha: float = 0.5
     hybrid_temperature: float = 1.0
+    concept_target_weight: float = 0.5  # concept loss: share of the concept-overlap soft targets
+    false_negatives: str = "positive"  # concept loss: positive | mask | none (losses.concept_loss)
     dropout: bool = False  # text-tower dropout as in BERT's config (the original recipe trained with it)
     freeze_vision: bool = False
     freeze_text: bool = False
@@ -67,16 +69,21 @@ def embeddings_output(image_embeds: jax.Array, text_embeds: jax.Array, logit_sca
                             image_embeds=image_embeds, text_embeds=text_embeds)
 
 
-def make_eval_loss(config: StepConfig) -> Callable[[np.ndarray, np.ndarray, Any, int], float]:
-    """(image_embeds, text_embeds, params) -> the configured training loss averaged over eval batches of
-    `batch` pairs (the global train batch size, so it is comparable to the training loss)."""
-    loss = jax.jit(lambda image, text, scale, bias: losses.compute_loss(embeddings_output(image, text, scale, bias),
-                                                                       config))
+def make_eval_loss(config: StepConfig) -> Callable[..., float]:
+    """(image_embeds, text_embeds, params, batch, fields) -> the configured training loss averaged over eval
+    batches of `batch` pairs (the global train batch size, so it is comparable to the training loss).
+    `fields` holds the per-example arrays the loss reads (`losses.batch_fields`: the concept loss's concept ids
+    and caption groups), in the order of the embeddings; they are cut into the same batches."""
+    loss = jax.jit(lambda image, text, scale, bias, fields: losses.compute_loss(
+        embeddings_output(image, text, scale, bias), config, fields))
 
-    def eval_loss(image_embeds: np.ndarray, text_embeds: np.ndarray, params: Any, batch: int) -> float:
+    def eval_loss(image_embeds: np.ndarray, text_embeds: np.ndarray, params: Any, batch: int,
+                  fields: dict[str, np.ndarray] | None = None) -> float:
         scale, bias = jax.device_get(params["logit_scale"]), params.get("logit_bias")
         bias = None if bias is None else jax.device_get(bias)
-        values = [loss(image_embeds[start:start + batch], text_embeds[start:start + batch], scale, bias)
+        fields = fields or {}
+        values = [loss(image_embeds[start:start + batch], text_embeds[start:start + batch], scale, bias,
+                       {k: v[start:start + batch] for k, v in fields.items()})
                   for start in range(0, len(image_embeds), batch)]
         return float(np.mean(jax.device_get(values)))
 
@@ -118,7 +125,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
                     train=not config.freeze_bn_stats, second_input_ids=batch.get("second_input_ids"),
                     second_attention_mask=batch.get("second_attention_mask"), mlm=config.masking is not None)
         new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))  # what train-mode BatchNorm updated
-        loss = losses.compute_loss(out, config)
+        loss = losses.compute_loss(out, config, batch)
         extra = {}
         if config.masking is not None:
             mlm_loss, mlm_acc = mlm_loss_and_accuracy(out.mlm_logits, batch["input_ids"], selected)

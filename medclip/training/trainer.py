@@ -115,6 +115,8 @@ class Trainer:
         self.tx, self.schedules = make_optimizer(self.params, self.optimizer_config)
         self.step_config = StepConfig(loss=train_args.loss, hybrid_alpha=train_args.hybrid_alpha,
                                       hybrid_temperature=train_args.hybrid_temperature,
+                                      concept_target_weight=train_args.concept_target_weight,
+                                      false_negatives=train_args.false_negatives,
                                       dropout=model_args.text_dropout, freeze_vision=train_args.freeze_vision,
                                       freeze_text=train_args.freeze_text, freeze_bn_stats=train_args.freeze_bn_stats,
                                       masking=(MaskingConfig.from_tokenizer(self.tokenizer, train_args.mlm_probability)
@@ -304,7 +306,8 @@ class Trainer:
             raise RuntimeError(f"evaluation saw {len(image_embeds)} examples but the split has {len(captions)}")
         result = evaluate_retrieval(image_embeds, text_embeds, captions)
         # The training loss (the same function), in batches of the global train batch: comparable to train_loss.
-        eval_loss = self.eval_loss(image_embeds, text_embeds, state.params, self.data.global_train_batch_size)
+        eval_loss = self.eval_loss(image_embeds, text_embeds, state.params, self.data.global_train_batch_size,
+                                   self.data.eval_loss_fields)
         metrics = {"eval_loss": eval_loss,
                    **{f"eval_{k}": v for k, v in result.metrics.items()}, "epoch": epoch,
                    "eval_examples": len(image_embeds)}

@@ -169,3 +169,32 @@ def test_vision_image_size():
 def test_batch_must_divide_over_processes(synthetic_records, tokenizer):
     with pytest.raises(ValueError, match="divide evenly"):
         train(synthetic_records, tokenizer, global_batch_size=9, process_count=2)
+
+
+def test_concept_fields_in_train_batches(synthetic_records, tokenizer):
+    """concept_ids: the record's concepts as ids of the training vocabulary (concepts in >= 2 records, the
+    most frequent kept when cut to K), -1 padding; caption_group: equal for equal normalised captions."""
+    import dataclasses
+
+    from medclip.data.concepts import ConceptVocabulary
+
+    items = [dataclasses.replace(r, concepts=[f"C{i % 3}", f"C{i % 5 + 10}", f"U{i}"], id=f"r{i}")
+             for i, r in enumerate(synthetic_records[:16])]
+    items[1] = dataclasses.replace(items[1], captions=[items[0].captions[0].upper() + " ."])
+    counter = DropCounter()
+    iterator = train(items, tokenizer, concept_width=2, global_batch_size=16, counter=counter)
+    batch = next(iterator)
+    assert batch["concept_ids"].shape == (16, 2) and batch["concept_ids"].dtype == np.int32
+    assert batch["caption_group"].shape == (16,) and batch["caption_group"].dtype == np.int32
+    vocab = ConceptVocabulary.build(items)
+    assert "U3" not in vocab.ids and len(vocab) == 8  # singletons out: C0-C2, C10-C14
+    ids = vocab.ids
+    assert len(set(batch["caption_group"])) == 15  # records 0 and 1 share their normalised caption
+    for row in batch["concept_ids"]:  # each batch row is some record's two known concepts, ascending
+        assert row[0] < row[1] and set(row) <= set(ids.values())
+    expected = {tuple(sorted(ids[c] for c in r.concepts if c in ids)) for r in items}
+    assert {tuple(row) for row in batch["concept_ids"]} == expected
+    assert counter.summary()["changed"] == {"concept_set_truncated": 0}
+    cut = train(items, tokenizer, concept_width=1, global_batch_size=16, counter=DropCounter())
+    assert cut.counter.summary()["changed"] == {"concept_set_truncated": 16}
+    assert set(next(cut)) == {"pixel_values", "input_ids", "attention_mask", "concept_ids", "caption_group"}

@@ -1,0 +1,88 @@
+"""What concept-aware losses read from a batch: each example's concept set as fixed-width ids, and a group
+id shared by examples whose captions are identical once normalised.
+
+    vocab = ConceptVocabulary.build(train_records)           # concepts in >= 2 training records
+    ids, truncated = vocab.encode(records, width=16)          # (n, 16) int32, -1 padding
+    groups = caption_group_ids(captions)                      # (n,) int32
+
+A concept seen in a single training record can never be shared by two training examples, so it is left out
+of the vocabulary (it would only enlarge the union of its set). A set larger than `width` keeps its `width`
+most frequent concepts (the ones most likely to be shared); the number of sets cut is reported by the data
+feed in `data_report.json` (changed: concept_set_truncated).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from medclip.data.records import Record
+
+DEFAULT_CONCEPT_WIDTH = 16
+PAD = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class ConceptVocabulary:
+    ids: dict[str, int]  # concept -> id, most frequent first
+
+    @classmethod
+    def build(cls, items: Sequence[Record], min_count: int = 2) -> "ConceptVocabulary":
+        """Concepts carried by at least `min_count` records (each record counts once), most frequent first,
+        ties by name (deterministic)."""
+        counts = collections.Counter(c for record in items for c in set(record.concepts))
+        kept = sorted((c for c, n in counts.items() if n >= min_count), key=lambda c: (-counts[c], c))
+        return cls({c: i for i, c in enumerate(kept)})
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def encode(self, items: Sequence[Record], width: int = DEFAULT_CONCEPT_WIDTH) -> tuple[np.ndarray, list[str]]:
+        """(len(items), width) int32 ids, sorted ascending (= most frequent first), -1 padding; and the ids of
+        the records whose set (within the vocabulary) was longer than `width` and got cut."""
+        if width < 1:
+            raise ValueError(f"concept width must be >= 1, not {width}")
+        out = np.full((len(items), width), PAD, np.int32)
+        truncated = []
+        for row, record in enumerate(items):
+            known = sorted({self.ids[c] for c in record.concepts if c in self.ids})
+            if len(known) > width:
+                truncated.append(record.id)
+            known = known[:width]
+            out[row, :len(known)] = known
+        return out, truncated
+
+
+_SPACE = re.compile(r"\s+")
+
+
+def normalise_caption(caption: str) -> str:
+    """Case, runs of whitespace and trailing punctuation do not make two captions different."""
+    return _SPACE.sub(" ", caption.lower()).strip().rstrip(".;:, ")
+
+
+def caption_group_ids(captions: Sequence[str]) -> np.ndarray:
+    """(n,) int32: equal exactly for captions equal after `normalise_caption`, numbered in first-seen order."""
+    groups: dict[str, int] = {}
+    return np.array([groups.setdefault(normalise_caption(c), len(groups)) for c in captions], np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConceptFields:
+    """The per-example fields of concept-aware losses, for records tokenised as `pipeline.tokenize_captions`
+    lays them out (record i owns caption rows first[i] : first[i] + count[i])."""
+
+    concept_ids: np.ndarray  # (num_records, width) int32, -1 padding
+    caption_group: np.ndarray  # (num_captions,) int32, one per caption row
+    truncated: list[str]  # ids of the records whose concept set was cut to `width`
+
+
+def concept_fields(items: Sequence[Record], vocab: ConceptVocabulary,
+                   width: int = DEFAULT_CONCEPT_WIDTH) -> ConceptFields:
+    concept_ids, truncated = vocab.encode(items, width)
+    groups = caption_group_ids([caption for record in items for caption in record.captions])
+    return ConceptFields(concept_ids, groups, truncated)
