@@ -159,3 +159,25 @@ def test_clip_medical_caption_recipe_trains_a_resnet50(tmp_path):
     assert [r for r in rows if "eval_loss" in r]
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["vision_config"]["model_type"] == "timm_resnet"
+
+
+def test_pmc_clip_recipe_trains_contrastive_and_mlm_with_a_modified_resnet(tmp_path):
+    from medclip.data.synthetic import write_synthetic_tokenizer
+
+    text = _tiny_bert_folder(tmp_path / "bert", write_synthetic_tokenizer(tmp_path / "tokenizer"))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "run_hybrid_clip.py", "--recipe", "pmc-clip", "--output_dir", str(out),
+           "--vision_config", "modified_resnet.tiny:output_dim=32", "--projection_dim", "32",
+           "--text_model_name_or_path", str(text), "--tokenizer_name", str(text),
+           "--synthetic_train_samples", "64", "--synthetic_validation_samples", "32", "--synthetic_image_size", "64",
+           "--max_seq_length", "24", "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16",
+           "--num_train_epochs", "1", "--logging_steps", "1", "--save_steps", "0", "--report_to", "none",
+           "--warmup_steps", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "train_loss" in r]
+    assert train and all(np.isfinite(r["train_mlm_loss"]) and 0 <= r["train_mlm_acc"] <= 1 for r in train)
+    config = json.loads((out / "config.json").read_text())
+    assert config["vision_config"]["model_type"] == "modified_resnet" and config["medclip"]["fusion"]
+    assert config["medclip"]["vision_head"]["type"] == "none" and config["medclip"]["text_head"]["pooler"] == "cls"

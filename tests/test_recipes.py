@@ -85,6 +85,15 @@ def test_clip_medical_caption_recipe_resolves_to_its_settings():
     assert train.weight_decay_type == "decoupled"  # AdamW
 
 
+def test_pmc_clip_recipe_resolves_to_the_papers_settings():
+    model, data, train = _parse("--recipe", "pmc-clip", "--data_dir", "/data/roco")
+    assert model.vision_config == "modified_resnet:output_dim=768" and model.vision_head == "none"
+    assert model.text_model_name_or_path.startswith("microsoft/BiomedNLP-PubMedBERT") and model.text_pooler == "cls"
+    assert train.mlm and train.mlm_probability == 0.15 and model.projection_dim == 768
+    assert (train.learning_rate, train.lr_schedule, train.warmup_steps, train.weight_decay) == (1e-4, "cosine", 500, 0.1)
+    assert data.crop_scale_min == 0.5 and data.max_seq_length == 77
+
+
 def test_later_flags_win_over_the_recipe():
     _, data, train = _parse("--recipe", "pubmedclip", "--learning_rate", "3e-5", "--hflip", "false",
                             "--weight_decay_type", "decoupled", "--data_dir", "/d")

@@ -85,7 +85,8 @@ def _configured_towers(model_args: ModelArguments, dtype, seed: int, heads: dict
     config = HybridCLIPConfig(vision_config=vision_config, text_config=text_config,
                               projection_dim=model_args.projection_dim,
                               logit_bias_init_value=model_args.logit_bias_init,
-                              vision_head=heads["vision_head"](HeadConfig()), text_head=heads["text_head"](HeadConfig()),
+                              vision_head=heads["vision_head"](HeadConfig(type=model_args.vision_head)),
+                              text_head=heads["text_head"](HeadConfig(pooler=model_args.text_pooler)),
                               preprocess=preprocess, **new)
     model = FlaxHybridCLIP(config, dtype=dtype, remat=model_args.remat, rngs=nnx.Rngs(seed))
     for kind, source in (("vision", vision_source), ("text", text_source)):
