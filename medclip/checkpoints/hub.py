@@ -22,7 +22,9 @@ def _looks_local(name: str) -> bool:
 
 def resolve_model_dir(name_or_path: str | os.PathLike, *, revision: str | None = None) -> Path:
     """A local model folder as is, or a Hub repo id downloaded (config, one weights file, tokenizer) into
-    the huggingface_hub cache. Offline (HF_HUB_OFFLINE=1 or no network) the cache is used."""
+    the huggingface_hub cache. Offline (HF_HUB_OFFLINE=1 or no network) the cache is used. open_clip's
+    `hf-hub:ORG/NAME` spelling is accepted."""
+    name_or_path = str(name_or_path).removeprefix("hf-hub:")
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path

@@ -32,6 +32,11 @@ class ImageError(ValueError):
 def model_fingerprint(folder: Path) -> str:
     """Identifies the weights an index was built with (sha256 of config and weights files)."""
     digest = hashlib.sha256()
+    if folder.is_file():  # a bare checkpoint file
+        with folder.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()[:16]
     for name in ("config.json", "model.safetensors", "open_clip_config.json", "open_clip_model.safetensors",
                  "open_clip_pytorch_model.bin"):
         path = folder / name
@@ -44,10 +49,15 @@ def model_fingerprint(folder: Path) -> str:
 
 class Embedder:
     def __init__(self, model_dir: str | os.PathLike, *, batch_size: int = 32, max_seq_length: int = 77):
-        self.model_dir = resolve_model_dir(model_dir)
-        self.model = FlaxHybridCLIP.from_pretrained(self.model_dir)
+        path = Path(str(model_dir).removeprefix("hf-hub:")).expanduser()
+        if path.is_file():  # a bare checkpoint (PMC-CLIP's checkpoint.pt): its tokenizer sits beside it
+            self.model = FlaxHybridCLIP.from_pretrained(path)
+            self.model_dir = path.parent
+        else:
+            self.model_dir = resolve_model_dir(model_dir)
+            self.model = FlaxHybridCLIP.from_pretrained(self.model_dir)
         self.tokenizer = tokenizer_for_model(self.model_dir, self.model.config)
-        self.fingerprint = model_fingerprint(self.model_dir)
+        self.fingerprint = model_fingerprint(path if path.is_file() else self.model_dir)
         self.batch_size = batch_size
         self.max_seq_length = min(max_seq_length, max_text_positions(self.model.config.text_config))
         self.image_size = self.model.config.vision_config.image_size
