@@ -57,6 +57,9 @@ class Captions:
     # The second text input (--second_text_field), one row per record: (num_records, max_seq_length) int32
     second_input_ids: np.ndarray | None = None
     second_attention_mask: np.ndarray | None = None
+    # A locked text tower's pooled output for every caption row, (num_captions, hidden) float32: when set,
+    # batches carry it as "text_pooled" and the step skips the tower (medclip.training.text_cache).
+    pooled: np.ndarray | None = None
 
 
 def _tokenize(tokenizer, texts: list[str], max_seq_length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -216,6 +219,7 @@ def build_train_dataset(items: list[Record], captions: Captions, layout: Layout,
     second = _second_inputs(captions)
     if concepts is not None:
         concept_ids, caption_group = tf.constant(concepts.concept_ids), tf.constant(concepts.caption_group)
+    pooled = None if captions.pooled is None else tf.constant(captions.pooled)
 
     def load(position, epoch, index):
         element_seed = tf.stack([tf.constant(seed, tf.int64), epoch * layout.num_records + index])
@@ -232,6 +236,8 @@ def build_train_dataset(items: list[Record], captions: Captions, layout: Layout,
         }
         if concepts is not None:
             element.update(concept_ids=concept_ids[index], caption_group=caption_group[row])
+        if pooled is not None:
+            element["text_pooled"] = pooled[row]
         return element
 
     dataset = tf.data.Dataset.range(start_epoch, _INFINITE_EPOCHS).flat_map(epoch_elements).skip(offset)

@@ -223,8 +223,15 @@ class HybridCLIP(nnx.Module):
 
     def _text_features(self, input_ids, attention_mask, token_type_ids, position_ids, dropout_rng, text_packing,
                        second_input_ids, second_attention_mask, head_dropout_rng,
-                       with_hidden: bool = False) -> tuple[jax.Array | None, jax.Array]:
-        """(the caption's last hidden states (batch, length, hidden) when `with_hidden`, else None; features)."""
+                       with_hidden: bool = False, text_pooled: jax.Array | None = None
+                       ) -> tuple[jax.Array | None, jax.Array]:
+        """(the caption's last hidden states (batch, length, hidden) when `with_hidden`, else None; features).
+        `text_pooled` is a locked tower's pooled output computed beforehand: only the head runs."""
+        if text_pooled is not None:
+            if with_hidden or self.config.text_inputs != 1:
+                raise ValueError("text_pooled stands in for a one-input text tower without MLM")
+            head_rng = _head_rng(dropout_rng if head_dropout_rng is None else head_dropout_rng)
+            return None, project(self.text_projection, self.config.text_head, text_pooled, head_rng)
         first_rng, second_rng = split_rng(dropout_rng, 2) if self.config.text_inputs == 2 else (dropout_rng, None)
         hidden, pooled = self.text_model(input_ids, attention_mask, token_type_ids=token_type_ids,
                                          position_ids=position_ids, dropout_rng=first_rng,
@@ -249,10 +256,11 @@ class HybridCLIP(nnx.Module):
                  dropout_rng: jax.Array | None = None, text_packing: PackingPlan | None = None,
                  train: bool = False, second_input_ids: jax.Array | None = None,
                  second_attention_mask: jax.Array | None = None, head_dropout_rng: jax.Array | None = None,
-                 mlm: bool = False) -> HybridCLIPOutput:
+                 mlm: bool = False, text_pooled: jax.Array | None = None) -> HybridCLIPOutput:
         """`dropout_rng` drives the towers' dropout, `head_dropout_rng` the heads' (projection dropout; default:
         derived from `dropout_rng`); None means none. `mlm` also runs the fusion module on the caption's
-        hidden states and the image embeddings: `mlm_logits` (PMC-CLIP's objective; pass masked input_ids)."""
+        hidden states and the image embeddings: `mlm_logits` (PMC-CLIP's objective; pass masked input_ids).
+        `text_pooled` (batch, hidden): a locked text tower's pooled output, cached; the tower is not run."""
         if mlm and self.fusion is None:
             raise ValueError("mlm=True needs a model with a fusion module (config.fusion)")
         vision_rng, text_rng = split_rng(dropout_rng, 2)
@@ -261,7 +269,7 @@ class HybridCLIP(nnx.Module):
                                                             head_dropout_rng=vision_head_rng))
         text_hidden, text_features = self._text_features(
             input_ids, attention_mask, token_type_ids, position_ids, text_rng, text_packing, second_input_ids,
-            second_attention_mask, text_head_rng, with_hidden=mlm)
+            second_attention_mask, text_head_rng, with_hidden=mlm, text_pooled=text_pooled)
         text_embeds = l2_normalize(text_features)
         logits_per_text = text_embeds @ image_embeds.T * self.temperature_scale()
         if self.logit_bias is not None:

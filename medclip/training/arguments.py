@@ -136,6 +136,10 @@ class TrainingArguments:
     gradient_accumulation_steps: int = 1
     freeze_vision: bool = field(default=False, metadata={"help": "Locked-image tuning: train the text side only."})
     freeze_text: bool = False
+    cache_locked_text: str = field(default="auto", metadata={
+        "help": "auto: with --freeze_text (and no text dropout, one text input, no --mlm) compute the locked text "
+                "tower's pooled output once per caption and run only the trainable parts each step (the same "
+                "loss and gradients); on: the same, but an error if it cannot; off: run the tower every step."})
     freeze_bn_stats: bool = field(default=False, metadata={
         "help": "BatchNorm towers normalise with their running statistics and keep them (open_clip's "
                 "lock_image_freeze_bn_stats): the usual choice when fine-tuning with small batches."})

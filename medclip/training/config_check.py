@@ -102,6 +102,7 @@ def validate(model: ModelArguments, data: DataArguments, train: TrainingArgument
     if train.reduce_lr_on_plateau:
         _check_plateau(data, train)
     _check_text_objectives(model, data, train)
+    _choice("--cache_locked_text", train.cache_locked_text, ("auto", "on", "off"))
     _choice("--vision_head", model.vision_head, ("linear", "none"))
     _choice("--text_pooler", model.text_pooler, ("default", "cls", "mean", "eos", "pooler_output"))
     built_from_towers = model.model_name_or_path is None and model.model_preset is None

@@ -123,7 +123,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
         out = model(input_ids, batch["pixel_values"], batch["attention_mask"],
                     dropout_rng=rng if config.dropout else None, head_dropout_rng=rng, text_packing=text_packing,
                     train=not config.freeze_bn_stats, second_input_ids=batch.get("second_input_ids"),
-                    second_attention_mask=batch.get("second_attention_mask"), mlm=config.masking is not None)
+                    second_attention_mask=batch.get("second_attention_mask"), mlm=config.masking is not None,
+                    text_pooled=batch.get("text_pooled"))  # a cached locked text tower (training.text_cache)
         new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))  # what train-mode BatchNorm updated
         loss = losses.compute_loss(out, config, batch)
         extra = {}

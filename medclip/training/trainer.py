@@ -29,6 +29,7 @@ from medclip.training.config_check import ConfigError, metric_key, validate
 from medclip.training.data_feed import DataFeed, build_data, write_data_report
 from medclip.training.logger import MetricsLogger, truncate_jsonl
 from medclip.training.mlm import MaskingConfig
+from medclip.training.text_cache import pooled_text_features, why_not_cacheable
 from medclip.training.model_setup import build_model_and_tokenizer
 from medclip.training.optim import OptimizerConfig, make_optimizer, set_lr_scale
 from medclip.training.plateau import Plateau, PlateauConfig, mode_for
@@ -97,6 +98,7 @@ class Trainer:
                               "has none: use --loss clip, or a model saved with logit_bias_init_value")
         self.data: DataFeed = build_data(data_args, train_args, self.tokenizer, self.model.config,
                                          self.output_dir, num_devices=jax.device_count())
+        self.text_cached = self._cache_locked_text()
         self.graphdef, params, batch_stats = nnx.split(self.model, nnx.Param, nnx.BatchStat)
         self.params, self.batch_stats = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
         steps_per_epoch = self.data.steps_per_epoch if self.data.has_train else 0
@@ -166,10 +168,31 @@ class Trainer:
                 out_shardings=(self.state_shardings, mesh_lib.replicated(self.mesh)), donate_argnums=0)
         return self._train_steps[plan](state, mesh_lib.global_batch(self.mesh, batch))
 
+    def _cache_locked_text(self) -> bool:
+        """--cache_locked_text: the frozen text tower's pooled output of every training caption, computed once
+        (medclip.training.text_cache); the batches then carry it and the step skips the tower."""
+        mode = self.args.cache_locked_text
+        if mode == "off" or not self.data.has_train:
+            return False
+        reason = why_not_cacheable(self.model.config, freeze_text=self.args.freeze_text,
+                                   text_dropout=self.model_args.text_dropout, mlm=self.args.mlm)
+        if reason is not None:
+            if mode == "on":
+                raise ConfigError(f"--cache_locked_text on: cannot cache the text tower: {reason}")
+            if self.args.freeze_text:
+                logger.info("the locked text tower runs every step: %s", reason)
+            return False
+        captions = self.data.train.captions
+        pooled = pooled_text_features(self.model, captions.input_ids, captions.attention_mask,
+                                      progress=jax.process_index() == 0)
+        self.data.train.captions = dataclasses.replace(captions, pooled=pooled)
+        logger.info("locked text tower cached: %d captions x %d, computed once", *pooled.shape)
+        return True
+
     def _packing_plan(self, attention_mask: np.ndarray) -> PackingPlan | None:
         # Every process must compile the same program, and each sees only its own rows: multi-host runs
-        # keep the padded layout rather than agree on a plan every step.
-        if jax.process_count() > 1:
+        # keep the padded layout rather than agree on a plan every step. A cached text tower has nothing to pack.
+        if jax.process_count() > 1 or self.text_cached:
             return None
         return plan_packing(attention_mask, groups=jax.device_count(), sizes=self.args.text_packing_sizes)
 
@@ -234,7 +257,7 @@ class Trainer:
         bar.close()
         self._check_finite(state, final=True)
         summary.update(self._export_final(state, summary.get("eval")))
-        summary.update(steps=step, nonfinite_steps_skipped=int(state.nonfinite_total),
+        summary.update(steps=step, text_tower_cached=self.text_cached, nonfinite_steps_skipped=int(state.nonfinite_total),
                        stopped_early=progress.stopped_early, best_metric=progress.best_metric,
                        best_epoch=progress.best_epoch, dropped=self.data.drop_summary)
         write_data_report(self.data, self.output_dir)
