@@ -20,8 +20,11 @@ $(VENV)/.dev: $(VENV)/.core requirements-dev.txt
 demo: $(VENV)/.core
 	PATH="$(abspath $(VENV))/bin:$$PATH" ./run_medclip.sh
 
+# Two pytest-xdist workers: much of the suite is single-threaded XLA compilation and trainer start-up, so two
+# workers fill a 2-core machine (TEST_WORKERS=0 runs in one process; more suits bigger machines).
+TEST_WORKERS ?= 2
 test: $(VENV)/.dev
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS)) $(PYTEST_ARGS)
 
 app: $(VENV)/.core
 	$(VENV)/bin/medclip app

@@ -8,11 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from medclip import FlaxHybridCLIP
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.heavy
 def test_run_hybrid_clip_learns_the_synthetic_task(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "run_hybrid_clip.py", "--output_dir", str(out), "--model_preset", "demo",

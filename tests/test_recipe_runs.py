@@ -1,71 +1,18 @@
-"""Runs through the real CLI: ReduceLROnPlateau survives SIGKILL and resume bit for bit (its multiplier is in the
-optimizer state, its counters in the checkpoint's progress), and the pubmedclip recipe trains a few steps from a
-tiny transformers CLIPModel."""
+"""Each recipe trains a few steps through the real CLI on tiny towers of its architecture (ReduceLROnPlateau
+surviving SIGKILL and resume is in tests/test_resume.py)."""
 
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests import killable_run
-
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden"
-# 96 pairs / 32 = 3 steps an epoch, 3 epochs. Patience 0 and a 50% relative threshold: epoch 2 cannot count
-# as better, so the learning rate halves after epoch 2's evaluation and epoch 3 trains at the reduced rate.
-PLATEAU = ["--model_preset", "demo", "--synthetic_train_samples", "96", "--synthetic_validation_samples", "32",
-           "--synthetic_image_size", "32", "--max_seq_length", "24", "--do_train", "--do_eval",
-           "--num_train_epochs", "3", "--per_device_train_batch_size", "32", "--per_device_eval_batch_size", "32",
-           "--learning_rate", "1e-3", "--lr_schedule", "constant", "--reduce_lr_on_plateau",
-           "--plateau_patience", "0", "--plateau_threshold", "0.5", "--plateau_factor", "0.5",
-           "--weight_decay", "0.1", "--weight_decay_type", "l2", "--preprocessing_num_workers", "2",
-           "--save_steps", "1", "--logging_steps", "1", "--report_to", "none", "--seed", "5"]
-
-
-def _start(output_dir: Path, log: Path):
-    return killable_run.start(output_dir, log, PLATEAU)
-
-
-def _finish(output_dir: Path, log: Path):
-    return killable_run.finish(output_dir, log, PLATEAU)
-
-
-def _learning_rates(output_dir: Path) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["learning_rate"]) for r in rows if "learning_rate" in r]
-
-
-def test_plateau_killed_and_resumed_equals_uninterrupted(tmp_path):
-    reference = _finish(tmp_path / "reference", tmp_path / "reference.log")
-    rates = _learning_rates(tmp_path / "reference")
-    assert [lr for _, lr in rates] == [1e-3] * 6 + [5e-4] * 3, rates  # the plateau did reduce, once
-
-    interrupted, log = tmp_path / "interrupted", tmp_path / "interrupted.log"
-    # Killed mid epoch 2 (plateau state from epoch 1 in the checkpoint), then in epoch 3 (after the reduction).
-    for kill_after in (4, 7):
-        proc = _start(interrupted, log)
-        deadline = time.time() + 600
-        while killable_run.latest_saved_step(interrupted) < kill_after and proc.poll() is None:
-            assert time.time() < deadline, log.read_text()[-3000:]
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be killed:\n" + log.read_text()[-3000:]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert log.read_text().count("resumed from step") == 1
-    resumed = _finish(interrupted, log)
-    assert log.read_text().count("resumed from step") == 2
-
-    assert _learning_rates(interrupted) == rates
-    assert reference.keys() == resumed.keys()
-    for key in reference:
-        np.testing.assert_array_equal(resumed[key], reference[key], err_msg=key)
 
 
 def _tiny_clip_model(folder: Path, vocab_size: int) -> Path:
@@ -81,6 +28,7 @@ def _tiny_clip_model(folder: Path, vocab_size: int) -> Path:
     return folder
 
 
+@pytest.mark.heavy
 def test_pubmedclip_recipe_trains_a_few_steps_from_a_clip_model(tmp_path):
     from medclip.data.synthetic import write_synthetic_tokenizer
 
@@ -137,6 +85,7 @@ def _recipe_smoke(tmp_path: Path, recipe: str, vision: Path, text: Path, *extra:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.heavy
 def test_clip_tf_hybrid_recipe_trains_with_two_text_inputs_and_an_efficientnet(tmp_path):
     """The report's final model at tiny widths: EfficientNetV2 (timm's folder, written by timm), a BERT taking
     captions and a second text, hybrid loss, projection dropout, per-part learning rates."""
@@ -151,6 +100,7 @@ def test_clip_tf_hybrid_recipe_trains_with_two_text_inputs_and_an_efficientnet(t
     assert config["medclip"]["text_inputs"] == 2 and config["medclip"]["text_head"]["dropout"] == 0.1
 
 
+@pytest.mark.heavy
 def test_clip_medical_caption_recipe_trains_a_resnet50(tmp_path):
     from medclip.data.synthetic import write_synthetic_tokenizer
 
@@ -161,6 +111,7 @@ def test_clip_medical_caption_recipe_trains_a_resnet50(tmp_path):
     assert config["vision_config"]["model_type"] == "timm_resnet"
 
 
+@pytest.mark.heavy
 def test_pmc_clip_recipe_trains_contrastive_and_mlm_with_a_modified_resnet(tmp_path):
     from medclip.data.synthetic import write_synthetic_tokenizer
 

@@ -312,6 +312,7 @@ def test_unknown_second_text_field_is_a_data_error():
         second_texts(items, "findings")
 
 
+@pytest.mark.heavy
 def test_cli_smoke_run_with_mlm_two_inputs_and_projection_dropout(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "run_hybrid_clip.py", "--output_dir", str(out), "--model_preset", "demo",

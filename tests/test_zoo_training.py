@@ -34,6 +34,7 @@ def _train(model_dir: Path, out: Path, image_size: int, *extra: str) -> list[flo
     return [r["train_loss"] for r in rows if "train_loss" in r]
 
 
+@pytest.mark.heavy
 def test_whole_clip_model_fine_tunes(tmp_path):
     tokenizer = write_synthetic_tokenizer(tmp_path / "tok")
     text = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -50,6 +51,7 @@ def test_whole_clip_model_fine_tunes(tmp_path):
     assert FlaxHybridCLIP.from_pretrained(tmp_path / "run").config.is_clip
 
 
+@pytest.mark.heavy
 def test_biomedclip_architecture_fine_tunes_from_an_open_clip_folder(tmp_path):
     from tests.test_openclip_parity import _biomedclip_folder
 
