@@ -168,7 +168,11 @@ class TrainingArguments:
     resume: bool = field(default=True, metadata={"help": "Continue from the latest checkpoint in output_dir."})
     metric_for_best_model: str = field(default="t2i_R@5", metadata={
         "help": "An eval metric, with or without eval_ (loss, t2i_R@5, i2t_mrr, t2i_median_rank, ...)."})
-    early_stopping_patience: int = field(default=5, metadata={"help": "Epochs without improvement; 0 = off."})
+    early_stopping_patience: int = field(default=5, metadata={
+        "help": "Evaluations without improvement; 0 = off."})
+    eval_epochs: int = field(default=1, metadata={
+        "help": "Evaluate every N epochs and after the last step (evaluation is the user's choice of cost; early "
+                "stopping and --reduce_lr_on_plateau count evaluations)."})
     max_nonfinite_steps: int = field(default=10, metadata={"help": "Stop after this many non-finite steps in a row."})
     fully_sharded: bool = field(default=False, metadata={"help": "Shard parameters over devices too (FSDP)."})
     text_packing_sizes: int = field(default=8, metadata={

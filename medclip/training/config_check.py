@@ -74,6 +74,8 @@ def validate(model: ModelArguments, data: DataArguments, train: TrainingArgument
     _choice("--lr_schedule", train.lr_schedule, SCHEDULES)
     _choice("--weight_decay_type", train.weight_decay_type, WEIGHT_DECAY_TYPES)
     _check_metric("--metric_for_best_model", train.metric_for_best_model)
+    if train.eval_epochs < 1:
+        raise ConfigError(f"--eval_epochs must be at least 1 (got {train.eval_epochs})")
     if train.loss == "sigmoid" and _model_has_logit_bias(model) is False:
         raise ConfigError("--loss sigmoid needs a learned logit bias: give --logit_bias_init (e.g. -10) with "
                           "--text_model_name_or_path/--vision_model_name_or_path, or a --model_name_or_path "
