@@ -12,7 +12,7 @@ The calling convention every tower follows is written down as `VisionTower` and 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import jax
@@ -98,6 +98,17 @@ def check_timm_kwargs(name: str, kwargs: dict[str, Any], ours: dict[str, str], n
     if bad:
         raise UnsupportedOptionError(f"timm kwargs {bad} for {name} are not supported (only "
                                      f"{ {k: defaults[k][0] for k in bad} })")
+
+
+def timm_config_fields(name: str, family: str, architectures: Mapping[str, Any], kwargs: dict[str, Any],
+                       ours: dict[str, str], no_effect: set[str], defaults: dict[str, tuple]) -> dict[str, Any]:
+    """The config fields of `timm.create_model(name, **kwargs)` for a family of architectures we build:
+    an unknown name or keyword is refused by name (check_timm_kwargs), the rest renamed to our fields."""
+    if name not in architectures:
+        raise UnknownArchitectureError(f"timm architecture {name!r} is not a supported {family}; supported: "
+                                       f"{sorted(architectures)}")
+    check_timm_kwargs(name, kwargs, ours, no_effect, defaults)
+    return {ours[k]: v for k, v in kwargs.items() if k in ours}
 
 
 _TOWERS: dict[str, TowerSpec] = {}

@@ -22,7 +22,7 @@ from flax import nnx
 from medclip.models.config_base import TowerConfig
 from medclip.models.conv import BatchNorm, Conv2d, global_avg_pool
 from medclip.models.preprocess import Preprocess
-from medclip.models.registry import UnknownArchitectureError, check_timm_kwargs
+from medclip.models.registry import UnknownArchitectureError, timm_config_fields
 from medclip.models.weights import Rule, batch_norm, conv
 
 # timm's _gen_efficientnetv2_s / _m: arch_def (one block string per stage), stem width, head width, and whether
@@ -134,11 +134,8 @@ class TimmEfficientNetConfig(TowerConfig):
     @classmethod
     def from_timm_name(cls, name: str, **timm_kwargs: Any) -> Self:
         """The config of `timm.create_model(name, **timm_kwargs)` (its trunk: the classifier is not built)."""
-        if name not in ARCHITECTURES:
-            raise UnknownArchitectureError(f"timm architecture {name!r} is not a supported EfficientNet; "
-                                           f"supported: {sorted(ARCHITECTURES)}")
-        check_timm_kwargs(name, timm_kwargs, _KWARGS, _NO_EFFECT, _DEFAULTS)
-        fields = {_KWARGS[k]: v for k, v in timm_kwargs.items() if k in _KWARGS}
+        fields = timm_config_fields(name, "EfficientNet", ARCHITECTURES, timm_kwargs, _KWARGS, _NO_EFFECT,
+                                    _DEFAULTS)
         return cls(**{"image_size": ARCHITECTURES[name]["image_size"], "timm_model_name": name, **fields})
 
     @classmethod

@@ -19,7 +19,7 @@ from flax import nnx
 from medclip.models.config_base import TowerConfig
 from medclip.models.conv import BatchNorm, Conv2d, global_avg_pool, max_pool
 from medclip.models.preprocess import IMAGENET_PREPROCESS, Preprocess
-from medclip.models.registry import UnknownArchitectureError, check_timm_kwargs
+from medclip.models.registry import timm_config_fields
 from medclip.models.weights import Rule, batch_norm, conv
 
 # timm name -> (block, layers); channels default to (64, 128, 256, 512)
@@ -68,12 +68,8 @@ class TimmResNetConfig(TowerConfig):
     @classmethod
     def from_timm_name(cls, name: str, **timm_kwargs: Any) -> Self:
         """The config of `timm.create_model(name, **timm_kwargs)` (its trunk: the classifier is not built)."""
-        if name not in ARCHITECTURES:
-            raise UnknownArchitectureError(f"timm architecture {name!r} is not a supported ResNet; supported: "
-                                           f"{sorted(ARCHITECTURES)}")
-        check_timm_kwargs(name, timm_kwargs, _KWARGS, _NO_EFFECT, _DEFAULTS)
+        fields = timm_config_fields(name, "ResNet", ARCHITECTURES, timm_kwargs, _KWARGS, _NO_EFFECT, _DEFAULTS)
         block, layers = ARCHITECTURES[name]
-        fields = {_KWARGS[k]: v for k, v in timm_kwargs.items() if k in _KWARGS}
         return cls(**{"layers": layers, "block": block, "timm_model_name": name, **fields})
 
     @classmethod
