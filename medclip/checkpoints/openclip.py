@@ -22,8 +22,8 @@ import numpy as np
 from flax import nnx
 
 from medclip.checkpoints import conversion as conv
-from medclip.checkpoints.pretrained import (OPEN_CLIP_CONFIG, build_from_tensors, model_tensors, read_json,
-                                            tower_rules)
+from medclip.checkpoints.pretrained import (OPEN_CLIP_CONFIG, build_from_tensors, head_rules, model_tensors,
+                                            read_json, tower_rules)
 from medclip.checkpoints.readers import CheckpointError, read_checkpoint
 from medclip.models import modified_resnet, registry
 from medclip.models.bert import BertConfig
@@ -249,7 +249,8 @@ def infer_bert_config(tensors: dict[str, np.ndarray], prefix: str, source: str) 
     layer_re = re.compile(re.escape(prefix) + r"encoder\.layer\.(\d+)\.")
     layers = {int(m.group(1)) for k in tensors if (m := layer_re.match(k))}
     types = tensors.get(prefix + "embeddings.token_type_embeddings.weight")
-    return BertConfig(add_pooling_layer=prefix + "pooler.dense.weight" in tensors,vocab_size=vocab, hidden_size=width, num_hidden_layers=len(layers),
+    return BertConfig(add_pooling_layer=prefix + "pooler.dense.weight" in tensors, vocab_size=vocab,
+                      hidden_size=width, num_hidden_layers=len(layers),
                       num_attention_heads=max(width // 64, 1),
                       intermediate_size=shape("encoder.layer.0.intermediate.dense.weight")[0],
                       max_position_embeddings=shape("embeddings.position_embeddings.weight")[0],
@@ -259,17 +260,8 @@ def infer_bert_config(tensors: dict[str, np.ndarray], prefix: str, source: str) 
 # -- the state dict's layout ---------------------------------------------------------------------------------
 
 def _head_rules(ckpt: str, ours: str, head: HeadConfig, *, raw: bool) -> list[Rule]:
-    """OpenCLIP heads: a raw (in, out) parameter used as `x @ W` (CLIP's proj / text_projection), an nn.Linear,
-    or an MLP (nn.Sequential 0 / 2 for the HF text head, timm's Mlp fc1 / fc2 for the vision head)."""
-    if head.type == "none":
-        return []
-    if head.type == "linear":
-        if raw and not head.bias:
-            return [Rule(ckpt, f"{ours}.kernel")]
-        return conv.linear(ckpt, ours, bias=head.bias)
-    first, second = ("0", "2") if ckpt.startswith("text.") else ("fc1", "fc2")
-    return [*conv.linear(f"{ckpt}.{first}", f"{ours}.fc1", bias=head.hidden_bias),
-            *conv.linear(f"{ckpt}.{second}", f"{ours}.fc2", bias=head.bias)]
+    """OpenCLIP heads: the HF text head's MLP is an nn.Sequential (0 / 2), the vision head's timm's Mlp."""
+    return head_rules(ckpt, ours, head, raw=raw, mlp_names=("0", "2") if ckpt.startswith("text.") else ("fc1", "fc2"))
 
 
 def openclip_rules(config: HybridCLIPConfig) -> list[Rule]:

@@ -43,14 +43,20 @@ def native_format(config: Any) -> str:
     return "hf" if "hf" in formats else formats[0]
 
 
-def head_rules(ckpt: str, ours: str, head: HeadConfig) -> list[Rule]:
-    """A head in transformers-style naming (`visual_projection.weight`, or `.fc1`/`.fc2` for an MLP)."""
+def head_rules(ckpt: str, ours: str, head: HeadConfig, *, raw: bool = False,
+               mlp_names: tuple[str, str] = ("fc1", "fc2")) -> list[Rule]:
+    """A head under `ckpt`: transformers-style by default (`visual_projection.weight`, `.fc1`/`.fc2` for an MLP).
+    OpenCLIP's spellings: `raw`, a bias-free linear head stored as an (in, out) parameter used as `x @ W`
+    (CLIP's proj / text_projection); `mlp_names`, its MLP layers (nn.Sequential's 0 / 2 for the HF text head)."""
     if head.type == "none":
         return []
     if head.type == "linear":
+        if raw and not head.bias:
+            return [Rule(ckpt, f"{ours}.kernel")]
         return conv.linear(ckpt, ours, bias=head.bias)
-    return [*conv.linear(f"{ckpt}.fc1", f"{ours}.fc1", bias=head.hidden_bias),
-            *conv.linear(f"{ckpt}.fc2", f"{ours}.fc2", bias=head.bias)]
+    first, second = mlp_names
+    return [*conv.linear(f"{ckpt}.{first}", f"{ours}.fc1", bias=head.hidden_bias),
+            *conv.linear(f"{ckpt}.{second}", f"{ours}.fc2", bias=head.bias)]
 
 
 def tower_rules(config: Any, fmt: str) -> list[Rule]:
