@@ -1,24 +1,45 @@
-"""Benchmark: one training step of the dual encoder, ours (JAX) against transformers' PyTorch
-`VisionTextDualEncoderModel`, both in this process, on the same batch and the same weights.
+"""Benchmark: one training step of the dual encoder, ours (JAX) against a PyTorch implementation of the same model,
+on the same batch and the same weights: transformers' `VisionTextDualEncoderModel` (ViT + BERT; in this process)
+and open_clip's `CustomTextCLIP` (ModifiedResNet + BERT, PMC-CLIP's architecture; in a worker process).
 
     .venv/bin/python benchmarks/train_step.py                        # tiny, small, base on this machine's CPU
     .venv/bin/python benchmarks/train_step.py --configs tiny --windows 9 --steps 4
+    .venv/bin/python benchmarks/train_step.py --configs rn50 --windows 5   # against open_clip (needs .venv-ref)
     .venv/bin/python benchmarks/train_step.py --cores 1              # one core each: least sensitive to noise
     .venv/bin/python benchmarks/train_step.py --device gpu           # JAX (and torch, if it has CUDA) on a GPU
 
 What runs
   ours     the real step: `medclip.training.step.make_train_step` (forward, symmetric InfoNCE, backward,
            global-norm clipping, AdamW with weight decay from `medclip.training.optim.make_optimizer`,
-           non-finite skipping), jitted with the state donated.
-  PyTorch  the same step in transformers: forward with `return_loss=True` (the same symmetric InfoNCE),
-           backward, `clip_grad_norm_(1.0)`, AdamW (fused) with the same decay mask and a linear schedule.
-  Both fp32, dropout 0 (set in the configs); the PyTorch weights are converted into ours through the real
+           non-finite skipping), jitted with the state donated; BatchNorm (rn50) in train mode, its running
+           statistics in the state's `batch_stats` as the trainer keeps them.
+  PyTorch  the same step: forward to the same symmetric InfoNCE (transformers' `return_loss=True`, open_clip's
+           `ClipLoss`), backward, `clip_grad_norm_(1.0)`, AdamW (fused) with the same decay mask (checked: both
+           sides' parameter and decayed element counts must agree) and a linear schedule.
+  Both fp32, dropout 0 (set in the configs); the PyTorch weights are loaded into ours through the real
   checkpoint loader, so the first losses must agree (printed as a check).
 
+The rn50 configs' peer runs in benchmarks/openclip_step_worker.py, a persistent subprocess of the reference
+venv's Python (`--ref-python`, default .venv-ref/bin/python, built by `make .venv-ref/.ref`, the venv of `make
+golden`): open_clip needs torchvision, which does not load against the main venv's torch. The worker builds
+the model (seeded random weights), writes it as an OpenCLIP folder (open_clip_config.json +
+open_clip_model.safetensors) that ours loads, reads the batch from .npy files (pixels NCHW; ours gets NHWC)
+and, asked for n steps in one message, runs and times them itself, the way ours is timed in this process
+(`InProcessStep.run`: wall and process CPU seconds), so the pipe is in neither measurement. It uses as many
+threads as this process may use cores (it inherits `--cores`' affinity mask) and the same glibc settings (see
+Host memory). `--no-torch` times ours alone without the reference venv.
+
 Configs (PERF_NOTES.md defines tiny and base; small sits in between). Heads are 64 wide, MLPs 4x hidden:
-  tiny   ViT 4 x 256 (128 px, patch 16: 65 tokens) + BERT 4 x 256 (64 tokens, vocab 30522), proj 256, batch 64
-  small  ViT 6 x 512 (224 px, patch 32: 50 tokens) + BERT 6 x 512 (128 tokens), proj 512, batch 32
-  base   ViT-B/32 (224 px) + BERT-base (128 tokens), proj 512, batch 16
+  tiny       ViT 4 x 256 (128 px, patch 16: 65 tokens) + BERT 4 x 256 (64 tokens, vocab 30522), proj 256, batch 64
+  small      ViT 6 x 512 (224 px, patch 32: 50 tokens) + BERT 6 x 512 (128 tokens), proj 512, batch 32
+  base       ViT-B/32 (224 px) + BERT-base (128 tokens), proj 512, batch 16
+  rn50       PMC-CLIP's RN50_fusion4 without the fusion module: OpenAI's RN50 ModifiedResNet (layers 3, 4, 6, 3,
+             width 64, attention pool 2048 wide with 32 heads, 224 px) + BERT-base (12 x 768, vocab 30522, 77
+             tokens, PMC-CLIP's context length), text feature the [CLS] hidden state through a linear projection
+             without bias (open_clip's cls_last_hidden_state_pooler + hf_proj_type linear: PMC-CLIP's
+             `hidden[:, 0] @ text_projection`), embed 768 (PMC-CLIP's; OpenAI RN50's is 1024), batch 16
+  rn50-tiny  the same at toy sizes, to develop and smoke-test: layers 1, 1, 1, 1, width 8 (pool 256 wide,
+             4 heads), 64 px + BERT 2 x 128 (32 tokens), embed 64, batch 8
 
 Timing: both are compiled/warmed up first (`--warmup` steps each); then `--windows` windows, in each of which
 both implementations run `--steps` steps back to back, in alternating order, so machine noise hits both
@@ -31,18 +52,22 @@ Same result, less work, as our trainer runs it: (1) the loss reads one token per
 from every token); (2) the text tower runs on the real tokens only, packed (`medclip.models.packing`; the
 batch has ragged captions, a quarter of its positions padding), attention alone on the padded layout. Same
 loss and gradients (first losses printed). `--same-work` turns both off: ours then does exactly PyTorch's
-work, the like-for-like comparison of the two implementations' kernels.
+work, the like-for-like comparison of the two implementations' kernels. (The ModifiedResNet's attention pool
+always computes its one read query only, `--same-work` or not; open_clip computes all 50 and keeps one.)
 
-FLOPs and MFU: MFU uses model FLOPs, an analytic matmul count of the full model (what PyTorch runs), for
-both implementations, so it compares pairs/s on one scale. Our executed FLOPs come from XLA's cost analysis of
-the compiled step (layers are unrolled, so it counts every layer), cross-checked against the analytic count of
-what our step computes (the analytic count is used if they differ by more than 10%); "ours executed GFLOP/s"
-is the rate our hardware work ran at. MFU divides by an fp32 matmul peak measured in this run (2048^3 on CPU,
-8192^3 on GPU; the best of JAX and torch, measured before every config, highest value kept).
+FLOPs and MFU: MFU uses model FLOPs, an analytic matmul (and convolution) count of the full model (what
+PyTorch runs), for both implementations, so it compares pairs/s on one scale. Our executed FLOPs come from
+XLA's cost analysis of the compiled step (layers are unrolled, so it counts every layer), cross-checked against
+the analytic count of what our step computes (the analytic count is used if they differ by more than 10%);
+"ours executed GFLOP/s" is the rate our hardware work ran at. MFU divides by an fp32 matmul peak measured in
+this run (2048^3 on CPU, 8192^3 on GPU; the best of JAX and torch, measured before every config, highest value
+kept). For rn50 the count is convolutions and matmuls: 3x the forward, the first convolution 2x (no input
+gradient); BatchNorm, pooling and the elementwise work are left out.
 
 Host memory: like run_hybrid_clip.py, this calls `medclip.training.host_memory.keep_host_memory_mapped`
 before JAX starts (glibc keeps XLA's per-step scratch memory mapped instead of page-faulting it in every
-step). It applies to the whole process, PyTorch included; MEDCLIP_KEEP_HOST_MEMORY=0 turns it off.
+step). It applies to the whole process, the in-process PyTorch included, and the open_clip worker applies it
+to itself; MEDCLIP_KEEP_HOST_MEMORY=0 turns it off for both.
 
 Results: a table on stdout and benchmarks/results/train_step-<device>-<time>.{json,md}.
 """
@@ -50,25 +75,33 @@ Results: a table on stdout and benchmarks/results/train_step-<device>-<time>.{js
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+WORKER = Path(__file__).resolve().parent / "openclip_step_worker.py"
+TOTAL_STEPS = 10_000  # the linear schedule's length (both sides): the learning rate barely moves in a run
 
 
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
+    """ViT + BERT, transformers' VisionTextDualEncoderModel as the peer."""
+
     name: str
     batch: int
     image_size: int
@@ -86,19 +119,83 @@ class BenchConfig:
     def patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
+    def model_flops(self) -> float:
+        return analytic_flops(self)
 
-CONFIGS = {
+    def our_flops(self, same_work: bool, text_tokens: int | None) -> float:
+        return analytic_flops(self, pooled_only=not same_work, text_tokens=text_tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResNetBenchConfig:
+    """OpenAI's ModifiedResNet + a Hugging Face BERT ([CLS] hidden state, linear projection without bias) as
+    open_clip's CustomTextCLIP builds them, open_clip as the peer: PMC-CLIP's RN50_fusion4 without fusion."""
+
+    name: str
+    batch: int
+    image_size: int
+    resnet_layers: tuple[int, int, int, int]
+    resnet_width: int
+    text_layers: int
+    text_hidden: int
+    text_length: int
+    projection_dim: int
+    vocab_size: int = 30522
+    steps_per_window: int = 1  # on CPU; ten times as many on GPU
+
+    def bert_config(self) -> dict[str, Any]:
+        """A transformers config.json: open_clip's HF text tower and our loader both read it from a folder."""
+        return {"model_type": "bert", "architectures": ["BertModel"], "vocab_size": self.vocab_size,
+                "hidden_size": self.text_hidden, "num_hidden_layers": self.text_layers,
+                "num_attention_heads": self.text_hidden // 64, "intermediate_size": 4 * self.text_hidden,
+                "hidden_act": "gelu", "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+                "max_position_embeddings": 512, "type_vocab_size": 2, "initializer_range": 0.02,
+                "layer_norm_eps": 1e-12, "pad_token_id": 0}
+
+    def open_clip_model_cfg(self, bert_folder: Path) -> dict[str, Any]:
+        return {"embed_dim": self.projection_dim,
+                "vision_cfg": {"image_size": self.image_size, "layers": list(self.resnet_layers),
+                               "width": self.resnet_width, "head_width": 64},
+                "text_cfg": {"hf_model_name": str(bert_folder), "hf_model_pretrained": False,
+                             "hf_proj_type": "linear", "hf_pooler_type": "cls_last_hidden_state_pooler",
+                             "context_length": self.text_length}}
+
+    def model_flops(self) -> float:
+        return resnet_clip_flops(self, pool_query_only=False, pooled_only=False)
+
+    def our_flops(self, same_work: bool, text_tokens: int | None) -> float:
+        return resnet_clip_flops(self, pool_query_only=True, pooled_only=not same_work, text_tokens=text_tokens)
+
+
+CONFIGS: dict[str, BenchConfig | ResNetBenchConfig] = {
     "tiny": BenchConfig("tiny", batch=64, image_size=128, patch_size=16, vision_layers=4, vision_hidden=256,
                         text_layers=4, text_hidden=256, text_length=64, projection_dim=256, steps_per_window=3),
     "small": BenchConfig("small", batch=32, image_size=224, patch_size=32, vision_layers=6, vision_hidden=512,
                          text_layers=6, text_hidden=512, text_length=128, projection_dim=512, steps_per_window=1),
     "base": BenchConfig("base", batch=16, image_size=224, patch_size=32, vision_layers=12, vision_hidden=768,
                         text_layers=12, text_hidden=768, text_length=128, projection_dim=512, steps_per_window=1),
+    "rn50": ResNetBenchConfig("rn50", batch=16, image_size=224, resnet_layers=(3, 4, 6, 3), resnet_width=64,
+                              text_layers=12, text_hidden=768, text_length=77, projection_dim=768),
+    "rn50-tiny": ResNetBenchConfig("rn50-tiny", batch=8, image_size=64, resnet_layers=(1, 1, 1, 1), resnet_width=8,
+                                   text_layers=2, text_hidden=128, text_length=32, projection_dim=64,
+                                   steps_per_window=3),
 }
 
 
 # ---------------------------------------------------------------------------------------------------------
 # FLOPs and peak
+def encoder_flops(batch: int, tokens: int, length: int, hidden: int, layers: int, pooled_only: bool) -> float:
+    """Forward matmul FLOPs of a transformer encoder (MLP 4x hidden) on `tokens` tokens of `batch` sequences of
+    `length`; `pooled_only`: the last layer for the pooled token only (its keys and values still for every
+    token)."""
+    def layer(queries: int, query_tokens: int) -> float:  # k, v from every token; q, out, MLP per query
+        dense = 2 * tokens * 2 * hidden * hidden + 2 * query_tokens * (2 + 8) * hidden * hidden
+        return dense + 2 * 2 * batch * queries * length * hidden  # scores and context
+
+    last = layer(1, batch) if pooled_only else layer(length, tokens)
+    return (layers - 1) * layer(length, tokens) + last
+
+
 def analytic_flops(cfg: BenchConfig, pooled_only: bool = False, text_tokens: int | None = None) -> float:
     """Matmul FLOPs of one training step: 3x the forward (forward, input gradient, weight gradient), except
     the patch embedding, which needs no input gradient. Elementwise work, softmax, norms and the optimizer
@@ -106,21 +203,59 @@ def analytic_flops(cfg: BenchConfig, pooled_only: bool = False, text_tokens: int
     last layer for the pooled token only (its keys and values still for every token); `text_tokens`: the
     text tower's per-token work on that many (packed) tokens, attention still on the padded layout."""
     b = cfg.batch
-
-    def encoder(tokens: int, length: int, hidden: int, layers: int) -> float:
-        def layer(queries: int, query_tokens: int) -> float:  # k, v from every token; q, out, MLP per query
-            dense = 2 * tokens * 2 * hidden * hidden + 2 * query_tokens * (2 + 8) * hidden * hidden
-            return dense + 2 * 2 * b * queries * length * hidden  # scores and context
-
-        last = layer(1, b) if pooled_only else layer(length, tokens)
-        return (layers - 1) * layer(length, tokens) + last
-
-    vision = encoder(b * (cfg.patches + 1), cfg.patches + 1, cfg.vision_hidden, cfg.vision_layers)
-    text = encoder(text_tokens or b * cfg.text_length, cfg.text_length, cfg.text_hidden, cfg.text_layers)
+    vision = encoder_flops(b, b * (cfg.patches + 1), cfg.patches + 1, cfg.vision_hidden, cfg.vision_layers,
+                           pooled_only)
+    text = encoder_flops(b, text_tokens or b * cfg.text_length, cfg.text_length, cfg.text_hidden, cfg.text_layers,
+                         pooled_only)
     heads = 2 * b * (cfg.text_hidden * cfg.text_hidden  # BERT pooler
                      + (cfg.vision_hidden + cfg.text_hidden) * cfg.projection_dim) + 2 * b * b * cfg.projection_dim
     patch_embed = 2 * b * cfg.patches * 3 * cfg.patch_size ** 2 * cfg.vision_hidden
     return 3 * (vision + text + heads) + 2 * patch_embed
+
+
+def conv_flops(batch: int, size: int, channels_in: int, channels_out: int, kernel: int) -> float:
+    """A stride-1, same-padded convolution's FLOPs at output size x size."""
+    return 2 * batch * size * size * channels_in * channels_out * kernel * kernel
+
+
+def modified_resnet_flops(cfg: ResNetBenchConfig, pool_query_only: bool) -> tuple[float, float]:
+    """(forward FLOPs of OpenAI's ModifiedResNet, of which its first convolution's). Strided blocks average-pool
+    after the 3x3 convolution (and before the downsample projection), so conv3 and the projection run at the
+    output size. `pool_query_only`: the attention pool computes the one query it returns (ours); open_clip
+    runs all of them and keeps the first."""
+    b, w = cfg.batch, cfg.resnet_width
+    size = cfg.image_size // 2
+    first = conv_flops(b, size, 3, w // 2, 3)
+    total = first + conv_flops(b, size, w // 2, w // 2, 3) + conv_flops(b, size, w // 2, w, 3)
+    size, inplanes = size // 2, w
+    for stage, blocks in enumerate(cfg.resnet_layers):
+        planes = w * 2 ** stage
+        for i in range(blocks):
+            out_size = size // 2 if stage > 0 and i == 0 else size
+            total += (conv_flops(b, size, inplanes, planes, 1) + conv_flops(b, size, planes, planes, 3)
+                      + conv_flops(b, out_size, planes, 4 * planes, 1))
+            if i == 0:  # inplanes != 4 * planes or strided: the downsample projection
+                total += conv_flops(b, out_size, inplanes, 4 * planes, 1)
+            size, inplanes = out_size, 4 * planes
+    tokens, width = size * size + 1, 32 * w
+    queries = 1 if pool_query_only else tokens
+    total += 2 * b * (2 * tokens + queries) * width * width  # k, v for every token; q for each query
+    total += 2 * 2 * b * queries * tokens * width  # scores and context
+    total += 2 * b * queries * width * cfg.projection_dim  # c_proj
+    return total, first
+
+
+def resnet_clip_flops(cfg: ResNetBenchConfig, pool_query_only: bool, pooled_only: bool,
+                      text_tokens: int | None = None) -> float:
+    """Convolution and matmul FLOPs of one training step: 3x the forward, the first convolution 2x (no input
+    gradient); BatchNorm, pooling, elementwise work and the optimizer are left out. `pooled_only` and
+    `text_tokens` as in analytic_flops, for the text tower (no BERT pooler: the [CLS] hidden state is read)."""
+    b = cfg.batch
+    vision, first_conv = modified_resnet_flops(cfg, pool_query_only)
+    text = encoder_flops(b, text_tokens or b * cfg.text_length, cfg.text_length, cfg.text_hidden, cfg.text_layers,
+                         pooled_only)
+    heads = 2 * b * cfg.text_hidden * cfg.projection_dim + 2 * b * b * cfg.projection_dim
+    return 3 * (vision - first_conv + text + heads) + 2 * first_conv
 
 
 def xla_flops(compiled) -> float | None:
@@ -193,16 +328,18 @@ def build_torch_model(cfg: BenchConfig):
 def full_last_layer_class():
     """FlaxHybridCLIP computing every token in the towers' last layers, as PyTorch does (`--same-work`)."""
     from medclip import FlaxHybridCLIP
+    from medclip.models.heads import project
+    from medclip.models.hybrid import _head_rng
 
     class FullLastLayerCLIP(FlaxHybridCLIP):
-        def get_image_features(self, pixel_values, *, dropout_rng=None):
-            return self.visual_projection(self.vision_model(pixel_values, dropout_rng=dropout_rng)[1])
+        def get_image_features(self, pixel_values, *, dropout_rng=None, train=False, head_dropout_rng=None):
+            _, pooled = self.vision_model(pixel_values, dropout_rng=dropout_rng, pooled_only=False, train=train)
+            return project(self.visual_projection, self.config.vision_head, pooled,
+                           _head_rng(dropout_rng if head_dropout_rng is None else head_dropout_rng))
 
-        def get_text_features(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
-                              dropout_rng=None, text_packing=None):
-            _, pooled = self.text_model(input_ids, attention_mask, token_type_ids=token_type_ids,
-                                        position_ids=position_ids, dropout_rng=dropout_rng, packing=text_packing)
-            return self.text_projection(pooled)
+        def _text_features(self, *args, with_hidden=False, **kwargs):  # the hidden states: every token
+            del with_hidden
+            return super()._text_features(*args, with_hidden=True, **kwargs)
 
     return FullLastLayerCLIP
 
@@ -228,22 +365,51 @@ def build_ours(cfg: BenchConfig, torch_model=None, full_last_layer: bool = False
     return model_class(HybridCLIPConfig(vision, text, projection_dim=cfg.projection_dim))
 
 
-class JaxStep:
-    """Our real training step, jitted with the state donated."""
+class StepTimes(NamedTuple):
+    wall: float  # seconds
+    cpu: float  # process CPU seconds, every thread of the process that ran the steps
+    loss: float  # the last step's
+
+
+class InProcessStep:
+    """A step run in this process: `__call__` starts one (asynchronously where the backend allows), `sync`
+    waits for the last and returns its loss. The open_clip worker times its steps with this same `run`."""
+
+    def __call__(self) -> None:
+        raise NotImplementedError
+
+    def sync(self) -> float:
+        raise NotImplementedError
+
+    def run(self, n: int) -> StepTimes:
+        t, c = time.perf_counter(), time.process_time()
+        for _ in range(n):
+            self()
+        loss = self.sync()
+        return StepTimes(time.perf_counter() - t, time.process_time() - c, loss)
+
+
+class JaxStep(InProcessStep):
+    """Our real training step, jitted with the state donated; BatchNorm statistics in the state, as the
+    trainer keeps them."""
 
     def __init__(self, model, batch: dict[str, np.ndarray], device, total_steps: int, text_packing=None):
         import jax
         from flax import nnx
 
-        from medclip.training.optim import OptimizerConfig, make_optimizer
+        from medclip.training.optim import OptimizerConfig, decay_mask, make_optimizer
         from medclip.training.step import StepConfig, init_state, make_train_step
 
         self.jax = jax
-        graphdef, params = nnx.split(model, nnx.Param)
+        graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
         params = jax.device_put(nnx.to_pure_dict(params), device)
+        batch_stats = jax.device_put(nnx.to_pure_dict(batch_stats), device)
+        leaves, decays = jax.tree.leaves(params), jax.tree.leaves(decay_mask(params))
+        self.parameter_elements = sum(x.size for x in leaves)
+        self.decayed_elements = sum(x.size for x, decay in zip(leaves, decays) if decay)
         tx, _ = make_optimizer(params, OptimizerConfig(learning_rate=5e-5, total_steps=total_steps,
                                                        weight_decay=0.1, max_grad_norm=1.0))
-        self.state = init_state(params, tx, seed=0)
+        self.state = init_state(params, tx, seed=0, batch_stats=batch_stats)
         self.batch = jax.device_put({k: jax.numpy.asarray(v) for k, v in batch.items()}, device)
         step = jax.jit(make_train_step(graphdef, tx, StepConfig(loss="clip"), text_packing), donate_argnums=0)
         t = time.perf_counter()
@@ -259,43 +425,36 @@ class JaxStep:
         return float(self.metrics["loss"])
 
 
-class TorchStep:
-    """transformers' dual encoder: forward with the built-in CLIP loss, backward, clip, AdamW, schedule."""
+class TorchStep(InProcessStep):
+    """A PyTorch training step: `loss()` (forward to the loss), backward, clip, AdamW, schedule. The
+    transformers peer runs it here, the open_clip worker in its own process."""
 
-    def __init__(self, model, batch: dict[str, np.ndarray], device: str, total_steps: int):
+    def __init__(self, model, loss: Callable[[], Any], no_decay: set[str], device: str, total_steps: int):
         import torch
-
-        from medclip.training.optim import NO_DECAY
 
         self.torch = torch
         self.device = device
+        self.loss = loss
         self.model = model.to(device).train()
-
-        def no_decay(name: str) -> bool:  # the same parameters as our NO_DECAY, in transformers' names
-            return (bool(NO_DECAY.search(name)) or "LayerNorm" in name or name.endswith("embeddings.weight")
-                    or name.endswith("position_embedding.weight"))
-
         named = list(self.model.named_parameters())
-        groups = [{"params": [p for n, p in named if not no_decay(n)], "weight_decay": 0.1},
-                  {"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0}]
+        decayed = [p for n, p in named if n not in no_decay]
+        groups = [{"params": decayed, "weight_decay": 0.1},
+                  {"params": [p for n, p in named if n in no_decay], "weight_decay": 0.0}]
+        self.parameter_elements = sum(p.numel() for _, p in named)
+        self.decayed_elements = sum(p.numel() for p in decayed)
         # fused: torch's fastest AdamW here (one core, tiny: 2.42 s/step against 2.44 foreach, 2.56 for-loop).
         self.optimizer = torch.optim.AdamW(groups, lr=5e-5, betas=(0.9, 0.999), eps=1e-8, fused=True)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: max(0.0, 1 - s / total_steps))
-        self.inputs = {
-            "input_ids": torch.tensor(batch["input_ids"], dtype=torch.long, device=device),
-            "attention_mask": torch.tensor(batch["attention_mask"], dtype=torch.long, device=device),
-            "pixel_values": torch.tensor(batch["pixel_values"].transpose(0, 3, 1, 2).copy(), device=device),
-        }
         self.last_loss = None
 
     def __call__(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        out = self.model(**self.inputs, return_loss=True)
-        out.loss.backward()
+        loss = self.loss()
+        loss.backward()
         self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
         self.schedule.step()
-        self.last_loss = out.loss
+        self.last_loss = loss
 
     def sync(self) -> float:
         if self.device == "cuda":
@@ -303,62 +462,172 @@ class TorchStep:
         return float(self.last_loss.detach())
 
 
+def hf_torch_step(model, batch: dict[str, np.ndarray], device: str, total_steps: int) -> TorchStep:
+    """transformers' dual encoder with its built-in CLIP loss (`return_loss=True`)."""
+    import torch
+
+    from medclip.training.optim import NO_DECAY
+
+    def no_decay(name: str) -> bool:  # the same parameters as our NO_DECAY, in transformers' names
+        return (bool(NO_DECAY.search(name)) or "LayerNorm" in name or name.endswith("embeddings.weight")
+                or name.endswith("position_embedding.weight"))
+
+    inputs = {
+        "input_ids": torch.tensor(batch["input_ids"], dtype=torch.long, device=device),
+        "attention_mask": torch.tensor(batch["attention_mask"], dtype=torch.long, device=device),
+        "pixel_values": torch.tensor(batch["pixel_values"].transpose(0, 3, 1, 2).copy(), device=device),
+    }
+    exempt = {n for n, _ in model.named_parameters() if no_decay(n)}
+    return TorchStep(model, lambda: model(**inputs, return_loss=True).loss, exempt, device, total_steps)
+
+
+class OpenCLIPWorker:
+    """open_clip's step in benchmarks/openclip_step_worker.py, a subprocess of the reference venv. `run(n)`
+    asks for n steps in one message and returns the worker's own wall and CPU seconds (the same
+    `InProcessStep.run` as ours), so neither the pipe nor this process's CPU time is in them."""
+
+    def __init__(self, python: str, folder: Path, *, threads: int, device: str, total_steps: int):
+        command = [python, str(WORKER), str(folder), "--threads", str(threads), "--device", device,
+                   "--total-steps", str(total_steps)]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = self._reply()
+        self.parameter_elements = self.info["parameter_elements"]
+        self.decayed_elements = self.info["decayed_elements"]
+
+    def _reply(self) -> dict[str, Any]:
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the open_clip worker exited with status {self.process.wait()} (its error is above)")
+        return json.loads(line)
+
+    def run(self, n: int) -> StepTimes:
+        self.process.stdin.write(json.dumps({"run": n}) + "\n")
+        self.process.stdin.flush()
+        return StepTimes(**self._reply())
+
+    def close(self) -> None:
+        """EOF ends the worker (after the step it is in, if any)."""
+        if not self.process.stdin.closed:
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> OpenCLIPWorker:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def build_vit_pair(cfg: BenchConfig, args: argparse.Namespace, batch: dict[str, np.ndarray], jax_device,
+                   torch_device: str | None, plan, stack: contextlib.ExitStack) -> tuple[JaxStep, TorchStep | None]:
+    """Ours with transformers' weights (random ones without torch) and transformers' step."""
+    del stack
+    torch_model = build_torch_model(cfg) if torch_device else None
+    ours = JaxStep(build_ours(cfg, torch_model, args.same_work), batch, jax_device, TOTAL_STEPS, plan)
+    peer = hf_torch_step(torch_model, batch, torch_device, TOTAL_STEPS) if torch_model is not None else None
+    return ours, peer
+
+
+def build_resnet_pair(cfg: ResNetBenchConfig, args: argparse.Namespace, batch: dict[str, np.ndarray],
+                      jax_device, torch_device: str | None, plan, stack: contextlib.ExitStack
+                      ) -> tuple[JaxStep, OpenCLIPWorker | None]:
+    """Ours loaded from the OpenCLIP folder the open_clip worker wrote (random weights with --no-torch), and
+    the worker. The folder (with the BERT config both sides read) lives until `stack` closes."""
+    del torch_device  # the worker has its own torch
+    import jax.numpy as jnp
+
+    from medclip import FlaxHybridCLIP
+    from medclip.checkpoints.openclip import config_from_open_clip
+
+    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"train_step-{cfg.name}-")))
+    (folder / "bert").mkdir()
+    (folder / "bert" / "config.json").write_text(json.dumps(cfg.bert_config(), indent=2) + "\n")
+    model_cfg = cfg.open_clip_model_cfg(folder / "bert")
+    model_class = full_last_layer_class() if args.same_work else FlaxHybridCLIP
+    if args.no_torch:
+        return JaxStep(model_class(config_from_open_clip(model_cfg)), batch, jax_device, TOTAL_STEPS, plan), None
+    (folder / "spec.json").write_text(json.dumps({"model_cfg": model_cfg, "seed": 0}) + "\n")
+    np.save(folder / "input_ids.npy", batch["input_ids"])
+    np.save(folder / "pixel_values.npy", batch["pixel_values"].transpose(0, 3, 1, 2))  # NCHW for torch
+    peer = stack.enter_context(OpenCLIPWorker(
+        args.ref_python, folder, threads=len(os.sched_getaffinity(0)),
+        device="cuda" if jax_device.platform == "gpu" else "cpu", total_steps=TOTAL_STEPS))
+    model = model_class.from_pretrained(folder / "open_clip", dtype=jnp.float32)
+    return JaxStep(model, batch, jax_device, TOTAL_STEPS, plan), peer
+
+
+def check_same_training(ours: JaxStep, peer) -> None:
+    """Both sides must train the same parameters with the same weight decay, or the comparison is not of one
+    step: a peer exempting other parameters than NO_DECAY would go unnoticed in the first loss."""
+    if peer is None:
+        return
+    mine, theirs = ((s.parameter_elements, s.decayed_elements) for s in (ours, peer))
+    if mine != theirs:
+        raise RuntimeError(f"(parameters, decayed parameters): ours {mine}, PyTorch's {theirs}")
+
+
 # ---------------------------------------------------------------------------------------------------------
-def time_steps(step, n: int) -> tuple[float, float]:
-    """Wall and process CPU seconds for n steps (CPU time counts every thread of this process)."""
-    t, c = time.perf_counter(), time.process_time()
-    for _ in range(n):
-        step()
-    step.sync()
-    return time.perf_counter() - t, time.process_time() - c
+def measure(steppers: dict, warmup: int, windows: int, steps: int
+            ) -> tuple[dict[str, float], dict[str, list[StepTimes]]]:
+    """First losses, then `windows` timing windows of `steps` steps each, alternating which side goes first."""
+    first_loss = {}
+    for name, step in steppers.items():  # the first step of each: same weights and batch, so the same loss
+        first_loss[name] = step.run(1).loss
+        for _ in range(warmup):
+            step.run(1)
+    times = {name: [] for name in steppers}
+    for window in range(windows):
+        order = list(steppers) if window % 2 == 0 else list(steppers)[::-1]
+        for name in order:
+            times[name].append(steppers[name].run(steps))
+    return first_loss, times
 
 
-def run_config(cfg: BenchConfig, args, jax_device, torch_device: str | None) -> dict:
+def run_config(cfg: BenchConfig | ResNetBenchConfig, args: argparse.Namespace, jax_device,
+               torch_device: str | None) -> dict:
     batch = make_batch(cfg)
     steps = args.steps or cfg.steps_per_window * (10 if jax_device.platform != "cpu" else 1)
-    total_steps = 10_000
-    torch_model = build_torch_model(cfg) if torch_device else None
     from medclip.models.packing import plan_packing
 
     # The trainer's text packing (single device: one group, --text_packing_sizes default 8).
     plan = None if args.same_work else plan_packing(batch["attention_mask"], groups=1, sizes=8)
-    ours = JaxStep(build_ours(cfg, torch_model, args.same_work), batch, jax_device, total_steps, plan)
+    build = build_resnet_pair if isinstance(cfg, ResNetBenchConfig) else build_vit_pair
+    with contextlib.ExitStack() as stack:  # the open_clip worker and its folder end with the config
+        ours, peer = build(cfg, args, batch, jax_device, torch_device, plan, stack)
+        check_same_training(ours, peer)
+        steppers = {"ours": ours, "torch": peer} if peer is not None else {"ours": ours}
+        first_loss, times = measure(steppers, args.warmup, args.windows, steps)
     # Model FLOPs (MFU's numerator, both sides): the full model, as PyTorch runs it. Our executed FLOPs come
     # from XLA's cost analysis, checked against the analytic count of what our step computes.
-    flops_model, flops_xla = analytic_flops(cfg), xla_flops(ours.compiled)
-    flops_ours = analytic_flops(cfg, pooled_only=not args.same_work, text_tokens=plan and plan.tokens)
+    flops_model, flops_xla = cfg.model_flops(), xla_flops(ours.compiled)
+    flops_ours = cfg.our_flops(args.same_work, plan and plan.tokens)
     agree = flops_xla is not None and abs(flops_xla / flops_ours - 1) < 0.10
-    peer = TorchStep(torch_model, batch, torch_device, total_steps) if torch_model is not None else None
-    steppers = {"ours": ours, "torch": peer} if peer is not None else {"ours": ours}
-
-    first_loss = {}
-    for name, step in steppers.items():  # the first step of each: same weights and batch, so the same loss
-        step()
-        first_loss[name] = step.sync()
-        for _ in range(args.warmup):
-            step(), step.sync()
-
-    times = {name: [] for name in steppers}
-    for window in range(args.windows):
-        order = list(steppers) if window % 2 == 0 else list(steppers)[::-1]
-        for name in order:
-            times[name].append(time_steps(steppers[name], steps))
 
     def summary(name: str) -> dict:
         if name not in times:
             return {"pairs_per_s": None, "cpu_seconds_per_step": None, "window_seconds": []}
-        return {"pairs_per_s": statistics.median(cfg.batch * steps / wall for wall, _ in times[name]),
-                "cpu_seconds_per_step": statistics.median(cpu for _, cpu in times[name]) / steps,
-                "window_seconds": [wall for wall, _ in times[name]]}
+        return {"pairs_per_s": statistics.median(cfg.batch * steps / t.wall for t in times[name]),
+                "cpu_seconds_per_step": statistics.median(t.cpu for t in times[name]) / steps,
+                "window_seconds": [t.wall for t in times[name]]}
 
+    resnet = isinstance(cfg, ResNetBenchConfig)
     return {
         "config": cfg.name, "batch": cfg.batch, "steps_per_window": steps, "windows": args.windows,
+        "peer": ("open_clip" if resnet else "transformers") if peer is not None else None,
+        "peer_versions": getattr(peer, "info", None),
         "ours": summary("ours"), "torch": summary("torch"),
         "flops_model": flops_model, "flops_executed": flops_xla if agree else flops_ours,
         "flops_executed_source": "xla" if agree else "analytic", "flops_xla": flops_xla,
         "flops_analytic_executed": flops_ours, "same_work": args.same_work,
+        "parameter_elements": ours.parameter_elements, "decayed_elements": ours.decayed_elements,
         "real_text_tokens": int(batch["attention_mask"].sum()), "packed_text_tokens": plan and plan.tokens,
         "first_loss_ours": first_loss["ours"], "first_loss_torch": first_loss.get("torch"),
+        "first_loss_relative_difference": (abs(first_loss["ours"] / first_loss["torch"] - 1)
+                                           if "torch" in first_loss else None),
         "compile_seconds": ours.compile_seconds, "bench_config": dataclasses.asdict(cfg),
     }
 
@@ -377,13 +646,14 @@ def format_table(results: list[dict], peak: float) -> str:
         return "-" if x is None else format(x, spec)
 
     lines = [f"fp32 matmul peak (best measured in this run): {peak / 1e9:.1f} GFLOP/s", "",
-             "| config | batch | ours pairs/s | PyTorch pairs/s | ours/PyTorch | model GFLOP/step "
+             "| config | batch | PyTorch peer | ours pairs/s | PyTorch pairs/s | ours/PyTorch | model GFLOP/step "
              "| ours executed GFLOP/step | ours executed GFLOP/s | ours MFU | PyTorch MFU "
              "| CPU s/step ours / PyTorch | first loss ours / PyTorch |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(
-            f"| {r['config']} | {r['batch']} | {r['ours']['pairs_per_s']:.2f} | {f(r['torch']['pairs_per_s'], '.2f')} "
+            f"| {r['config']} | {r['batch']} | {r['peer'] or '-'} | {r['ours']['pairs_per_s']:.2f} "
+            f"| {f(r['torch']['pairs_per_s'], '.2f')} "
             f"| {f(r['ratio'], '.3f')} | {r['flops_model'] / 1e9:.1f} "
             f"| {r['flops_executed'] / 1e9:.1f} ({r['flops_executed_source']}) "
             f"| {r['ours_gflops']:.1f} | {r['ours_mfu']:.1%} | {f(r['torch_mfu'], '.1%')} "
@@ -404,11 +674,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-torch", action="store_true", help="time ours only")
     parser.add_argument("--same-work", action="store_true",
                         help="ours does PyTorch's work: text padded, every token in the last layers")
+    parser.add_argument("--ref-python", default=str(ROOT / ".venv-ref" / "bin" / "python"),
+                        help="the reference venv's Python, with open_clip, for the rn50 configs' PyTorch peer")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.configs.split(",")]
     if unknown := [n for n in names if n not in CONFIGS]:
         parser.error(f"unknown config(s) {unknown}; choose from {list(CONFIGS)}")
+    needs_ref = not args.no_torch and any(isinstance(CONFIGS[n], ResNetBenchConfig) for n in names)
+    if needs_ref and not Path(args.ref_python).is_file():
+        parser.error(f"{args.ref_python} not found: the rn50 configs' PyTorch peer (open_clip, which needs "
+                     "torchvision) runs in the reference venv; build it with `make .venv-ref/.ref` (the venv "
+                     "`make golden` uses), point --ref-python at one, or time ours only with --no-torch")
 
     if args.cores:  # before JAX starts: its CPU client sizes its thread pool from the affinity mask
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])
@@ -455,6 +732,10 @@ def main(argv: list[str] | None = None) -> None:
         add_rates(result, max(peaks.values()))
         results.append(result)
         print(format_table([result], max(peaks.values())).splitlines()[-1], flush=True)
+        if (difference := result["first_loss_relative_difference"]) is not None:
+            verdict = "agree" if difference < 1e-4 else "DISAGREE (same weights and batch: expected < 1e-4)"
+            print(f"  first loss ours {result['first_loss_ours']:.6f}, {result['peer']} "
+                  f"{result['first_loss_torch']:.6f}: {verdict}, relative difference {difference:.1e}", flush=True)
         print(f"  windows (s): ours {['%.2f' % t for t in result['ours']['window_seconds']]}, "
               f"torch {['%.2f' % t for t in result['torch']['window_seconds']]}; compile {result['compile_seconds']:.1f} s; "
               f"executed FLOPs xla {result['flops_xla'] or 0:.3e}, analytic {result['flops_analytic_executed']:.3e}",
@@ -477,9 +758,12 @@ def main(argv: list[str] | None = None) -> None:
             "jax": jax.__version__, "torch": torch_version, "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "host_memory_kept_mapped": host_memory_kept, "results": results}
     (out / f"train_step-{platform_name}-{stamp}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    workers = sorted({f"torch {r['peer_versions']['torch']}, open_clip {r['peer_versions']['open_clip']}"
+                      for r in results if r["peer_versions"]})
+    worker = f"; open_clip worker: {', '.join(workers)}" if workers else ""
     (out / f"train_step-{platform_name}-{stamp}.md").write_text(
         f"`{command}` on {meta['device']} ({platform_name}, {cores} cores; {load}), "
-        f"jax {meta['jax']}, torch {torch_version}, XLA_FLAGS={meta['xla_flags']!r}\n\n{table}\n")
+        f"jax {meta['jax']}, torch {torch_version}{worker}, XLA_FLAGS={meta['xla_flags']!r}\n\n{table}\n")
     print(f"wrote {out}/train_step-{platform_name}-{stamp}.json and .md")
 
 
