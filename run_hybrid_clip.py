@@ -87,6 +87,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
     from medclip.training.host_memory import keep_host_memory_mapped
 
     keep_host_memory_mapped()  # before JAX starts its CPU client
+    from medclip.training import compilation_cache
+
+    cache = compilation_cache.enable(train_args.compilation_cache_dir)
+    logging.getLogger(__name__).info("XLA compilation cache: %s", cache or "off")
 
     maybe_initialize(train_args.coordinator_address, train_args.num_processes, train_args.process_id)
     from medclip.training.trainer import Trainer

@@ -175,6 +175,9 @@ class TrainingArguments:
                 "stopping and --reduce_lr_on_plateau count evaluations)."})
     max_nonfinite_steps: int = field(default=10, metadata={"help": "Stop after this many non-finite steps in a row."})
     fully_sharded: bool = field(default=False, metadata={"help": "Shard parameters over devices too (FSDP)."})
+    compilation_cache_dir: str | None = field(default=None, metadata={
+        "help": "JAX's persistent compilation cache: a later run with the same model, batch and devices loads "
+                "the compiled steps (default: $JAX_COMPILATION_CACHE_DIR, else ~/.cache/medclip/xla; off: none)."})
     text_packing_sizes: int = field(default=8, metadata={
         "help": "Run the text tower on real tokens only, in buffers of k/N of the padded size (N this value: at "
                 "most N compilations of the step); 0 = padded. Single-process runs only."})
