@@ -14,7 +14,9 @@ projections to 256, no bias; batch 64 (last partial batch dropped); AdamW lr 5e-
 norms, embedding tables, the temperature), linear decay from step 0, gradient clipping at norm 1; captions
 >= 10 characters, max 48 tokens. Ours builds the vision tower from `--vision_config` and adds each
 `--ours_flags` string; its own augmentation (random resized crop) stays unless a flag changes it. The
-reference shifts images by up to 8 px (zero padding) as its only augmentation, as in the issue.
+reference shifts images by up to 8 px (zero padding) as its only augmentation, as in the issue. Ours uses the
+trainer's persistent compilation cache (~/.cache/medclip/xla by default): give `--compilation_cache_dir off`
+in `--ours_flags` for cold start-up every run, or a fresh folder to see the first (cold) and later (warm) runs.
 
 Splits: by ROCO id number, fold k's test set is id % folds == k (5 folds of 500 pairs: 400 train / 100 test).
 Measured per fold and side: zero-shot 5-way modality accuracy (prompts "a {modality} image" over CT, MRI,
