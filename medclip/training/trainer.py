@@ -246,8 +246,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{logged['train_loss']:.4f}", pairs_per_s=f"{rate:.1f}")
             self._check_finite(state)
             end_of_epoch = step % steps_per_epoch == 0 or step == self.total_steps
-            evaluate = (step == self.total_steps
-                        or (end_of_epoch and ((step - 1) // steps_per_epoch + 1) % args.eval_epochs == 0))
+            evaluate = step == self.total_steps or (end_of_epoch and (epoch + 1) % args.eval_epochs == 0)
             if evaluate and self.data.has_eval:
                 summary["eval"] = self.evaluate(state, step, epoch)
                 self._track_best(state, summary["eval"], progress, epoch)
