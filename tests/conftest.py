@@ -23,7 +23,11 @@ _CACHE_DIR: str | None = None
 def pytest_configure(config: pytest.Config) -> None:
     global _CACHE_DIR
     config.addinivalue_line("markers", "heavy: runs trainer processes for minutes; scheduled first")
-    if os.environ.get("MEDCLIP_TEST_COMPILATION_CACHE", "1") == "0" or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+    if os.environ.get("MEDCLIP_TEST_COMPILATION_CACHE", "1") == "0":
+        # Off for the trainer children too, which would otherwise use their default, ~/.cache/medclip/xla.
+        os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+        return
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
         return
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if worker is None:  # the controller (or a run without xdist) owns the folder; xdist workers inherit it

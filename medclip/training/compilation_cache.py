@@ -15,10 +15,13 @@ def default_dir() -> Path:
 
 def enable(setting: str | None) -> Path | None:
     """Points JAX at the cache folder; returns it, or None when turned off. `setting`: a folder, "off", or None
-    for $JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/medclip/xla. Call before the first compilation."""
+    for $JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/medclip/xla (JAX's own JAX_ENABLE_COMPILATION_CACHE=false
+    turns the default off). Call before the first compilation."""
     import jax
 
     if setting is None:
+        if not jax.config.jax_enable_compilation_cache:
+            return None
         setting = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(default_dir())
     if setting.strip().lower() in OFF:
         jax.config.update("jax_enable_compilation_cache", False)
