@@ -24,19 +24,33 @@ from medclip.data.records import Record
 
 DEFAULT_CONCEPT_WIDTH = 16
 PAD = -1
+CONCEPT_SOURCES = ("cuis", "semtypes", "both")
+
+
+def concept_set(record: Record, source: str = "cuis") -> list[str]:
+    """The concepts a concept-aware loss compares: the record's UMLS CUIs, their semantic types (T-codes, which
+    cannot collide with C-prefixed CUIs), or both."""
+    if source == "cuis":
+        return record.concepts
+    if source == "semtypes":
+        return record.semantic_types
+    if source == "both":
+        return [*record.concepts, *record.semantic_types]
+    raise ValueError(f"concept source must be one of {CONCEPT_SOURCES}, not {source!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class ConceptVocabulary:
     ids: dict[str, int]  # concept -> id, most frequent first
+    source: str = "cuis"  # which of a record's concept sets (`concept_set`) it was built from and encodes
 
     @classmethod
-    def build(cls, items: Sequence[Record], min_count: int = 2) -> "ConceptVocabulary":
-        """Concepts carried by at least `min_count` records (each record counts once), most frequent first,
-        ties by name (deterministic)."""
-        counts = collections.Counter(c for record in items for c in set(record.concepts))
+    def build(cls, items: Sequence[Record], min_count: int = 2, source: str = "cuis") -> "ConceptVocabulary":
+        """Concepts (`concept_set(record, source)`) carried by at least `min_count` records (each record counts
+        once), most frequent first, ties by name (deterministic)."""
+        counts = collections.Counter(c for record in items for c in set(concept_set(record, source)))
         kept = sorted((c for c, n in counts.items() if n >= min_count), key=lambda c: (-counts[c], c))
-        return cls({c: i for i, c in enumerate(kept)})
+        return cls({c: i for i, c in enumerate(kept)}, source)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -49,7 +63,7 @@ class ConceptVocabulary:
         out = np.full((len(items), width), PAD, np.int32)
         truncated = []
         for row, record in enumerate(items):
-            known = sorted({self.ids[c] for c in record.concepts if c in self.ids})
+            known = sorted({self.ids[c] for c in concept_set(record, self.source) if c in self.ids})
             if len(known) > width:
                 truncated.append(record.id)
             known = known[:width]

@@ -46,6 +46,18 @@ from medclip.models.preprocess import Preprocess
 _INFINITE_EPOCHS = 2**40
 
 
+TRAIN_CROPS = ("random", "center")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFeatures:
+    """A locked image tower's pooled output for every record (medclip.training.image_cache): the training
+    batches carry it as "image_pooled" and the step skips the tower."""
+
+    features: np.ndarray  # (num_records, hidden) float32
+    valid: np.ndarray  # (num_records,) bool: False where the image could not be decoded (zeros in features)
+
+
 @dataclasses.dataclass(frozen=True)
 class Captions:
     """All captions of all records tokenised once: record i owns rows first[i] : first[i] + count[i]."""
@@ -202,8 +214,13 @@ def _options(threads: int | None = None) -> tf.data.Options:
 def build_train_dataset(items: list[Record], captions: Captions, layout: Layout, *, image_size: int, seed: int,
                         crop_scale=images.DEFAULT_CROP_SCALE, hflip: bool = False, position: int = 0,
                         threads: int | None = None, preprocess: Preprocess | None = None,
-                        concepts: ConceptFields | None = None) -> tf.data.Dataset:
-    """The tf.data graph behind `TrainIterator`, starting at stream `position` (skipping costs no decoding)."""
+                        concepts: ConceptFields | None = None, train_crop: str = "random",
+                        image_pooled: ImageFeatures | None = None) -> tf.data.Dataset:
+    """The tf.data graph behind `TrainIterator`, starting at stream `position` (skipping costs no decoding).
+    With `image_pooled` the elements carry each record's cached image features instead of pixels, and a record
+    whose image failed to decode when they were computed is skipped here, as an undecodable image always is."""
+    if train_crop not in TRAIN_CROPS:
+        raise ValueError(f"train_crop must be one of {TRAIN_CROPS}, not {train_crop!r}")
     per_epoch = layout.per_epoch
     start_epoch, offset = divmod(position, per_epoch)
 
@@ -220,6 +237,21 @@ def build_train_dataset(items: list[Record], captions: Captions, layout: Layout,
     if concepts is not None:
         concept_ids, caption_group = tf.constant(concepts.concept_ids), tf.constant(concepts.caption_group)
     pooled = None if captions.pooled is None else tf.constant(captions.pooled)
+    if image_pooled is not None:
+        image_features, image_valid = tf.constant(image_pooled.features), tf.constant(image_pooled.valid)
+
+    def pixels(index, image_seed):
+        if train_crop == "random":
+            return images.train_image(read_image(index), image_seed, image_size, crop_scale, hflip, preprocess)
+        image = images.eval_image(read_image(index), image_size, preprocess)
+        return images.random_flip(image, image_seed) if hflip else image
+
+    def image_entry(index, image_seed):
+        if image_pooled is None:
+            return {"pixel_values": pixels(index, image_seed)}
+        check = tf.debugging.assert_equal(image_valid[index], True, message="image could not be decoded")
+        with tf.control_dependencies([check]):
+            return {"image_pooled": tf.identity(image_features[index])}
 
     def load(position, epoch, index):
         element_seed = tf.stack([tf.constant(seed, tf.int64), epoch * layout.num_records + index])
@@ -227,8 +259,7 @@ def build_train_dataset(items: list[Record], captions: Captions, layout: Layout,
         pick = tf.random.stateless_uniform([], caption_seed, maxval=count[index], dtype=tf.int64)
         row = first[index] + pick
         element = {
-            "pixel_values": images.train_image(read_image(index), image_seed, image_size, crop_scale, hflip,
-                                               preprocess),
+            **image_entry(index, image_seed),
             "input_ids": input_ids[row],
             "attention_mask": attention_mask[row],
             "position": position,
@@ -244,6 +275,22 @@ def build_train_dataset(items: list[Record], captions: Captions, layout: Layout,
     dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
     dataset = dataset.batch(layout.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     return dataset.with_options(_options(threads))
+
+
+def decoded_eval_images(items: list[Record], *, image_size: int, batch_size: int,
+                        preprocess: Preprocess | None = None, threads: int | None = None
+                        ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Every record's image as evaluation (and `--train_crop center`) decodes it, in batches of (record indices,
+    pixels (n, size, size, 3) float32); records whose image does not decode are left out of the indices (the
+    caller counts them: the training pipeline skips and reports them when it reaches them)."""
+    read_image = _image_reader(items)
+
+    def load(index):
+        return index, images.eval_image(read_image(index), image_size, preprocess)
+
+    dataset = tf.data.Dataset.range(len(items)).map(load, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+    dataset = dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE).with_options(_options(threads))
+    yield from dataset.as_numpy_iterator()
 
 
 class _GapAccounting:
@@ -278,12 +325,15 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
     def __init__(self, items: list[Record], captions: Captions, layout: Layout, *, image_size: int, seed: int,
                  crop_scale=images.DEFAULT_CROP_SCALE, hflip: bool = False, counter: DropCounter | None = None,
                  threads: int | None = None, preprocess: Preprocess | None = None,
-                 concepts: ConceptFields | None = None, concept_vocab: ConceptVocabulary | None = None):
+                 concepts: ConceptFields | None = None, concept_vocab: ConceptVocabulary | None = None,
+                 train_crop: str = "random"):
         if layout.steps_per_epoch == 0:
             raise ValueError(f"{layout.num_records} records do not fill one global batch of {layout.global_batch_size}")
         self.items, self.captions, self.layout = items, captions, layout
         self.settings = dict(image_size=image_size, seed=seed, crop_scale=tuple(crop_scale), hflip=hflip,
-                             threads=threads, preprocess=preprocess, concepts=concepts)
+                             threads=threads, preprocess=preprocess, concepts=concepts, train_crop=train_crop)
+        # set by the trainer when a locked image tower is cached (medclip.training.image_cache)
+        self.image_pooled: ImageFeatures | None = None
         self.concept_vocab = concept_vocab  # with `concepts`: the vocabulary their ids index (eval reuses it)
         self.counter = counter if counter is not None else DropCounter()
         self.position = 0
@@ -302,7 +352,8 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
     def dataset(self, position: int | None = None) -> tf.data.Dataset:
         """The tf.data.Dataset from `position` (default: the current one); its batches also hold "position"."""
         return build_train_dataset(self.items, self.captions, self.layout,
-                                   position=self.position if position is None else position, **self.settings)
+                                   position=self.position if position is None else position,
+                                   image_pooled=self.image_pooled, **self.settings)
 
     def __next__(self) -> dict[str, np.ndarray]:
         if self._batches is None:
@@ -353,6 +404,8 @@ def make_train_dataset(
     preprocess: Preprocess | None = None,
     second_text_field: str | None = None,
     concept_width: int = 0,
+    concept_source: str = "cuis",
+    train_crop: str = "random",
 ) -> TrainIterator:
     """Endless shuffled training batches for this process (random resized crop, optional flip, CLIP normalisation).
 
@@ -361,17 +414,19 @@ def make_train_dataset(
     `preprocess` is the model's normalisation (`config.image_preprocess`; default CLIP's). `second_text_field`
     adds each record's second text (`second_texts`) as "second_input_ids" / "second_attention_mask".
     `concept_width` K > 0 adds "concept_ids" (B, K) and "caption_group" (B,) to every batch; the number of
-    concept sets cut to K is counted in `counter` (changed: concept_set_truncated).
+    concept sets cut to K is counted in `counter` (changed: concept_set_truncated); `concept_source` picks the
+    sets (`medclip.data.concepts.concept_set`). `train_crop` "center" replaces the random resized crop by
+    evaluation's resize + centre crop (no augmentation but the optional flip).
     """
     layout = make_layout(len(items), global_batch_size, process_index, process_count)
     captions = tokenize_captions(items, tokenizer, max_seq_length, second_text_field)
     fields = vocab = None
     if concept_width > 0:
-        vocab = ConceptVocabulary.build(items)
+        vocab = ConceptVocabulary.build(items, source=concept_source)
         fields = concept_fields(items, vocab, concept_width)
     iterator = TrainIterator(items, captions, layout, image_size=image_size, seed=seed, crop_scale=crop_scale,
                              hflip=hflip, counter=counter, threads=threads, preprocess=preprocess,
-                             concepts=fields, concept_vocab=vocab)
+                             concepts=fields, concept_vocab=vocab, train_crop=train_crop)
     if fields is not None:
         iterator.counter.change("concept_set_truncated", len(fields.truncated),
                                 example=", ".join(fields.truncated[:3]))

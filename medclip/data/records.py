@@ -22,6 +22,8 @@ class Record:
     captions: list[str]
     concepts: list[str] = dataclasses.field(default_factory=list)
     keywords: list[str] = dataclasses.field(default_factory=list)
+    # UMLS semantic types of the concepts (ROCO's semtypes.txt: T-codes such as T060), for --concept_source
+    semantic_types: list[str] = dataclasses.field(default_factory=list)
     source: str = ""
     # The source's other text fields (CSV columns, JSON string fields), e.g. for --second_text_field.
     fields: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -45,6 +47,7 @@ class Record:
             "captions": list(self.captions),
             "concepts": list(self.concepts),
             "keywords": list(self.keywords),
+            **({"semantic_types": list(self.semantic_types)} if self.semantic_types else {}),
         }
 
 

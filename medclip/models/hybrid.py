@@ -251,22 +251,32 @@ class HybridCLIP(nnx.Module):
     def temperature_scale(self) -> jax.Array:
         return jnp.minimum(jnp.exp(self.logit_scale[...]), LOGIT_SCALE_MAX)
 
-    def __call__(self, input_ids: jax.Array, pixel_values: jax.Array, attention_mask: jax.Array | None = None,
+    def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None,
+                 attention_mask: jax.Array | None = None,
                  token_type_ids: jax.Array | None = None, position_ids: jax.Array | None = None, *,
                  dropout_rng: jax.Array | None = None, text_packing: PackingPlan | None = None,
                  train: bool = False, second_input_ids: jax.Array | None = None,
                  second_attention_mask: jax.Array | None = None, head_dropout_rng: jax.Array | None = None,
-                 mlm: bool = False, text_pooled: jax.Array | None = None) -> HybridCLIPOutput:
+                 mlm: bool = False, text_pooled: jax.Array | None = None,
+                 image_pooled: jax.Array | None = None) -> HybridCLIPOutput:
         """`dropout_rng` drives the towers' dropout, `head_dropout_rng` the heads' (projection dropout; default:
         derived from `dropout_rng`); None means none. `mlm` also runs the fusion module on the caption's
         hidden states and the image embeddings: `mlm_logits` (PMC-CLIP's objective; pass masked input_ids).
-        `text_pooled` (batch, hidden): a locked text tower's pooled output, cached; the tower is not run."""
+        `text_pooled` (batch, hidden): a locked text tower's pooled output, cached; the tower is not run.
+        `image_pooled` likewise for the image tower (then `pixel_values` may be None)."""
         if mlm and self.fusion is None:
             raise ValueError("mlm=True needs a model with a fusion module (config.fusion)")
         vision_rng, text_rng = split_rng(dropout_rng, 2)
         vision_head_rng, text_head_rng = split_rng(head_dropout_rng, 2)
-        image_embeds = l2_normalize(self.get_image_features(pixel_values, dropout_rng=vision_rng, train=train,
-                                                            head_dropout_rng=vision_head_rng))
+        if image_pooled is not None:
+            image_features = project(self.visual_projection, self.config.vision_head, image_pooled,
+                                     _head_rng(vision_rng if vision_head_rng is None else vision_head_rng))
+        elif pixel_values is None:
+            raise ValueError("pass pixel_values, or image_pooled for a cached locked image tower")
+        else:
+            image_features = self.get_image_features(pixel_values, dropout_rng=vision_rng, train=train,
+                                                     head_dropout_rng=vision_head_rng)
+        image_embeds = l2_normalize(image_features)
         text_hidden, text_features = self._text_features(
             input_ids, attention_mask, token_type_ids, position_ids, text_rng, text_packing, second_input_ids,
             second_attention_mask, text_head_rng, with_hidden=mlm, text_pooled=text_pooled)

@@ -75,6 +75,12 @@ class DataArguments:
     preprocessing_num_workers: int | None = field(default=None, metadata={
         "help": "Threads of the tf.data pipelines (decoding, augmentation); default: TF's shared pool, one per core."})
     crop_scale_min: float = 0.5
+    train_crop: str = field(default="random", metadata={
+        "help": "random: random resized crop (area scale --crop_scale_min..1, aspect 3/4..4/3); center: "
+                "evaluation's resize + centre crop, no augmentation (what --cache_locked_image needs)."})
+    concept_source: str = field(default="cuis", metadata={
+        "help": "--loss concept: the concept sets compared: cuis (ROCO's UMLS concepts), semtypes (their UMLS "
+                "semantic types, semtypes.txt: coarser, shared more often) or both (the union)."})
     concept_width: int = field(default=16, metadata={
         "help": "--loss concept: concepts kept per example (the most frequent; sets cut are counted in "
                 "data_report.json as concept_set_truncated)."})
@@ -140,6 +146,11 @@ class TrainingArguments:
         "help": "auto: with --freeze_text (and no text dropout, one text input, no --mlm) compute the locked text "
                 "tower's pooled output once per caption and run only the trainable parts each step (the same "
                 "loss and gradients); on: the same, but an error if it cannot; off: run the tower every step."})
+    cache_locked_image: str = field(default="auto", metadata={
+        "help": "auto: with --freeze_vision and --train_crop center (no flips, no vision dropout, BatchNorm "
+                "statistics frozen) compute the locked image tower's pooled output once per training image and "
+                "run only the trainable parts each step (the same loss and gradients; images are not decoded "
+                "again); on: the same, but an error if it cannot; off: run the tower every step."})
     freeze_bn_stats: bool = field(default=False, metadata={
         "help": "BatchNorm towers normalise with their running statistics and keep them (open_clip's "
                 "lock_image_freeze_bn_stats): the usual choice when fine-tuning with small batches."})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from medclip.data.concepts import CONCEPT_SOURCES
 from medclip.training.arguments import DataArguments, ModelArguments, TrainingArguments
 from medclip.training.losses import FALSE_NEGATIVES, LOSSES
 from medclip.training.optim import SCHEDULES, WEIGHT_DECAY_TYPES
@@ -105,6 +106,9 @@ def validate(model: ModelArguments, data: DataArguments, train: TrainingArgument
         _check_plateau(data, train)
     _check_text_objectives(model, data, train)
     _choice("--cache_locked_text", train.cache_locked_text, ("auto", "on", "off"))
+    _choice("--cache_locked_image", train.cache_locked_image, ("auto", "on", "off"))
+    _choice("--train_crop", data.train_crop, ("random", "center"))
+    _choice("--concept_source", data.concept_source, CONCEPT_SOURCES)
     _choice("--vision_head", model.vision_head, ("linear", "none"))
     _choice("--text_pooler", model.text_pooler, ("default", "cls", "mean", "eos", "pooler_output"))
     built_from_towers = model.model_name_or_path is None and model.model_preset is None

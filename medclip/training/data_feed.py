@@ -142,7 +142,8 @@ def build_data(args: DataArguments, train_args: TrainingArguments, tokenizer, mo
                                    crop_scale=(args.crop_scale_min, 1.0), hflip=args.hflip, counter=counter,
                                    preprocess=model_config.image_preprocess, threads=args.preprocessing_num_workers,
                                    second_text_field=args.second_text_field,
-                                   concept_width=concept_width)
+                                   concept_width=concept_width, concept_source=args.concept_source,
+                                   train_crop=args.train_crop)
     if train_args.do_eval or train_args.do_train:
         items, counter = load_split(args, "validation", output_dir, train_args.seed)
         if items:
@@ -155,7 +156,8 @@ def build_data(args: DataArguments, train_args: TrainingArguments, tokenizer, mo
                                            second_text_field=args.second_text_field)
             eval_captions = [record.captions[0] for record in items]
             if concept_width:  # the training vocabulary (the eval set's own for --do_eval alone)
-                vocab = train.concept_vocab if train is not None else ConceptVocabulary.build(items)
+                vocab = train.concept_vocab if train is not None else ConceptVocabulary.build(
+                    items, source=args.concept_source)
                 eval_loss_fields = {"concept_ids": vocab.encode(items, concept_width)[0],
                                     "caption_group": caption_group_ids(eval_captions)}
     feed = DataFeed(train=train, eval=evaluation, eval_captions=eval_captions, counters=counters,

@@ -120,11 +120,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
             input_ids, selected = mask_tokens(jax.random.fold_in(rng, MASK_STREAM), input_ids,
                                               batch["attention_mask"], config.masking)
         # The heads' (projection) dropout always gets the key in training; --text_dropout governs the towers'.
-        out = model(input_ids, batch["pixel_values"], batch["attention_mask"],
+        out = model(input_ids, batch.get("pixel_values"), batch["attention_mask"],
                     dropout_rng=rng if config.dropout else None, head_dropout_rng=rng, text_packing=text_packing,
                     train=not config.freeze_bn_stats, second_input_ids=batch.get("second_input_ids"),
                     second_attention_mask=batch.get("second_attention_mask"), mlm=config.masking is not None,
-                    text_pooled=batch.get("text_pooled"))  # a cached locked text tower (training.text_cache)
+                    text_pooled=batch.get("text_pooled"),  # a cached locked text tower (training.text_cache)
+                    image_pooled=batch.get("image_pooled"))  # and image tower (training.image_cache)
         new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))  # what train-mode BatchNorm updated
         loss = losses.compute_loss(out, config, batch)
         extra = {}

@@ -29,6 +29,8 @@ from medclip.training.config_check import ConfigError, metric_key, validate
 from medclip.training.data_feed import DataFeed, build_data, write_data_report
 from medclip.training.logger import MetricsLogger, truncate_jsonl
 from medclip.training.mlm import MaskingConfig
+from medclip.training.image_cache import pooled_image_features
+from medclip.training.image_cache import why_not_cacheable as why_not_image_cacheable
 from medclip.training.text_cache import pooled_text_features, why_not_cacheable
 from medclip.training.model_setup import build_model_and_tokenizer
 from medclip.training.optim import OptimizerConfig, make_optimizer, set_lr_scale
@@ -99,6 +101,7 @@ class Trainer:
         self.data: DataFeed = build_data(data_args, train_args, self.tokenizer, self.model.config,
                                          self.output_dir, num_devices=jax.device_count())
         self.text_cached = self._cache_locked_text()
+        self.image_cached = self._cache_locked_image()
         self.graphdef, params, batch_stats = nnx.split(self.model, nnx.Param, nnx.BatchStat)
         self.params, self.batch_stats = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
         steps_per_epoch = self.data.steps_per_epoch if self.data.has_train else 0
@@ -189,6 +192,34 @@ class Trainer:
         logger.info("locked text tower cached: %d captions x %d, computed once", *pooled.shape)
         return True
 
+    def _cache_locked_image(self) -> bool:
+        """--cache_locked_image: the frozen image tower's pooled output of every training image, computed once
+        (medclip.training.image_cache); the batches then carry it, the pipeline decodes no images and the step
+        skips the tower."""
+        mode = self.args.cache_locked_image
+        if mode == "off" or not self.data.has_train:
+            return False
+        reason = why_not_image_cacheable(self.model, freeze_vision=self.args.freeze_vision,
+                                         train_crop=self.data_args.train_crop, hflip=self.data_args.hflip,
+                                         dropout=self.model_args.text_dropout,
+                                         freeze_bn_stats=self.args.freeze_bn_stats)
+        if reason is not None:
+            if mode == "on":
+                raise ConfigError(f"--cache_locked_image on: cannot cache the image tower: {reason}")
+            if self.args.freeze_vision:
+                logger.info("the locked image tower runs every step: %s", reason)
+            return False
+        train = self.data.train
+        cached = pooled_image_features(self.model, train.items, image_size=train.settings["image_size"],
+                                       preprocess=train.settings["preprocess"], threads=train.settings["threads"],
+                                       progress=jax.process_index() == 0)
+        train.image_pooled = cached
+        undecoded = int((~cached.valid).sum())
+        logger.info("locked image tower cached: %d images x %d, computed once%s", *cached.features.shape,
+                    f"; {undecoded} did not decode and are skipped (counted when training reaches them)"
+                    if undecoded else "")
+        return True
+
     def _packing_plan(self, attention_mask: np.ndarray) -> PackingPlan | None:
         # Every process must compile the same program, and each sees only its own rows: multi-host runs
         # keep the padded layout rather than agree on a plan every step. A cached text tower has nothing to pack.
@@ -258,7 +289,8 @@ class Trainer:
         bar.close()
         self._check_finite(state, final=True)
         summary.update(self._export_final(state, summary.get("eval")))
-        summary.update(steps=step, text_tower_cached=self.text_cached, nonfinite_steps_skipped=int(state.nonfinite_total),
+        summary.update(steps=step, text_tower_cached=self.text_cached,
+                       image_tower_cached=self.image_cached, nonfinite_steps_skipped=int(state.nonfinite_total),
                        stopped_early=progress.stopped_early, best_metric=progress.best_metric,
                        best_epoch=progress.best_epoch, dropped=self.data.drop_summary)
         write_data_report(self.data, self.output_dir)

@@ -198,3 +198,58 @@ def test_concept_fields_in_train_batches(synthetic_records, tokenizer):
     cut = train(items, tokenizer, concept_width=1, global_batch_size=16, counter=DropCounter())
     assert cut.counter.summary()["changed"] == {"concept_set_truncated": 16}
     assert set(next(cut)) == {"pixel_values", "input_ids", "attention_mask", "concept_ids", "caption_group"}
+
+
+def test_semantic_types_as_the_concept_source(synthetic_records, tokenizer):
+    """--concept_source: the same vocabulary and ids machinery over the records' semantic types, or the union."""
+    import dataclasses
+
+    from medclip.data.concepts import ConceptVocabulary, concept_set
+
+    items = [dataclasses.replace(r, concepts=[f"C{i % 4}"], semantic_types=["T033", f"T0{60 + i % 2}"], id=f"r{i}")
+             for i, r in enumerate(synthetic_records[:16])]
+    assert ConceptVocabulary.build(items, source="semtypes").ids == {"T033": 0, "T060": 1, "T061": 2}
+    assert set(ConceptVocabulary.build(items, source="both").ids) == {"T033", "T060", "T061", "C0", "C1", "C2", "C3"}
+    assert concept_set(items[1], "both") == ["C1", "T033", "T061"]
+    with pytest.raises(ValueError, match="concept source"):
+        concept_set(items[0], "keywords")
+    batch = next(train(items, tokenizer, concept_width=4, global_batch_size=16, concept_source="semtypes"))
+    assert {tuple(row[row >= 0]) for row in batch["concept_ids"]} == {(0, 1), (0, 2)}
+
+
+def test_center_train_crop_is_evaluations_image(synthetic_records, tokenizer):
+    """--train_crop center: training pixels are exactly what evaluation (and the image cache) decode."""
+    items = synthetic_records[:8]
+    batch = next(train(items, tokenizer, train_crop="center"))
+    (indices, pixels), = pipeline.decoded_eval_images(items, image_size=SIZE, batch_size=8)
+    assert sorted(indices) == list(range(8))
+    for row in batch["pixel_values"]:  # a shuffled epoch: each row is one record's evaluation image
+        assert min(np.abs(pixels - row).max(axis=(1, 2, 3))) == 0
+    random = next(train(items, tokenizer))
+    assert min(np.abs(pixels - random["pixel_values"][0]).max(axis=(1, 2, 3))) > 0
+    with pytest.raises(ValueError, match="train_crop"):
+        next(train(items, tokenizer, train_crop="middle"))
+
+
+def test_cached_image_features_replace_pixels_and_undecodable_ones_are_skipped(synthetic_records, tokenizer,
+                                                                               tmp_path):
+    items = _with_corrupt_image(tmp_path, synthetic_records)  # record 8 does not decode
+    decoded = np.concatenate([i for i, _ in pipeline.decoded_eval_images(items, image_size=SIZE, batch_size=4)])
+    assert sorted(decoded) == [i for i in range(len(items)) if i != 8]
+    valid = np.zeros(len(items), bool)
+    valid[decoded] = True
+    features = np.repeat(np.arange(len(items), dtype=np.float32)[:, None], 3, axis=1)  # row i holds i
+    counter = DropCounter()
+    iterator = train(items, tokenizer, global_batch_size=4, counter=counter, train_crop="center")
+    iterator.image_pooled = pipeline.ImageFeatures(features, valid)
+    batches = take(iterator, 12)  # three epochs of 17 records
+    assert set(batches[0]) == {"image_pooled", "input_ids", "attention_mask"}
+    seen = np.concatenate([b["image_pooled"][:, 0] for b in batches]).astype(int)
+    assert 8 not in seen and set(seen) == set(decoded)
+    captions = pipeline.tokenize_captions(items, tokenizer, LENGTH)
+    ids = np.concatenate([b["input_ids"] for b in batches])
+    for record, row in zip(seen, ids):  # each row's features and caption belong to the same record
+        own = captions.input_ids[captions.first[record]:captions.first[record] + captions.count[record]]
+        assert (own == row).all(axis=1).any()
+    assert dict(counter.counts) == {"corrupt_image": 1}
+    assert "corrupt.jsonl:7: corrupt_image" in counter.examples["corrupt_image"][0]

@@ -1,6 +1,6 @@
 """JSON lines, one record per line: `{"image_path": ..., "captions": [...]}` (the original medclip format).
 
-Optional fields: "id" (defaults to the image path), "concepts", "keywords"; "caption" (a string) is accepted for
+Optional fields: "id" (defaults to the image path), "concepts", "keywords", "semantic_types"; "caption" (a string) is accepted for
 "captions". Captions written as `b'...'` by the original preprocessing are unwrapped. A relative `image_path` is
 resolved against `base_dir`, by default the folder holding the JSON lines file.
 """
@@ -42,6 +42,7 @@ def _parse(obj, where: str, resolve, counter: DropCounter, min_caption_length: i
         captions=cleaned,
         concepts=[str(c) for c in obj.get("concepts") or []],
         keywords=[str(k) for k in obj.get("keywords") or []],
+        semantic_types=[str(t) for t in obj.get("semantic_types") or []],
         source=where,
         fields={k: v for k, v in obj.items() if isinstance(v, str)},
     )

@@ -4,17 +4,18 @@
         captions.txt   ROCO_ID<TAB> caption
         keywords.txt   ROCO_ID<TAB><TAB>keyword<TAB>...
         cuis.txt       ROCO_ID<TAB><TAB>UMLS CUI<TAB>...
-        semtypes.txt, licences.txt, dlinks.txt (not needed for training)
+        semtypes.txt   ROCO_ID<TAB><TAB>T-code<TAB>name<TAB>...  (the CUIs' UMLS semantic types)
+        licences.txt, dlinks.txt (not needed for training)
         images/ROCO_ID.jpg
 
-One record per line of captions.txt: concepts are the CUIs, keywords the keywords.
+One record per line of captions.txt: concepts are the CUIs, keywords the keywords, semantic types the T-codes.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
+import re
 from pathlib import Path
+from typing import Any
 
 from medclip.data import captions as caption_cleaning
 from medclip.data import records
@@ -22,6 +23,7 @@ from medclip.data.records import DropCounter, Record
 from medclip.data.sources import base
 
 SPLITS = ("train", "validation", "test")
+_SEMTYPE = re.compile(r"T\d{3}")
 SUBSETS = ("radiology", "non-radiology")
 
 
@@ -61,6 +63,9 @@ def read_subset(
     """The records of one `{split}/{subset}` folder, captions cleaned; images are not checked here."""
     keywords = _tab_lists(directory / "keywords.txt")
     concepts = _tab_lists(directory / "cuis.txt")
+    # semtypes.txt alternates code and name; the codes are the types
+    semantic_types = {key: [f for f in fields if _SEMTYPE.fullmatch(f)]
+                      for key, fields in _tab_lists(directory / "semtypes.txt").items()}
     captions_path = directory / "captions.txt"
     items = []
     for number, line in base.read_lines(captions_path, counter):
@@ -79,6 +84,7 @@ def read_subset(
             captions=cleaned,
             concepts=concepts.get(roco_id, []),
             keywords=keywords.get(roco_id, []),
+            semantic_types=semantic_types.get(roco_id, []),
             source=where,
         ))
     return items
