@@ -57,6 +57,8 @@ ABLATION = (
     "--loss concept",                                     # soft targets from CUI overlap, same-caption pairs positive
     "--loss concept --false_negatives mask",
     "--loss concept --concept_target_weight 0.8",
+    "--loss concept --concept_source semtypes",          # overlap of the CUIs' UMLS semantic types instead
+    "--loss concept --concept_source both",
     "--loss hybrid",
     "--loss sigmoid --logit_bias_init -10",
     "--crop_scale_min 0.9",                               # weaker augmentation
