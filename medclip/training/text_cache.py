@@ -5,7 +5,7 @@ Exact by construction (the same function of the same frozen weights and the same
 of every step), which tests/test_text_cache.py checks on the loss, gradients and parameters after a few steps,
 also on 8 devices and across a kill-and-resume. The condition is checked, not assumed: the tower must be frozen
 (`--freeze_text`), deterministic (no dropout in it) and read by nothing but its pooled output (no MLM, one text
-input). Images are not cached: training crops them at random, so the vision tower's input is never the same twice.
+input). The image side has its own cache (medclip.training.image_cache), for un-augmented training images.
 """
 
 from __future__ import annotations
