@@ -141,3 +141,15 @@ def test_cached_run_equals_uncached_run_on_1_and_8_devices_and_resumes_exactly(t
     np.testing.assert_allclose(results["cached8"][1], results["cached"][1], rtol=1e-5)
     for key, value in results["cached"][0].items():
         np.testing.assert_array_equal(resumed[key], value, err_msg=key)
+
+
+def test_cache_on_that_cannot_cache_is_an_error_naming_why(caplog):
+    from medclip.training.config_check import ConfigError
+    from medclip.training.trainer import _may_cache
+
+    with pytest.raises(ConfigError, match="--cache_locked_image on: cannot cache the image tower: random crops"):
+        _may_cache("image", "on", "random crops", frozen=True)
+    with caplog.at_level("INFO"):
+        assert not _may_cache("text", "auto", "dropout", frozen=True)
+    assert "the locked text tower runs every step: dropout" in caplog.text
+    assert _may_cache("image", "on", None, frozen=True)

@@ -86,6 +86,18 @@ def _dtype(name: str):
         raise ConfigError(f"--dtype must be float32, bfloat16 or float16, not {name!r}") from None
 
 
+def _may_cache(tower: str, mode: str, reason: str | None, frozen: bool) -> bool:
+    """--cache_locked_{tower} auto / on, given why the locked tower cannot be cached (None: it can): an error for
+    `on`, a log line for `auto` when the tower is frozen but not cacheable."""
+    if reason is None:
+        return True
+    if mode == "on":
+        raise ConfigError(f"--cache_locked_{tower} on: cannot cache the {tower} tower: {reason}")
+    if frozen:
+        logger.info("the locked %s tower runs every step: %s", tower, reason)
+    return False
+
+
 class Trainer:
     """Expects flags that `config_check.validate` accepted (`train()` below validates; so does the script)."""
 
@@ -174,16 +186,11 @@ class Trainer:
     def _cache_locked_text(self) -> bool:
         """--cache_locked_text: the frozen text tower's pooled output of every training caption, computed once
         (medclip.training.text_cache); the batches then carry it and the step skips the tower."""
-        mode = self.args.cache_locked_text
-        if mode == "off" or not self.data.has_train:
+        if self.args.cache_locked_text == "off" or not self.data.has_train:
             return False
         reason = why_not_cacheable(self.model.config, freeze_text=self.args.freeze_text,
                                    text_dropout=self.model_args.text_dropout, mlm=self.args.mlm)
-        if reason is not None:
-            if mode == "on":
-                raise ConfigError(f"--cache_locked_text on: cannot cache the text tower: {reason}")
-            if self.args.freeze_text:
-                logger.info("the locked text tower runs every step: %s", reason)
+        if not _may_cache("text", self.args.cache_locked_text, reason, self.args.freeze_text):
             return False
         captions = self.data.train.captions
         pooled = pooled_text_features(self.model, captions.input_ids, captions.attention_mask,
@@ -196,18 +203,13 @@ class Trainer:
         """--cache_locked_image: the frozen image tower's pooled output of every training image, computed once
         (medclip.training.image_cache); the batches then carry it, the pipeline decodes no images and the step
         skips the tower."""
-        mode = self.args.cache_locked_image
-        if mode == "off" or not self.data.has_train:
+        if self.args.cache_locked_image == "off" or not self.data.has_train:
             return False
         reason = why_not_image_cacheable(self.model, freeze_vision=self.args.freeze_vision,
                                          train_crop=self.data_args.train_crop, hflip=self.data_args.hflip,
                                          dropout=self.model_args.text_dropout,
                                          freeze_bn_stats=self.args.freeze_bn_stats)
-        if reason is not None:
-            if mode == "on":
-                raise ConfigError(f"--cache_locked_image on: cannot cache the image tower: {reason}")
-            if self.args.freeze_vision:
-                logger.info("the locked image tower runs every step: %s", reason)
+        if not _may_cache("image", self.args.cache_locked_image, reason, self.args.freeze_vision):
             return False
         train = self.data.train
         cached = pooled_image_features(self.model, train.items, image_size=train.settings["image_size"],
