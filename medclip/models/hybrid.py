@@ -205,6 +205,11 @@ class HybridCLIP(nnx.Module):
         """Projected, unnormalised image embeddings (batch, projection_dim); pixel_values are NHWC. The head's
         dropout key is `head_dropout_rng`, else derived from `dropout_rng` (None: no dropout)."""
         _, pooled = self.vision_model(pixel_values, dropout_rng=dropout_rng, pooled_only=True, train=train)
+        return self._image_head(pooled, dropout_rng, head_dropout_rng)
+
+    def _image_head(self, pooled: jax.Array, dropout_rng: jax.Array | None,
+                    head_dropout_rng: jax.Array | None) -> jax.Array:
+        """The image projection of the tower's pooled output (computed now or cached)."""
         return project(self.visual_projection, self.config.vision_head, pooled,
                        _head_rng(dropout_rng if head_dropout_rng is None else head_dropout_rng))
 
@@ -269,8 +274,7 @@ class HybridCLIP(nnx.Module):
         vision_rng, text_rng = split_rng(dropout_rng, 2)
         vision_head_rng, text_head_rng = split_rng(head_dropout_rng, 2)
         if image_pooled is not None:
-            image_features = project(self.visual_projection, self.config.vision_head, image_pooled,
-                                     _head_rng(vision_rng if vision_head_rng is None else vision_head_rng))
+            image_features = self._image_head(image_pooled, vision_rng, vision_head_rng)
         elif pixel_values is None:
             raise ValueError("pass pixel_values, or image_pooled for a cached locked image tower")
         else:
