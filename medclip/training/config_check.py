@@ -16,6 +16,7 @@ from medclip.training.losses import FALSE_NEGATIVES, LOSSES
 from medclip.training.optim import SCHEDULES, WEIGHT_DECAY_TYPES
 
 DTYPES = ("float32", "bfloat16", "float16")
+CACHE_MODES = ("auto", "on", "off")  # --cache_locked_text / --cache_locked_image
 
 
 class ConfigError(ValueError):
@@ -105,8 +106,8 @@ def validate(model: ModelArguments, data: DataArguments, train: TrainingArgument
     if train.reduce_lr_on_plateau:
         _check_plateau(data, train)
     _check_text_objectives(model, data, train)
-    _choice("--cache_locked_text", train.cache_locked_text, ("auto", "on", "off"))
-    _choice("--cache_locked_image", train.cache_locked_image, ("auto", "on", "off"))
+    _choice("--cache_locked_text", train.cache_locked_text, CACHE_MODES)
+    _choice("--cache_locked_image", train.cache_locked_image, CACHE_MODES)
     _choice("--train_crop", data.train_crop, ("random", "center"))
     _choice("--concept_source", data.concept_source, CONCEPT_SOURCES)
     _choice("--vision_head", model.vision_head, ("linear", "none"))

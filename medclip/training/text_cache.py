@@ -20,7 +20,6 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
-MODES = ("auto", "on", "off")
 
 
 def why_not_cacheable(model_config: Any, *, freeze_text: bool, text_dropout: bool, mlm: bool) -> str | None:
