@@ -15,6 +15,7 @@ rounds of the other's time / ours (above 1: ours faster).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -96,14 +97,14 @@ def main(argv: list[str] | None = None) -> None:
 
     import jax
 
-    try:
-        if args.no_torch:
-            raise ImportError
-        import torch
-
-        torch.set_num_threads(len(jax.devices("cpu")) and __import__("os").cpu_count())
-    except ImportError:
-        torch = None
+    torch = None
+    if not args.no_torch:
+        try:
+            import torch
+        except ImportError:
+            pass
+        else:
+            torch.set_num_threads(os.cpu_count())
     print(f"jax {jax.__version__}" + (f", torch {torch.__version__} ({torch.get_num_threads()} threads)" if torch
                                       else "") + f", batch {args.batch}, RN50 at 224 px, forward + backward")
     print("| layer | input | kernel | ours ms | plain XLA ms | plain / ours | PyTorch ms | PyTorch / ours |")
