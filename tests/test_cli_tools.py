@@ -153,6 +153,12 @@ def test_evaluate_protocol_prints_the_reports_table(workspace, tmp_path, capsys)
     assert sorted(results["zeroshot_concepts"], key=int) == [str(k) for k in (2, 5, 10, 30) if k <= distinct]
     assert all(0 <= r["top1_in_labels"] <= 1 for r in results["zeroshot_concepts"].values())
     assert results["templates"] == ["A photo of a {}."]
+    # --split_ratios scores training's test part of the same cut (seed 42, training's default --seed)
+    assert main(["evaluate", str(root / "model"), str(data), "--protocol", "clip-tf-report", "--split_ratios",
+                 "1,1,1", "--split", "test", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["n_images"] == 8
+    assert main(["evaluate", str(root / "model"), str(data), "--split_ratios", "68,12,20", "--split", "dev"]) == 2
+    assert "--split names a part" in capsys.readouterr().err
 
 
 def test_prompt_set_options_and_their_errors(workspace, capsys):
