@@ -63,6 +63,7 @@ def load_split(args: DataArguments, split: str, output_dir: Path, seed: int) -> 
             items = split_records(items, parse_ratios(args.split_ratios), seed)[part]
         except SplitError as error:
             raise ConfigError(str(error)) from None
+        counter.kept = len(items)  # this part's; the other parts are the other splits, not drops
     if args.second_text_field == "concepts":
         name_records(items, concept_names(args))
     limit = args.max_train_samples if split == "train" else args.max_eval_samples

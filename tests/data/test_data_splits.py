@@ -35,8 +35,9 @@ def test_parts_are_disjoint_cover_everything_and_depend_only_on_the_seed():
 
 def test_training_reads_its_parts_from_the_one_source(rocov2_root, tmp_path):  # noqa: F811
     args = DataArguments(data_dir=str(rocov2_root), split_ratios="1,1,1")
-    train, _ = data_feed.load_split(args, "train", tmp_path, seed=3)
+    train, counter = data_feed.load_split(args, "train", tmp_path, seed=3)
     validation, _ = data_feed.load_split(args, "validation", tmp_path, seed=3)
+    assert counter.summary()["kept"] == 1 and counter.dropped == 0  # the report counts this part
     ids = {r.id for r in train} | {r.id for r in validation}
     assert len(train) == 1 and len(validation) == 1 and len(ids) == 2
     assert all("_train_" in i for i in ids)  # both from the training folder, not ROCOv2's valid split
