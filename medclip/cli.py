@@ -33,6 +33,8 @@ def cmd_evaluate(args) -> int:
     directions = tuple(d.strip() for d in args.directions.split(",") if d.strip())
     if not directions or set(directions) - set(DIRECTIONS):
         raise SystemExit(f"--directions {args.directions!r}: choose from {','.join(DIRECTIONS)}")
+    if args.concept_names and args.protocol != "clip-tf-report":
+        raise ValueError("--concept_names names the classes of --protocol clip-tf-report; add that protocol")
     counter = DropCounter(strict=args.strict)
     cleaning = from_flags(args.expand_abbreviations, args.remove_stopwords, args.remove_single_letters,
                           args.remove_words)

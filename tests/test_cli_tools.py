@@ -159,6 +159,8 @@ def test_evaluate_protocol_prints_the_reports_table(workspace, tmp_path, capsys)
     assert json.loads(out.read_text())["n_images"] == 8
     assert main(["evaluate", str(root / "model"), str(data), "--split_ratios", "68,12,20", "--split", "dev"]) == 2
     assert "--split names a part" in capsys.readouterr().err
+    assert main(["evaluate", str(root / "model"), str(data), "--concept_names", str(names)]) == 2
+    assert "--concept_names names the classes of --protocol clip-tf-report" in capsys.readouterr().err
 
 
 def test_prompt_set_options_and_their_errors(workspace, capsys):
