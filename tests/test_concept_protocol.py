@@ -58,7 +58,7 @@ def test_concept_zero_shot_counts_a_prediction_among_the_images_concepts():
     assert "computed tomography (C1), plain x-ray (C2), ultrasound (C3)" in table and "our reading" in table
 
 
-def test_unnamed_concepts_are_written_as_codes_and_said(tmp_path):
+def test_unnamed_concepts_are_written_as_codes_and_said():
     result = concept_zero_shot(np.eye(2), [["C1"], ["C9"]], lambda p: np.eye(2)[[0 if "C1" in x else 1 for x in p]],
                                {}, ks=(2,))
     assert result["ks"][2]["top1_in_labels"] == 1.0 and result["unnamed"] == 2

@@ -15,7 +15,6 @@ from typing import TypeVar
 
 import numpy as np
 
-PARTS = ("train", "validation", "test")
 T = TypeVar("T")
 
 
