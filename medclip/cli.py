@@ -24,7 +24,8 @@ def _embedder(model: str, batch_size: int = 32):
 def cmd_evaluate(args) -> int:
     from medclip.data.records import DropCounter
     from medclip.data.sources.auto import load_records
-    from medclip.evaluation.model_eval import evaluate_model
+    from medclip.evaluation.model_eval import PROTOCOLS, evaluate_concept_protocol, evaluate_model
+    from medclip.evaluation.prompts import prompt_set
 
     from medclip.data.text_cleaning import from_flags
     from medclip.evaluation.retrieval import DIRECTIONS
@@ -32,17 +33,35 @@ def cmd_evaluate(args) -> int:
     directions = tuple(d.strip() for d in args.directions.split(",") if d.strip())
     if not directions or set(directions) - set(DIRECTIONS):
         raise SystemExit(f"--directions {args.directions!r}: choose from {','.join(DIRECTIONS)}")
+    if args.concept_names and args.protocol != "clip-tf-report":
+        raise ValueError("--concept_names names the classes of --protocol clip-tf-report; add that protocol")
     counter = DropCounter(strict=args.strict)
     cleaning = from_flags(args.expand_abbreviations, args.remove_stopwords, args.remove_single_letters,
                           args.remove_words)
-    items = load_records(args.data, args.split, counter=counter, min_caption_length=args.min_caption_length,
-                         min_mean_intensity=args.min_mean_intensity, text_cleaning=cleaning)
+    items = load_records(args.data, "train" if args.split_ratios else args.split, counter=counter,
+                         min_caption_length=args.min_caption_length, min_mean_intensity=args.min_mean_intensity,
+                         text_cleaning=cleaning)
+    if args.split_ratios:
+        from medclip.data.splits import parse_ratios, split_records
+
+        parts = split_records(items, parse_ratios(args.split_ratios), args.split_seed)
+        part = {"valid": "validation"}.get(args.split, args.split)
+        if part not in parts:
+            raise ValueError(f"--split_ratios: --split names a part, one of {', '.join(parts)}; not {args.split!r}")
+        items = parts[part]
     if args.max_samples:
         items = items[: args.max_samples]
     if not items:
         raise SystemExit(f"no usable pairs in {args.data} ({args.split}): {counter.summary()}")
-    results = evaluate_model(_embedder(args.model, args.batch_size), items, seed=args.seed,
-                             zeroshot=not args.no_zeroshot, directions=directions)
+    templates = prompt_set(args.prompt_set or PROTOCOLS[args.protocol])
+    if args.protocol == "clip-tf-report":
+        from medclip.data.sources.concept_names import concept_names_for
+
+        names = concept_names_for(args.data, args.concept_names)
+        results = evaluate_concept_protocol(_embedder(args.model, args.batch_size), items, names, templates)
+    else:
+        results = evaluate_model(_embedder(args.model, args.batch_size), items, seed=args.seed,
+                                 zeroshot=not args.no_zeroshot, directions=directions, templates=templates)
     results["dropped"] = counter.summary()
     print(results.pop("table"))
     print(f"dropped while loading: {counter.dropped} {dict(counter.summary()['dropped_by_reason'])}"
@@ -131,13 +150,15 @@ def cmd_rank(args) -> int:
 def cmd_zeroshot(args) -> int:
     import numpy as np
 
+    from medclip.evaluation.prompts import prompt_set
     from medclip.evaluation.zeroshot import DEFAULT_TEMPLATES, class_embeddings, zero_shot_scores
 
     if len(args.labels) < 2:
         raise SystemExit("give at least two --labels to choose between")
     embedder = _embedder(args.model)
     image = embedder.embed_images([args.image])
-    classes = class_embeddings(args.labels, embedder.embed_texts, args.templates or DEFAULT_TEMPLATES)
+    templates = args.templates or (prompt_set(args.prompt_set) if args.prompt_set else DEFAULT_TEMPLATES)
+    classes = class_embeddings(args.labels, embedder.embed_texts, templates)
     scores = zero_shot_scores(image, classes)[0] * embedder.logit_scale()
     probs = np.exp(scores - scores.max())
     probs /= probs.sum()
@@ -166,6 +187,9 @@ def cmd_app(argv: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from medclip.evaluation.model_eval import PROTOCOLS
+    from medclip.evaluation.prompts import PROMPT_SETS
+
     parser = argparse.ArgumentParser(prog="medclip", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("prepare", help="ROCO raw files -> JSON lines, with a report of what was dropped", add_help=False)
@@ -190,6 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remove_stopwords", action="store_true")
     p.add_argument("--remove_single_letters", action="store_true")
     p.add_argument("--remove_words", help="comma list or file of words removed from captions")
+    p.add_argument("--protocol", default="default", choices=sorted(PROTOCOLS),
+                   help="default: retrieval + zero-shot over keywords and modalities; clip-tf-report: the CLIP-TF "
+                        "report's Table 2, zero-shot over the 2/5/10/30 most frequent concepts (CUIs) by name")
+    p.add_argument("--prompt_set", choices=sorted(PROMPT_SETS),
+                   help="zero-shot prompt templates (default: radiology; clip-tf-report for that protocol)")
+    p.add_argument("--concept_names", help="CSV of CUI,name rows (ROCOv2's cui_mapping.csv is found by itself)")
+    p.add_argument("--split_ratios", help="score one part of DATA's train split cut train,validation,test as "
+                                          "training's --split_ratios (e.g. 68,12,20); --split picks the part")
+    p.add_argument("--split_seed", type=int, default=42, help="training's --seed of that cut")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("embed", help="embed images into an index file for `search` and the app")
@@ -221,7 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("image")
     p.add_argument("--labels", nargs="+", required=True)
-    p.add_argument("--templates", nargs="+", help="prompt templates with {} for the label")
+    prompts = p.add_mutually_exclusive_group()
+    prompts.add_argument("--templates", nargs="+", help="prompt templates with {} for the label")
+    prompts.add_argument("--prompt_set", choices=sorted(PROMPT_SETS), help="a named set of prompt templates")
     p.set_defaults(func=cmd_zeroshot)
 
     p = sub.add_parser("plot", help="training curves (PNG) from a run's metrics.jsonl")

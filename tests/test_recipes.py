@@ -234,3 +234,38 @@ def test_no_pytorch_advisory_from_our_tools():
     cli = _python("import medclip.cli, transformers")
     assert cli.returncode == 0, cli.stderr
     assert ADVISORY not in cli.stderr
+
+
+# -- the CLIP TensorFlow & ROCO report's three models ------------------------------------------------------
+# What the report (R) and its repository's hyperparameters.py (H) state, once; each recipe must resolve to it.
+CLIP_TF_REPORT = {
+    "image_size": 128,  # R; H img_shape
+    "projection_dropout": 0.1,  # R; H projector_dropout_rate
+    "vision_learning_rate": 1e-3, "learning_rate": 1e-4, "text_learning_rate": 1e-5,  # R; H lr_*
+    "per_device_train_batch_size": 80,  # R; H batch_size (one device)
+    "weight_decay": 0.0, "adam_epsilon": 1e-7, "max_grad_norm": 0.0,  # R: Keras' Adam, its defaults
+    "num_train_epochs": 20, "early_stopping_patience": 5, "metric_for_best_model": "loss",  # R
+    "split_ratios": "68,12,20",  # R; H 0.8 / 0.2, then 0.15 of train for validation
+    "seed": 116,  # H SEED
+    "remove_words": "year,image,show",  # R "such as year, image, show" (its full list is unpublished)
+    "max_seq_length": 128,  # H captions_input_shape
+}
+CLIP_TF_MODELS = {  # R: base, base + loss variation, final
+    "clip-tf-base": ("timm/tf_efficientnetv2_s.in21k_ft_in1k", "distilbert-base-uncased", None, "hybrid", 1.0),
+    "clip-tf-base-sparse-ce": ("timm/tf_efficientnetv2_s.in21k_ft_in1k", "distilbert-base-uncased", None, "clip",
+                               None),
+    "clip-tf-hybrid": ("timm/tf_efficientnetv2_m.in21k_ft_in1k", "emilyalsentzer/Bio_ClinicalBERT", "concepts",
+                       "hybrid", 0.5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CLIP_TF_MODELS))
+def test_clip_tf_report_recipes_state_the_reports_values(name):
+    model, data, train = _parse("--recipe", name, "--data_dir", "/data/roco")
+    resolved = {**vars(model), **vars(data), **vars(train)}
+    assert {key: resolved[key] for key in CLIP_TF_REPORT} == CLIP_TF_REPORT
+    vision, text, second, loss, alpha = CLIP_TF_MODELS[name]
+    assert (model.vision_model_name_or_path, model.text_model_name_or_path) == (vision, text)
+    assert (data.second_text_field, train.loss) == (second, loss)
+    assert alpha is None or train.hybrid_alpha == alpha
+    assert data.min_mean_intensity is not None and data.remove_stopwords and data.remove_single_letters

@@ -64,6 +64,13 @@ class DataArguments:
     second_text_field: str | None = field(default=None, metadata={
         "help": "A second text input through the same text tower, concatenated with the caption's before the "
                 "text projection: keywords or concepts (ROCO, JSON lines, ROCOv2), or a CSV column / JSON field."})
+    concept_names: str | None = field(default=None, metadata={
+        "help": "CSV of CUI,name rows: --second_text_field concepts then reads the concepts' names, not their codes "
+                "(ROCOv2's cui_mapping.csv is found by itself; ROCO v1 ships CUIs only)."})
+    split_ratios: str | None = field(default=None, metadata={
+        "help": "Cut the training source (--data_dir's train split or --train_file) into train,validation,test "
+                "parts by these shares, e.g. 68,12,20 (the CLIP-TF report); a seeded permutation (--seed), the same "
+                "parts on every run. medclip evaluate --split_ratios with the same seed scores the test part."})
     synthetic_train_samples: int = field(default=0, metadata={
         "help": "Generate this many synthetic radiology-like pairs (the embedded demo); 0 = off."})
     synthetic_validation_samples: int = 256
