@@ -65,7 +65,7 @@ def _vision_config(cfg: dict[str, Any], embed_dim: int, quick_gelu: bool) -> tup
             raise OpenCLIPConfigError(f"vision_cfg.timm_model_name: {e}") from None
         # "" keeps the trunk's own pooling (a ViT's class token, a convnet's average), "avg" averages the
         # feature map (or a ViT's tokens, which we do not build); open_clip's default is "avg"
-        pools, pool = getattr(vision, "timm_pools", ("",)), cfg.get("timm_pool", "avg")
+        pools, pool = vision.timm_pools, cfg.get("timm_pool", "avg")
         if pool not in pools:
             raise OpenCLIPConfigError(f"vision_cfg: OpenCLIP option timm_pool {pool!r} (open_clip's default when "
                                       f"absent: 'avg') is not supported for {cfg['timm_model_name']} (only {pools})")
@@ -109,7 +109,7 @@ def _text_config(cfg: dict[str, Any], embed_dim: int, quick_gelu: bool, tensors:
         if isinstance(text, BertConfig) and not text.is_distilbert:
             # open_clip builds the HF model with its pooling layer only for the pooler that reads it
             text = text.replace(add_pooling_layer=pooler == "pooler_output")
-        if pooler == "pooler_output" and not getattr(text, "has_pooler", False):
+        if pooler == "pooler_output" and not text.has_pooler:
             pooler = "cls"  # open_clip's ClsPooler falls back to the [CLS] state without a pooler
         bias = bool(cfg.get("proj_bias", False))
         if proj == "mlp":  # open_clip: Linear(d, (d + embed) // 2, bias) -> GELU -> Linear(.., embed, bias)
