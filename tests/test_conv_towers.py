@@ -19,13 +19,13 @@ from safetensors.numpy import load_file, save_file
 
 from medclip import FlaxHybridCLIP
 from medclip.checkpoints import conversion
-from medclip.checkpoints.openclip import OpenCLIPConfigError, config_from_open_clip
 from medclip.checkpoints.assembly import (
     fill,
     model_tensors,
     param_shapes,
     tower_rules,
 )
+from medclip.checkpoints.openclip import OpenCLIPConfigError, config_from_open_clip
 from medclip.models import BertConfig, BertTower, registry
 from medclip.models.preprocess import IMAGENET_PREPROCESS
 from medclip.models.timm_efficientnet import TimmEfficientNetConfig

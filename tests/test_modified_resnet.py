@@ -13,8 +13,8 @@ from safetensors.numpy import load_file
 
 from medclip import FlaxHybridCLIP
 from medclip.checkpoints import conversion
-from medclip.checkpoints.openclip import config_from_open_clip
 from medclip.checkpoints.assembly import fill, param_shapes
+from medclip.checkpoints.openclip import config_from_open_clip
 from medclip.models.modified_resnet import ModifiedResNet, ModifiedResNetConfig, conversion_rules
 from medclip.training.optim import decay_mask
 from tests.golden.numpy_weights import load_fixture_weights

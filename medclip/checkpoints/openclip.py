@@ -22,9 +22,9 @@ from flax import nnx
 
 from medclip.checkpoints import conversion
 from medclip.checkpoints.assembly import build_from_tensors, head_rules, model_tensors, tower_rules
+from medclip.checkpoints.hf_config import CONFIG_JSON, read_json
 from medclip.checkpoints.openclip_config import (  # noqa: F401 (re-exported: the format's public names)
     OpenCLIPConfigError, builtin_model_names, model_config, resolve_hf_text_config, text_tokenizer_name)
-from medclip.checkpoints.hf_config import CONFIG_JSON, read_json
 from medclip.checkpoints.readers import CheckpointError
 from medclip.models import modified_resnet, registry
 from medclip.models.bert import BertConfig
