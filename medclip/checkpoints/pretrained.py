@@ -29,7 +29,7 @@ from medclip.checkpoints.hf_layout import hybrid_rules, model_tensors_hf, save_h
 from medclip.checkpoints.hub import resolve_model_dir
 from medclip.checkpoints.readers import CheckpointError
 from medclip.models import registry
-from medclip.models.bert import BertConfig
+from medclip.models.config_base import TextTowerConfig
 from medclip.models.fusion import FusionConfig, MLMFusion
 from medclip.models.heads import HeadConfig, build_head
 from medclip.models.hybrid import HybridCLIPConfig, text_config_from_hf_dict, vision_config_from_hf_dict
@@ -74,10 +74,10 @@ def _tower_values(tensors: dict[str, np.ndarray], tower_config: Any, fmt: str, o
     return {our_prefix + k: v for k, v in values.items()}
 
 
-def _fresh_pooler(config: Any, seed: int) -> dict[str, jax.Array]:
+def _fresh_pooler(config: TextTowerConfig, seed: int) -> dict[str, jax.Array]:
     """A masked-LM checkpoint (BertForMaskedLM) has no pooler; transformers then initialises one at random
     with a warning, and so do we."""
-    if not (isinstance(config, BertConfig) and config.has_pooler):
+    if not config.has_pooler:
         return {}
     pooler = nnx.Linear(config.hidden_size, config.hidden_size, rngs=nnx.Rngs(seed + 1))
     return {"pooler.kernel": pooler.kernel[...], "pooler.bias": pooler.bias[...]}
