@@ -9,8 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from medclip.evaluation.retrieval import evaluate_retrieval
 from medclip.training import recipes
 from medclip.training.config_check import ConfigError, eval_metric_names, validate
 
@@ -174,6 +176,8 @@ def test_plateau_needs_validation_data_and_sigmoid_accepts_a_bias():
 def test_valid_metrics_are_what_evaluation_logs():
     names = eval_metric_names()
     assert names[0] == "loss" and {"t2i_R@5", "i2t_R@10", "t2i_mrr", "i2t_median_rank"} <= set(names)
+    pairs = np.eye(3, dtype=np.float32)  # the declared list is exactly what the evaluation computes
+    assert names == ["loss", *evaluate_retrieval(pairs, pairs).metrics]
     validate(*_parse(*DEMO, "--metric_for_best_model", "eval_t2i_median_rank"))  # with the prefix too
 
 
