@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from medclip.checkpoints import conversion as conv
-from medclip.checkpoints.hub import resolve_model_dir
+from medclip.checkpoints.hub import resolve_model_dir, resolve_model_name
 from medclip.checkpoints.readers import CheckpointError, find_checkpoint_file, read_checkpoint
 from medclip.models import registry
 from medclip.models.bert import BertConfig
@@ -167,7 +167,7 @@ def load_hybrid(cls, name_or_path: str | os.PathLike, *, dtype=jnp.float32, rema
     a JSON file or a dict."""
     from medclip.checkpoints import openclip
 
-    name = str(name_or_path)
+    name = resolve_model_name(name_or_path)  # PMC_CLIP:beta -> its cached checkpoint.pt
     if name.startswith(openclip.HF_HUB_PREFIX):
         name = name[len(openclip.HF_HUB_PREFIX):]
     path = Path(name).expanduser()
