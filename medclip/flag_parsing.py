@@ -18,7 +18,10 @@ USAGE_EXIT = 2
 def closest_flag(given: str, known: list[str]) -> str | None:
     """The known option string nearest to `given` (spelling-insensitive to - and _), if any is close."""
     name = given.split("=", 1)[0]
-    canon = {k.replace("-", "_"): k for k in known}
+    canon: dict[str, str] = {}
+    for k in known:  # the underscore spelling is the documented one
+        if canon.get(k.replace("-", "_"), "-")[2:].count("-") >= k[2:].count("-"):
+            canon[k.replace("-", "_")] = k
     match = difflib.get_close_matches(name.replace("-", "_"), list(canon), n=1, cutoff=0.6)
     return canon[match[0]] if match else None
 
