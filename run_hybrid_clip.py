@@ -15,6 +15,7 @@ import os
 # transformers advises at import that PyTorch is missing ("Models won't be available"): this is a JAX tool and
 # needs none of them. Only advisories are silenced (real warnings still print); set it to "" to see them.
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's start-up INFO lines (oneDNN); warnings print
 
 import gc  # noqa: E402
 import json  # noqa: E402

@@ -17,7 +17,7 @@ from pathlib import Path
 # transformers advises at import that PyTorch is missing ("Models won't be available"): this is a JAX tool and
 # needs none of them. Only advisories are silenced (real warnings still print); set it to "" to see them.
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up lines (oneDNN, CUDA factories)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's start-up INFO lines (oneDNN); warnings print
 
 from medclip.flag_parsing import ArgumentParser, number_in_range  # noqa: E402
 
