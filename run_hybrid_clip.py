@@ -15,13 +15,13 @@ import os
 # transformers advises at import that PyTorch is missing ("Models won't be available"): this is a JAX tool and
 # needs none of them. Only advisories are silenced (real warnings still print); set it to "" to see them.
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's start-up INFO lines (oneDNN); warnings print
 
 import gc  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 
+from medclip.quiet_imports import quiet_tensorflow_start_up  # noqa: E402
 from medclip.training import recipes  # noqa: E402
 from medclip.training.arguments import (DataArguments, FlagError, FlagParser, ModelArguments,  # noqa: E402
                                        TrainingArguments)
@@ -61,6 +61,7 @@ def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArgum
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    quiet_tensorflow_start_up()
     for noisy in ("absl", "jax._src", "orbax", "tensorflow", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if argv[:2] == ["--recipe", "list"] or argv[:1] == ["--recipe=list"]:

@@ -17,9 +17,9 @@ from pathlib import Path
 # transformers advises at import that PyTorch is missing ("Models won't be available"): this is a JAX tool and
 # needs none of them. Only advisories are silenced (real warnings still print); set it to "" to see them.
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's start-up INFO lines (oneDNN); warnings print
 
 from medclip.flag_parsing import ArgumentParser, number_in_range  # noqa: E402
+from medclip.quiet_imports import quiet_tensorflow_start_up  # noqa: E402
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
 MODEL_HELP = "model folder, Hub id (ORG/NAME) or a released checkpoint's name (PMC_CLIP:beta)"
@@ -98,7 +98,7 @@ def cmd_embed(args) -> int:
                        (".jpg", ".jpeg", ".png", ".gif", ".bmp"))
     if not paths:
         raise Failed(f"no images to embed in {args.images or args.data}{dropped}")
-    embeds, kept, skipped = embedder.embed_image_files(paths)
+    embeds, kept, skipped = embedder.embed_image_files(paths, progress=sys.stderr.isatty())
     skipped_text = (f"; skipped {sum(map(len, skipped.values()))}: " + json.dumps({k: len(v) for k, v in skipped.items()})
                     if skipped else "")
     if not kept:
@@ -273,6 +273,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    quiet_tensorflow_start_up()
     if argv and argv[0] == "prepare":
         return cmd_prepare(argv[1:])
     if argv and argv[0] == "app":

@@ -103,7 +103,7 @@ def test_rank_and_zeroshot(workspace, capsys):
     assert abs(sum(float(p[1]) for p in parsed) - 1.0) < 1e-3
     assert [float(p[1]) for p in parsed] == sorted((float(p[1]) for p in parsed), reverse=True)
     assert main(["zeroshot", str(root / "model"), str(image), "--labels", "CT", "MRI", "ultrasound"]) == 0
-    probs = [float(line.split()[0]) for line in capsys.readouterr().out.strip().splitlines()]
+    probs = [float(line.split()[1].removeprefix("p=")) for line in capsys.readouterr().out.strip().splitlines()]
     assert len(probs) == 3 and abs(sum(probs) - 1) < 1e-3
 
 
