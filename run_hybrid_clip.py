@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model_args, data_args, train_args = parse(argv)
         validate(model_args, data_args, train_args)  # once, before anything is built
+        from medclip.checkpoints.hub import check_model_names
+
+        check_model_names(model_args.model_name_or_path, model_args.text_model_name_or_path,
+                          model_args.vision_model_name_or_path, model_args.tokenizer_name)
         return run(model_args, data_args, train_args)
     except (ConfigError, FlagError) as error:
         print(f"run_hybrid_clip.py: configuration error: {error}", file=sys.stderr)

@@ -138,6 +138,15 @@ def resolve_named_checkpoint(name: str) -> Path:
             f"it where there is network: `hf download {repo_id} {filename} --repo-type {repo_type}`.") from None
 
 
+def check_model_names(*names: str | os.PathLike | None) -> None:
+    """Resolves each model or tokenizer name (local, cached or downloaded) before anything heavy starts, so that a
+    wrong name or an unreachable Hub is said in seconds rather than after the training stack has loaded."""
+    for name in names:
+        if name is None or Path(str(name).removeprefix("hf-hub:")).expanduser().exists():
+            continue
+        resolve_model_name(name) if str(name) in NAMED_CHECKPOINTS else resolve_model_dir(name)
+
+
 def resolve_model_name(name_or_path: str | os.PathLike) -> str:
     """A named checkpoint (`PMC_CLIP:beta`) as its local file; any other name unchanged."""
     name = str(name_or_path)
