@@ -20,8 +20,9 @@ def closest_flag(given: str, known: list[str]) -> str | None:
     name = given.split("=", 1)[0]
     canon: dict[str, str] = {}
     for k in known:  # the underscore spelling is the documented one
-        if canon.get(k.replace("-", "_"), "-")[2:].count("-") >= k[2:].count("-"):
-            canon[k.replace("-", "_")] = k
+        key = k.replace("-", "_")
+        if key not in canon or canon[key][2:].count("-") > k[2:].count("-"):
+            canon[key] = k
     match = difflib.get_close_matches(name.replace("-", "_"), list(canon), n=1, cutoff=0.6)
     return canon[match[0]] if match else None
 

@@ -343,3 +343,12 @@ def test_prepare_takes_both_spellings(tmp_path, capsys):
                   ["--roco-dir", str(tmp_path), "--output-dir", str(tmp_path / "o"), "--min-caption-length", "5"]):
         assert cli_main(["prepare", *flags]) == 1  # parsed; the folder holds no ROCO split
         assert "no ROCO split" in capsys.readouterr().err
+
+
+def test_the_suggestion_is_the_documented_spelling_whatever_the_typo():
+    from medclip.flag_parsing import closest_flag
+
+    both = ["--learning_rate", "--learning-rate", "--max_steps", "--max-steps"]
+    assert closest_flag("--learnig-rate", both) == closest_flag("--learnig_rate", both) == "--learning_rate"
+    assert closest_flag("--learnig_rate", ["--learning-rate"]) == "--learning-rate"  # a dashed-only parser
+    assert closest_flag("--zzz", both) is None
