@@ -18,7 +18,7 @@ from flax import nnx
 
 from medclip.checkpoints import hf_layout, openclip, pmc_clip
 from medclip.checkpoints.assembly import state_dict_from_checkpoint
-from medclip.checkpoints.hub import resolve_model_dir
+from medclip.checkpoints.hub import resolve_model_dir, resolve_model_name
 from medclip.checkpoints.readers import read_checkpoint
 
 HF_HUB_PREFIX = "hf-hub:"
@@ -59,7 +59,7 @@ def load_hybrid(cls, name_or_path: str | os.PathLike, *, dtype=jnp.float32, rema
     """Any supported layout, recognised from the files. A bare OpenCLIP state dict (`.pt`, `.bin`,
     `.safetensors`, possibly a training checkpoint) needs `open_clip_model`: a model config name (`ViT-B-32`),
     a JSON file or a dict."""
-    name = str(name_or_path).removeprefix(HF_HUB_PREFIX)
+    name = resolve_model_name(name_or_path).removeprefix(HF_HUB_PREFIX)  # PMC_CLIP:beta -> its cached checkpoint.pt
     path = Path(name).expanduser()
     if path.is_file():
         return load_state_dict_file(cls, path, open_clip_model, dtype=dtype, remat=remat)

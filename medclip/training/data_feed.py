@@ -98,6 +98,7 @@ class DataFeed:
     global_eval_batch_size: int
     # The per-example fields the loss reads (losses.batch_fields), for the eval set in its order; {} if none.
     eval_loss_fields: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    logged_summary: dict[str, Any] | None = None  # the report is logged again only when its counts changed
 
     @property
     def drop_summary(self) -> dict[str, Any]:
@@ -211,6 +212,8 @@ def _check_second_field(items: list[Record], field: str | None) -> None:
 
 def write_data_report(feed: DataFeed, output_dir: Path) -> None:
     summary = feed.drop_summary
-    logger.info("data: %s", json.dumps(summary))
+    if summary != feed.logged_summary:
+        logger.info("data: %s", json.dumps(summary))
+        feed.logged_summary = summary
     if jax.process_index() == 0:
         (output_dir / "data_report.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
