@@ -14,10 +14,14 @@ PACKAGE = "medclip"
 
 # Lowest first: a module may import its own layer and the layers below it, never one above.
 LAYERS = {
+    "quiet_imports": 0,  # start-up noise filters for the scripts: import nothing of medclip
+    "flag_parsing": 0,  # argparse with one-line errors and ranges: imports nothing of medclip
     "models": 0,
     "checkpoints": 1,
     "hybrid_clip": 2,
     PACKAGE: 2,  # medclip/__init__.py: re-exports FlaxHybridCLIP
+    "modeling_hybrid_clip": 2,  # the flax-community medclip's import paths, re-exporting today's classes
+    "configuration_hybrid_clip": 2,
     "data": 3,
     "evaluation": 4,
     "training": 5,
