@@ -203,7 +203,9 @@ def pil_resize_crop(contents: bytes, size: int, resize_mode: str = "shortest", r
     bilinear path only approximates. `crop_rounding` "floor" starts an odd-margin crop as transformers'
     CLIPImageProcessor does. 16-bit images are first scaled onto 8 bits as `decode_rgb` does (the reference would
     clip them to white)."""
-    with Image.open(io.BytesIO(bytes(contents))) as opened:
+    if isinstance(contents, np.ndarray):  # a tf.string scalar through tf.numpy_function: 0-d object array
+        contents = contents.item()
+    with Image.open(io.BytesIO(contents)) as opened:
         image = opened.copy() if opened.mode not in _SIXTEEN_BIT else Image.fromarray(
             np.round(np.asarray(opened, np.float64) * (255 / 65535)).clip(0, 255).astype(np.uint8))
     width, height = image.size
