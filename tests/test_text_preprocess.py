@@ -235,7 +235,7 @@ def test_pmc_clip_text_preprocess_is_its_encode_text():
 
 
 def test_open_clip_folders_carry_their_context_length_and_pil_resize():
-    from medclip.checkpoints.openclip import config_from_open_clip
+    from medclip.checkpoints.openclip import OpenCLIPConfigError, config_from_open_clip
 
     model_cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8},
                  "text_cfg": {"context_length": 32, "vocab_size": 99, "width": 32, "heads": 4, "layers": 2}}
@@ -244,6 +244,8 @@ def test_open_clip_folders_carry_their_context_length_and_pil_resize():
     assert config.preprocess.resample == "pil_bicubic" and config.preprocess.crop_rounding == "round"
     bilinear = config_from_open_clip(model_cfg, {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"})
     assert bilinear.preprocess.resample == "pil_bilinear" and bilinear.preprocess.mean == (0.5, 0.5, 0.5)
+    with pytest.raises(OpenCLIPConfigError, match="interpolation 'lanczos'"):
+        config_from_open_clip(model_cfg, {"interpolation": "lanczos"})
 
 
 def _jpeg(width: int, height: int, mode: str = "RGB") -> bytes:

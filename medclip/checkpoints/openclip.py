@@ -200,7 +200,10 @@ def open_clip_inputs(config: HybridCLIPConfig, model_cfg: dict[str, Any],
                      preprocess_cfg: dict[str, Any] | None) -> HybridCLIPConfig:
     """open_clip's own inputs: its tokenizer's `text_cfg.context_length` (77 unless given; BiomedCLIP's 256) and
     its transforms' PIL resize (`interpolation`, bicubic unless given)."""
-    resample = pil_resample((preprocess_cfg or {}).get("interpolation", "bicubic"))
+    try:
+        resample = pil_resample((preprocess_cfg or {}).get("interpolation", "bicubic"))
+    except ValueError as error:
+        raise OpenCLIPConfigError(f"preprocess_cfg: {error}") from None
     return config.replace(preprocess=config.preprocess.replace(resample=resample),
                           text_preprocess=TextPreprocess(context_length=model_cfg["text_cfg"].get("context_length", 77)))
 

@@ -8,6 +8,9 @@ JPEGs take a fast path: only the crop window is decoded (`decode_and_crop_jpeg`)
 2x, 4x or 8x the output size it is decoded at that reduced scale by libjpeg's DCT scaling, so a 1500 px image
 cropped to 224 px never materialises at full size.
 
+`eval_image` can instead resize exactly as open_clip and CLIPImageProcessor do (`Preprocess.resample` "pil_bicubic":
+PIL's antialiased resize of the fully decoded image, then the centre crop), through `tf.numpy_function`.
+
 These ops assume images that passed `medclip.data.image_checks` (the sources run those checks): a corrupt image
 here raises an error instead of being skipped silently.
 """
