@@ -20,6 +20,7 @@ from flax import nnx  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
 from medclip import FlaxHybridCLIP  # noqa: E402
+from medclip.models.preprocess import TextPreprocess  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "golden"
 MINILM = Path(minilm_package.get_model_path())
@@ -62,16 +63,25 @@ def test_pmc_clip_training_checkpoint_matches_its_reference_paths(tmp_path):
     io = dict(np.load(GOLDEN / "modified_resnet" / "io.npz"))
     image = model.get_image_features(jnp.asarray(io["pixel_values"].transpose(0, 2, 3, 1)))
     assert np.abs(np.asarray(image) - io["image_features"]).max() < 1e-4  # open_clip's ModifiedResNet output
+    # PMC_CLIP.encode_text: padded to its context length, BERT called without an attention mask
+    assert model.config.text_preprocess == TextPreprocess(context_length=32, padding="max_length", mask_padding=False)
     tokenizer = transformers.AutoTokenizer.from_pretrained(MINILM)
     batch = tokenizer(["Chest X-ray: right lower lobe consolidation.", "MRI brain, T2 FLAIR."], padding="max_length",
-                      max_length=32, return_tensors="np")
+                      max_length=model.config.context_length, truncation=True, return_tensors="np")
     bert = transformers.BertModel.from_pretrained(MINILM).eval()
+    projection = torch.from_numpy(state["text_projection"])
     with torch.no_grad():
-        hidden = bert(input_ids=torch.tensor(batch["input_ids"]),
+        hidden = bert(input_ids=torch.tensor(batch["input_ids"])).last_hidden_state
+        masked = bert(input_ids=torch.tensor(batch["input_ids"]),
                       attention_mask=torch.tensor(batch["attention_mask"])).last_hidden_state
-    reference = (hidden[:, 0] @ torch.from_numpy(state["text_projection"])).numpy()  # PMC_CLIP.encode_text
+    reference, masked = (hidden[:, 0] @ projection).numpy(), (masked[:, 0] @ projection).numpy()
     ours = model.get_text_features(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]))
     assert np.abs(np.asarray(ours) - reference).max() < 1e-4
+    assert np.abs(reference - masked).max() > 1e-2  # the padding changes PMC-CLIP's features
+    # The masked form stays available as an option
+    model.config = model.config.replace(text_preprocess=TextPreprocess(context_length=32))
+    ours = model.get_text_features(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]))
+    assert np.abs(np.asarray(ours) - masked).max() < 1e-4
     assert float(model.logit_scale[...]) == pytest.approx(2.5)
 
 

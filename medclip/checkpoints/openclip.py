@@ -32,7 +32,7 @@ from medclip.models.clip_text import CLIPTextConfig
 from medclip.models.clip_vision import CLIPVisionConfig
 from medclip.models.heads import HeadConfig
 from medclip.models.hybrid import HybridCLIPConfig
-from medclip.models.preprocess import Preprocess
+from medclip.models.preprocess import Preprocess, TextPreprocess, pil_resample
 from medclip.models.weights import Rule
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -150,11 +150,23 @@ def config_from_open_clip(model_cfg: dict[str, Any], preprocess_cfg: dict[str, A
     if init_bias is None and tensors is not None and "logit_bias" in tensors:
         init_bias = float(np.asarray(tensors["logit_bias"]))
     preprocess = Preprocess.from_dict(preprocess_cfg) if preprocess_cfg else None
-    return HybridCLIPConfig(vision_config=vision, text_config=text, projection_dim=embed_dim,
+    return open_clip_inputs(HybridCLIPConfig(vision_config=vision, text_config=text, projection_dim=embed_dim,
                             logit_scale_init_value=float(np.log(1 / 0.07)),
                             logit_bias_init_value=None if init_bias is None else float(init_bias),
                             vision_head=vision_head, text_head=text_head, preprocess=preprocess,
-                            open_clip_model_cfg=copy.deepcopy(model_cfg))
+                            open_clip_model_cfg=copy.deepcopy(model_cfg)), model_cfg, preprocess_cfg)
+
+
+def open_clip_inputs(config: HybridCLIPConfig, model_cfg: dict[str, Any],
+                     preprocess_cfg: dict[str, Any] | None) -> HybridCLIPConfig:
+    """open_clip's own inputs: its tokenizer's `text_cfg.context_length` (77 unless given; BiomedCLIP's 256) and
+    its transforms' PIL resize (`interpolation`, bicubic unless given)."""
+    try:
+        resample = pil_resample((preprocess_cfg or {}).get("interpolation", "bicubic"))
+    except ValueError as error:
+        raise OpenCLIPConfigError(f"preprocess_cfg: {error}") from None
+    return config.replace(preprocess=config.preprocess.replace(resample=resample),
+                          text_preprocess=TextPreprocess(context_length=model_cfg["text_cfg"].get("context_length", 77)))
 
 
 # -- the state dict's layout ---------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from medclip.models.fusion import FusionConfig, fusion_rules
 from medclip.models.heads import HeadConfig
 from medclip.models.hybrid import HybridCLIPConfig
 from medclip.models.modified_resnet import config_from_open_clip as resnet_config
-from medclip.models.preprocess import Preprocess
+from medclip.models.preprocess import PMC_CLIP_TEXT, Preprocess
 from medclip.models.weights import Rule
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,9 @@ def config_from_pmc_clip(model_cfg: dict[str, Any], tensors: dict[str, np.ndarra
         vision_config=resnet_config(vision_cfg, embed_dim), text_config=text, projection_dim=embed_dim,
         vision_head=HeadConfig(type="none"),
         # the [CLS] hidden state (PMC-CLIP finds it by PubMedBERT's [CLS] id, at position 0) @ text_projection
-        text_head=HeadConfig(type="linear", bias=False, pooler="cls"), fusion=fusion)
+        text_head=HeadConfig(type="linear", bias=False, pooler="cls"), fusion=fusion,
+        # encode_text pads to context_length and runs BERT (and the fusion module) without an attention mask
+        text_preprocess=PMC_CLIP_TEXT.replace(context_length=text_cfg.get("context_length", 77)))
 
 
 def rules(config: HybridCLIPConfig) -> list[Rule]:

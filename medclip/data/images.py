@@ -8,16 +8,21 @@ JPEGs take a fast path: only the crop window is decoded (`decode_and_crop_jpeg`)
 2x, 4x or 8x the output size it is decoded at that reduced scale by libjpeg's DCT scaling, so a 1500 px image
 cropped to 224 px never materialises at full size.
 
+`eval_image` can instead resize exactly as open_clip and CLIPImageProcessor do (`Preprocess.resample` "pil_bicubic":
+PIL's antialiased resize of the fully decoded image, then the centre crop), through `tf.numpy_function`.
+
 These ops assume images that passed `medclip.data.image_checks` (the sources run those checks): a corrupt image
 here raises an error instead of being skipped silently.
 """
 
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
 import tensorflow as tf
+from PIL import Image
 
 from medclip.models.preprocess import CLIP_MEAN, CLIP_STD, Preprocess
 
@@ -176,8 +181,49 @@ def train_image(contents: tf.Tensor, seed: tf.Tensor, size: int, crop_scale=DEFA
 
 def eval_image(contents: tf.Tensor, size: int, preprocess: Preprocess | None = None) -> tf.Tensor:
     """Encoded bytes -> resize (shorter side + centre crop, or squash) and the model's normalisation (CLIP's by
-    default): float32 (size, size, 3)."""
+    default): float32 (size, size, 3). `preprocess.resample` picks TF's fast path or PIL's exact one."""
     preprocess = preprocess or Preprocess()
-    window = full_window if preprocess.resize_mode == "squash" else center_crop_window
-    image = decode_crop(contents, window, size)
+    if preprocess.resample.startswith("pil_"):
+        image = tf.numpy_function(lambda data: pil_resize_crop(data, size, preprocess.resize_mode, preprocess.resample,
+                                                               preprocess.crop_rounding),
+                                  [contents], tf.float32, stateful=False)
+        image = tf.ensure_shape(image, [size, size, 3])
+    else:
+        window = full_window if preprocess.resize_mode == "squash" else center_crop_window
+        image = decode_crop(contents, window, size)
     return normalize(image, preprocess.mean, preprocess.std)
+
+
+_PIL_FILTERS = {"pil_bicubic": Image.Resampling.BICUBIC, "pil_bilinear": Image.Resampling.BILINEAR}
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I", "F")
+
+
+def pil_resize_crop(contents: bytes, size: int, resize_mode: str = "shortest", resample: str = "pil_bicubic",
+                    crop_rounding: str = "round") -> np.ndarray:
+    """torchvision's `Resize(size)` (or `Resize((size, size))` to squash) + `CenterCrop(size)` + RGB conversion on
+    a PIL image, in that order, as open_clip's and OpenAI CLIP's transforms run them: float32 (size, size, 3) on
+    the [0, 255] scale. PIL resizes with antialiasing (its filter widens with the shrink factor), which TF's
+    bilinear path only approximates. `crop_rounding` "floor" starts an odd-margin crop as transformers'
+    CLIPImageProcessor does. 16-bit images are first scaled onto 8 bits as `decode_rgb` does (the reference would
+    clip them to white)."""
+    if isinstance(contents, np.ndarray):  # a tf.string scalar through tf.numpy_function: 0-d object array
+        contents = contents.item()
+    with Image.open(io.BytesIO(contents)) as opened:
+        image = opened.copy() if opened.mode not in _SIXTEEN_BIT else Image.fromarray(
+            np.round(np.asarray(opened, np.float64) * (255 / 65535)).clip(0, 255).astype(np.uint8))
+    width, height = image.size
+    if resize_mode == "squash":
+        target = (size, size)
+    elif width <= height:  # torchvision's _compute_resized_output_size: the long side is truncated
+        target = (size, int(size * height / width))
+    else:
+        target = (int(size * width / height), size)
+    if target != (width, height):
+        image = image.resize(target, _PIL_FILTERS[resample])
+    width, height = image.size
+    if crop_rounding == "floor":
+        top, left = (height - size) // 2, (width - size) // 2
+    else:  # torchvision's center_crop
+        top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    image = image.crop((left, top, left + size, top + size)).convert("RGB")
+    return np.asarray(image, np.float32)

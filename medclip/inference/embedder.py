@@ -1,7 +1,8 @@
 """Embeds images and texts with a saved FlaxHybridCLIP, in fixed-size jitted batches.
 
 Fixed batch shapes (padded, then cut) mean one compilation per model, however many images come in.
-Images go through the same resize + center-crop + normalisation as evaluation, in tf.data.
+Images go through the same resize + center-crop + normalisation as evaluation, in tf.data, as the model's
+`preprocess` says (TF's fast resize, or PIL's exact one); texts through its tokenizer at its own context length.
 """
 
 from __future__ import annotations
@@ -48,7 +49,12 @@ def model_fingerprint(folder: Path) -> str:
 
 
 class Embedder:
-    def __init__(self, model_dir: str | os.PathLike, *, batch_size: int = 32, max_seq_length: int = 77):
+    """Texts are tokenised as the model's config says (`text_preprocess`: its context length, padding and whether
+    the padding is attended to) and images preprocessed as its `preprocess` says; `max_seq_length` and `resample`
+    override them."""
+
+    def __init__(self, model_dir: str | os.PathLike, *, batch_size: int = 32, max_seq_length: int | None = None,
+                 resample: str | None = None):
         path = Path(resolve_model_name(model_dir).removeprefix("hf-hub:")).expanduser()
         if path.is_file():  # a bare checkpoint (PMC-CLIP's checkpoint.pt): its tokenizer sits beside it
             self.model = FlaxHybridCLIP.from_pretrained(path)
@@ -59,9 +65,14 @@ class Embedder:
         self.tokenizer = tokenizer_for_model(self.model_dir, self.model.config)
         self.fingerprint = model_fingerprint(path if path.is_file() else self.model_dir)
         self.batch_size = batch_size
-        self.max_seq_length = min(max_seq_length, max_text_positions(self.model.config.text_config))
-        self.image_size = self.model.config.vision_config.image_size
-        self.image_preprocess = self.model.config.image_preprocess
+        config = self.model.config
+        self.max_seq_length = (config.context_length if max_seq_length is None
+                               else min(max_seq_length, max_text_positions(config.text_config)))
+        # Attended padding (PMC-CLIP) changes the features with the padded length: always the context length.
+        self.pad_to_max_length = config.text_preprocess.padding == "max_length"
+        self.image_size = config.vision_config.image_size
+        self.image_preprocess = (config.image_preprocess if resample is None
+                                 else config.image_preprocess.replace(resample=resample))
         graphdef, params = nnx.split(self.model)
         self._image_fn = jax.jit(lambda p, x: l2_normalize(nnx.merge(graphdef, p).get_image_features(x)))
         self._text_fn = jax.jit(lambda p, ids, mask, second_ids, second_mask: l2_normalize(
@@ -104,11 +115,14 @@ class Embedder:
                              second_mask)
 
     def _tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        encoded = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_seq_length,
+        padding = "max_length" if self.pad_to_max_length else "longest"
+        encoded = self.tokenizer(texts, padding=padding, truncation=True, max_length=self.max_seq_length,
                                  return_tensors="np")
         ids, mask = encoded["input_ids"].astype(np.int32), encoded["attention_mask"].astype(np.int32)
-        # Pad to a multiple of 16 tokens, not to max_seq_length: short queries run several times faster,
-        # at the cost of one compilation per length bucket.
+        if self.pad_to_max_length:
+            return ids, mask
+        # Masked padding: pad to a multiple of 16 tokens, not to max_seq_length: short queries run several times
+        # faster, at the cost of one compilation per length bucket.
         width = min(-(-ids.shape[1] // 16) * 16, self.max_seq_length)
         pad = width - ids.shape[1]
         if pad > 0:
@@ -128,12 +142,18 @@ class Embedder:
             if problem is not None:
                 name = image if isinstance(image, str) else f"<{len(image)} uploaded bytes>"
                 raise ImageError(f"{name}: cannot use this image ({problem[0]}: {problem[1]})")
-        images = [rgb_image(image) for image in images]  # CMYK JPEGs converted to RGB by PIL
+        if not self._pil_path:  # TF reads a plain CMYK JPEG as Adobe-inverted: converted to RGB by PIL first
+            images = [rgb_image(image) for image in images]
         contents = [tf.io.read_file(i) if isinstance(i, str) else tf.constant(i) for i in images]
         try:
             return np.stack([eval_image(c, self.image_size, self.image_preprocess).numpy() for c in contents])
         except tf.errors.InvalidArgumentError as error:
             raise ImageError(f"an image failed to decode: {error.message}") from None
+
+    @property
+    def _pil_path(self) -> bool:
+        """PIL decodes and resizes (the exact path): it reads CMYK JPEGs correctly itself."""
+        return self.image_preprocess.resample.startswith("pil_")
 
     def embed_images(self, images: Sequence[str | bytes]) -> np.ndarray:
         return self.embed_pixels(self.preprocess(images))
@@ -154,8 +174,8 @@ class Embedder:
             problem, is_cmyk = inspect_image(path)
             if problem is None:
                 kept.append(path)
-                if is_cmyk or isinstance(path, bytes):  # TF would read a plain CMYK JPEG as Adobe-inverted
-                    in_memory[len(kept) - 1] = rgb_image(path)
+                if isinstance(path, bytes) or (is_cmyk and not self._pil_path):  # TF: CMYK read Adobe-inverted
+                    in_memory[len(kept) - 1] = path if self._pil_path else rgb_image(path)
             else:
                 skipped.setdefault(problem[0], []).append(path)
         n = max(len(kept), 1)

@@ -7,11 +7,14 @@ pre-norm transformer over the sequence (`fusion_module`: open_clip's ResidualAtt
 4 layers, 8 heads in RN50_fusion4), drops the two image tokens and predicts the vocabulary at every text
 position with a bias-free `mlm_projection` (width, vocab_size).
 
-Two choices of ours, both no-ops for PMC-CLIP's own configuration:
-- padding is masked out of the fusion's attention (PMC-CLIP pads to 77 tokens and attends to [PAD] states);
-  the two image tokens are always attended to. The predictions then do not depend on how a batch is padded.
-- when projection_dim differs from the text width (PMC-CLIP: both 768) a linear `image_projection` maps the
-  image embedding to the text width; with equal widths there is none, as in PMC-CLIP.
+The attention mask is the model's (`HybridCLIPConfig.text_attention_mask`): None for PMC-CLIP's own form
+(`TextPreprocess(mask_padding=False)`), where captions are padded to 77 tokens and the fusion attends to the [PAD]
+states, as PMC-CLIP's `fusion_module(x)` does; with masked padding the padding is masked out here too (the two image
+tokens are always attended to), so the predictions do not depend on how a batch is padded.
+
+One choice of ours, a no-op for PMC-CLIP's own configuration: when projection_dim differs from the text width
+(PMC-CLIP: both 768) a linear `image_projection` maps the image embedding to the text width; with equal widths
+there is none, as in PMC-CLIP.
 
 Parameter names follow PMC-CLIP's checkpoint keys: `fusion_rules` below maps them.
 """
@@ -65,7 +68,7 @@ class MLMFusion(nnx.Module):
     def __call__(self, text_hidden: jax.Array, image_embeds: jax.Array,
                  attention_mask: jax.Array | None) -> jax.Array:
         """text_hidden (batch, length, width), image_embeds (batch, image_width), attention_mask (batch, length)
-        -> logits (batch, length, vocab_size), fp32."""
+        or None (every position attended to, PMC-CLIP's form) -> logits (batch, length, vocab_size), fp32."""
         batch, length, width = text_hidden.shape
         image = image_embeds.astype(self.dtype)
         if self.image_projection is not None:

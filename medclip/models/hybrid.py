@@ -24,7 +24,7 @@ from medclip.models.fusion import FusionConfig, MLMFusion
 from medclip.models.heads import HeadConfig, build_head, project
 from medclip.models.layers import split_rng
 from medclip.models.packing import PackingPlan
-from medclip.models.preprocess import Preprocess
+from medclip.models.preprocess import Preprocess, TextPreprocess
 
 LOGIT_SCALE_MAX = 100.0  # exp(logit_scale) is clamped here, as in CLIP, so the temperature cannot run away
 DUAL_ENCODER_TYPES = ("vision-text-dual-encoder", "hybrid-clip", "clip")
@@ -57,6 +57,8 @@ class HybridCLIPConfig:
     vision_head: HeadConfig = HeadConfig()
     text_head: HeadConfig = HeadConfig()
     preprocess: Preprocess | None = None  # None: the vision tower's default (set at construction)
+    # context length, padding and whether padding is masked (PMC-CLIP's text encoder attends to it)
+    text_preprocess: TextPreprocess = TextPreprocess()
     # 2: a second text (ROCO keywords, concepts...) through the same text tower, its pooled output concatenated
     # with the caption's before the text head (whose input is then 2 x hidden_size), as the "CLIP TensorFlow &
     # ROCO" report's final model. Without a second text the caption fills both inputs (get_text_features).
@@ -72,6 +74,19 @@ class HybridCLIPConfig:
             object.__setattr__(self, "preprocess", vision.preprocess or Preprocess())
         if self.text_inputs not in (1, 2):
             raise ValueError(f"text_inputs must be 1 or 2, not {self.text_inputs}")
+        positions = registry.max_text_positions(self.text_config)
+        if self.text_preprocess.length(positions) > positions:
+            raise ValueError(f"text_preprocess.context_length {self.text_preprocess.context_length} exceeds the "
+                             f"text tower's {positions} positions")
+
+    @property
+    def context_length(self) -> int:
+        """Tokens a caption is truncated (and, for max_length padding, padded) to, in training and every tool."""
+        return self.text_preprocess.length(registry.max_text_positions(self.text_config))
+
+    def text_attention_mask(self, attention_mask: jax.Array | None) -> jax.Array | None:
+        """The mask the text tower and fusion module attend with: none when the padding is attended to."""
+        return attention_mask if self.text_preprocess.mask_padding else None
 
     @property
     def image_preprocess(self) -> Preprocess:
@@ -108,7 +123,8 @@ class HybridCLIPConfig:
         if self.logit_bias_init_value is not None:
             data["logit_bias_init_value"] = self.logit_bias_init_value
         extra = {"vision_head": self.vision_head.to_dict(), "text_head": self.text_head.to_dict(),
-                 "preprocess": self.image_preprocess.to_dict(), "open_clip_model_cfg": self.open_clip_model_cfg,
+                 "preprocess": self.image_preprocess.to_dict(), "text_preprocess": self.text_preprocess.to_dict(),
+                 "open_clip_model_cfg": self.open_clip_model_cfg,
                  "text_inputs": self.text_inputs if self.text_inputs != 1 else None,
                  "fusion": self.fusion.to_dict() if self.fusion is not None else None}
         data["medclip"] = {k: v for k, v in extra.items() if v}
@@ -130,6 +146,9 @@ class HybridCLIPConfig:
             vision.setdefault("model_type", "clip_vision_model")
             text.setdefault("model_type", "clip_text_model")
         extra = data.get("medclip") or {}
+        preprocess = Preprocess.from_dict(extra["preprocess"]) if "preprocess" in extra else None
+        if preprocess is None and model_type == "clip":  # transformers' CLIPModel, preprocessed by CLIPImageProcessor
+            preprocess = Preprocess(resample="pil_bicubic", crop_rounding="floor")
         return cls(
             vision_config=vision_config_from_hf_dict(vision),
             text_config=text_config_from_hf_dict(text),
@@ -138,7 +157,7 @@ class HybridCLIPConfig:
             logit_bias_init_value=data.get("logit_bias_init_value"),
             vision_head=HeadConfig.from_dict(extra.get("vision_head")),
             text_head=HeadConfig.from_dict(extra.get("text_head")),
-            preprocess=Preprocess.from_dict(extra["preprocess"]) if "preprocess" in extra else None,
+            preprocess=preprocess, text_preprocess=TextPreprocess.from_dict(extra.get("text_preprocess")),
             open_clip_model_cfg=extra.get("open_clip_model_cfg"),
             text_inputs=extra.get("text_inputs", 1),
             fusion=FusionConfig.from_dict(extra.get("fusion")),
@@ -238,6 +257,10 @@ class HybridCLIP(nnx.Module):
             head_rng = _head_rng(dropout_rng if head_dropout_rng is None else head_dropout_rng)
             return None, project(self.text_projection, self.config.text_head, text_pooled, head_rng)
         first_rng, second_rng = split_rng(dropout_rng, 2) if self.config.text_inputs == 2 else (dropout_rng, None)
+        if text_packing is not None and not self.config.text_preprocess.mask_padding:
+            raise ValueError("text packing drops the padding, which this model attends to (mask_padding=False)")
+        attention_mask = self.config.text_attention_mask(attention_mask)
+        second_attention_mask = self.config.text_attention_mask(second_attention_mask)
         hidden, pooled = self.text_model(input_ids, attention_mask, token_type_ids=token_type_ids,
                                          position_ids=position_ids, dropout_rng=first_rng,
                                          pooled_only=not with_hidden, packing=text_packing,
@@ -288,6 +311,7 @@ class HybridCLIP(nnx.Module):
         logits_per_text = text_embeds @ image_embeds.T * self.temperature_scale()
         if self.logit_bias is not None:
             logits_per_text = logits_per_text + self.logit_bias[...]
-        mlm_logits = self.fusion(text_hidden, image_embeds, attention_mask) if mlm else None
+        mlm_logits = (self.fusion(text_hidden, image_embeds, self.config.text_attention_mask(attention_mask))
+                      if mlm else None)
         return HybridCLIPOutput(logits_per_image=logits_per_text.T, logits_per_text=logits_per_text,
                                 image_embeds=image_embeds, text_embeds=text_embeds, mlm_logits=mlm_logits)

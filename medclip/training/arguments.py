@@ -51,6 +51,10 @@ class ModelArguments:
         "help": "Train at this resolution; position embeddings are interpolated."})
     remat: bool = field(default=False, metadata={"help": "Rematerialise encoder layers (saves memory)."})
     logit_bias_init: float | None = field(default=None, metadata={"help": "Learned logit bias (sigmoid loss)."})
+    text_mask_padding: bool | None = field(default=None, metadata={
+        "help": "true: padding is masked out of the text tower's attention; false: captions are padded to the "
+                "context length and attended to in full, as PMC-CLIP trains (no text packing then). Default: the "
+                "model's own (false for PMC-CLIP checkpoints); saved with the model."})
     text_dropout: bool = field(default=True, metadata={"help": "Use the text config's dropout when training."})
     projection_dropout: float | None = field(default=None, metadata={
         "help": "Dropout on both towers' pooled outputs before their projections, in training (the CLIP-TF "
@@ -83,7 +87,10 @@ class DataArguments:
         "help": "Generate this many synthetic radiology-like pairs (the embedded demo); 0 = off."})
     synthetic_validation_samples: int = 256
     synthetic_image_size: int = 64
-    max_seq_length: int = 72
+    max_seq_length: int | None = field(default=None, metadata={
+        "help": "Tokens a caption is cut (and padded) to; saved as the model's context length. Default: the model's "
+                "own (text_preprocess.context_length: BiomedCLIP 256, PMC-CLIP 77; else min(77, its positions); "
+                "the demo preset 72)."})
     min_caption_length: int = field(default=10, metadata={"help": "Drop captions shorter than this."})
     max_train_samples: int | None = None
     max_eval_samples: int | None = None

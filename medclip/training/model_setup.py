@@ -34,6 +34,9 @@ class ModelSetupError(ConfigError):
     """The flags do not describe a model and tokenizer that can be used together."""
 
 
+DEMO_CONTEXT_LENGTH = 72
+
+
 def demo_config(vocab_size: int, image_size: int, max_seq_length: int, **changes: Any) -> HybridCLIPConfig:
     """Small enough to train in minutes on 2 CPU cores, big enough to learn the synthetic captions."""
     vision = CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -116,7 +119,7 @@ def build_model_and_tokenizer(model_args: ModelArguments, data_args: DataArgumen
             barrier("demo tokenizer")
             tokenizer = load_tokenizer(output_dir / "demo_tokenizer")
         image_size = model_args.image_size or data_args.synthetic_image_size
-        config = demo_config(len(tokenizer), image_size, data_args.max_seq_length, **new)
+        config = demo_config(len(tokenizer), image_size, data_args.max_seq_length or DEMO_CONTEXT_LENGTH, **new)
         config = config.replace(**{name: head(getattr(config, name)) for name, head in heads.items()})
         model = FlaxHybridCLIP(config, dtype=dtype, remat=model_args.remat, rngs=nnx.Rngs(seed))
     elif model_args.model_name_or_path is not None:
@@ -136,11 +139,34 @@ def build_model_and_tokenizer(model_args: ModelArguments, data_args: DataArgumen
             vision_head=heads["vision_head"](HeadConfig(type=model_args.vision_head)),
             text_head=heads["text_head"](HeadConfig(pooler=model_args.text_pooler)), **new)
         tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.text_model_name_or_path)
-    check_text_inputs(model.config.text_config, tokenizer, data_args.max_seq_length)
+    _set_text_preprocess(model, model_args, data_args, tokenizer)
     if mlm and getattr(tokenizer, "mask_token_id", None) is None:
         raise ModelSetupError("--mlm needs a tokenizer with a mask token ([MASK]); this text tower's tokenizer "
                               f"({type(tokenizer).__name__}) has none: use a BERT-family text tower, or drop --mlm")
     return model, tokenizer
+
+
+def _set_text_preprocess(model: FlaxHybridCLIP, model_args: ModelArguments, data_args: DataArguments,
+                         tokenizer: Any) -> None:
+    """The model's own context length and padding rule, unless --max_seq_length / --text_mask_padding override
+    them; what training then uses is saved with the model, so every tool tokenises as it was trained.
+    `data_args.max_seq_length` is set to the length used (the data pipeline pads captions to it)."""
+    config = model.config
+    check_text_inputs(config.text_config, tokenizer, data_args.max_seq_length or config.context_length)
+    text = config.text_preprocess
+    try:
+        if data_args.max_seq_length is not None:
+            text = text.replace(context_length=data_args.max_seq_length)
+        if model_args.text_mask_padding is not None:
+            text = text.replace(mask_padding=model_args.text_mask_padding,
+                                padding="max_length" if not model_args.text_mask_padding else text.padding)
+    except ValueError as error:
+        raise ModelSetupError(f"--max_seq_length / --text_mask_padding: {error}") from None
+    model.config = config.replace(text_preprocess=text)
+    data_args.max_seq_length = model.config.context_length
+    if not text.mask_padding:
+        logger.info("text: %d tokens, padding attended to (mask_padding false): no text packing",
+                    data_args.max_seq_length)
 
 
 def _head_changes(model_args: ModelArguments) -> dict[str, Any]:

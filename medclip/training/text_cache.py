@@ -38,13 +38,15 @@ def why_not_cacheable(model_config: Any, *, freeze_text: bool, text_dropout: boo
 def pooled_text_features(model: nnx.Module, input_ids: np.ndarray, attention_mask: np.ndarray, *,
                          batch_size: int = 256, progress: bool = True) -> np.ndarray:
     """The text tower's pooled output (before the head) for every row: (rows, hidden) float32, in fixed-size jitted
-    chunks (one compilation), as the training step would compute it."""
+    chunks (one compilation), as the training step would compute it: from the same padded rows, with the padding
+    masked or attended to as the model's text preprocessing says (PMC-CLIP's form attends to it, so a pooled output
+    belongs to a caption's padded ids, never to its text alone)."""
     graphdef, state = nnx.split(model.text_model)
-    pooler = model.config.text_head.pooler
+    pooler, tower_mask = model.config.text_head.pooler, model.config.text_attention_mask
 
     @jax.jit
     def pooled(state, ids, mask):
-        _, out = nnx.merge(graphdef, state)(ids, mask, pooled_only=True, pooler=pooler)
+        _, out = nnx.merge(graphdef, state)(ids, tower_mask(mask), pooled_only=True, pooler=pooler)
         return out.astype(jnp.float32)
 
     rows = len(input_ids)

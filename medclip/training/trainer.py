@@ -224,8 +224,9 @@ class Trainer:
 
     def _packing_plan(self, attention_mask: np.ndarray) -> PackingPlan | None:
         # Every process must compile the same program, and each sees only its own rows: multi-host runs
-        # keep the padded layout rather than agree on a plan every step. A cached text tower has nothing to pack.
-        if jax.process_count() > 1 or self.text_cached:
+        # keep the padded layout rather than agree on a plan every step. A cached text tower has nothing to pack;
+        # a model that attends to its padding (PMC-CLIP's mask_padding false) must see it.
+        if jax.process_count() > 1 or self.text_cached or not self.model.config.text_preprocess.mask_padding:
             return None
         return plan_packing(attention_mask, groups=jax.device_count(), sizes=self.args.text_packing_sizes)
 
