@@ -22,7 +22,7 @@ from medclip.data.pipeline import (EvalDataset, TrainIterator, epoch_order, make
 from medclip.data.records import DropCounter, Record
 from medclip.data.sources.auto import load_records
 from medclip.training.distributed import barrier
-from medclip.training.arguments import DataArguments, TrainingArguments
+from medclip.training.arguments import DataArguments, TrainingArguments, csv_delimiter
 from medclip.training.config_check import ConfigError, DataError
 from medclip.training.losses import batch_fields
 
@@ -49,6 +49,7 @@ def load_split(args: DataArguments, split: str, output_dir: Path, seed: int) -> 
         return [], counter
     items = load_records(source, split, counter=counter, min_caption_length=args.min_caption_length,
                          image_column=args.image_column, caption_column=args.caption_column,
+                         delimiter=csv_delimiter(args.csv_delimiter),
                          **args.load_options())
     limit = args.max_train_samples if split == "train" else args.max_eval_samples
     return (items[:limit] if limit else items), counter
