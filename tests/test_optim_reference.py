@@ -28,9 +28,9 @@ def _problem(seed=0):
     return params, grads
 
 
-def _ours(weight_decay_type, lr, wd, params, grads):
+def _ours(weight_decay_type, lr, wd, params, grads, mask="default"):
     config = OptimizerConfig(learning_rate=lr, schedule="constant", weight_decay=wd, max_grad_norm=None,
-                             weight_decay_type=weight_decay_type, total_steps=STEPS)
+                             weight_decay_type=weight_decay_type, weight_decay_mask=mask, total_steps=STEPS)
     tx, _ = make_optimizer(params, config)
     params = jax.tree.map(jnp.asarray, params)
     state = tx.init(params)
@@ -93,18 +93,6 @@ def _mask_problem():
     return params, [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params) for _ in range(STEPS)]
 
 
-def _ours_masked(params, grads, mask, weight_decay_type, lr, wd):
-    config = OptimizerConfig(learning_rate=lr, schedule="constant", weight_decay=wd, max_grad_norm=None,
-                             weight_decay_type=weight_decay_type, weight_decay_mask=mask, total_steps=STEPS)
-    tx, _ = make_optimizer(params, config)
-    ours = jax.tree.map(jnp.asarray, params)
-    state = tx.init(ours)
-    for g in grads:
-        updates, state = tx.update(jax.tree.map(jnp.asarray, g), state, ours)
-        ours = optax.apply_updates(ours, updates)
-    return jax.tree.map(np.asarray, ours)
-
-
 def _torch_groups(params, grads, optimizer_cls, lr, wd, decayed):
     """torch with the leaves `decayed(name, tensor)` accepts in a group with weight decay, the rest without."""
     tensors = {path: torch.nn.Parameter(torch.tensor(_leaf(params, path))) for path in LEAVES}
@@ -125,8 +113,8 @@ def test_weight_decay_mask_all_matches_one_torch_param_group():
     params, grads = _mask_problem()
     lr, wd = 1e-2, 0.1  # large enough that decaying a leaf or not shows
     theirs = _torch_groups(params, grads, torch.optim.Adam, lr, wd, decayed=lambda name, p: True)
-    ours = _ours_masked(params, grads, "all", "l2", lr, wd)
-    masked = _ours_masked(params, grads, "default", "l2", lr, wd)
+    ours = _ours("l2", lr, wd, params, grads, mask="all")
+    masked = _ours("l2", lr, wd, params, grads)
     for path in LEAVES:
         np.testing.assert_allclose(_leaf(ours, path), theirs[path], atol=1e-6, rtol=0, err_msg=str(path))
     # The comparison can fail: the default mask leaves these undecayed, and the results differ.
@@ -144,10 +132,10 @@ def test_weight_decay_mask_ndim_matches_pmc_clips_param_groups():
         return p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
 
     theirs = _torch_groups(params, grads, torch.optim.AdamW, lr, wd, decayed=lambda n, p: not exclude(n, p))
-    ours = _ours_masked(params, grads, "ndim", "decoupled", lr, wd)
+    ours = _ours("decoupled", lr, wd, params, grads, mask="ndim")
     for path in LEAVES:
         np.testing.assert_allclose(_leaf(ours, path), theirs[path], atol=1e-6, rtol=0, err_msg=str(path))
-    default = _ours_masked(params, grads, "default", "decoupled", lr, wd)
+    default = _ours("decoupled", lr, wd, params, grads)
     embedding = ("token", "embedding")
     assert np.abs(_leaf(default, embedding) - theirs[embedding]).max() > 1e-5
 

@@ -20,6 +20,7 @@ flag (`word_starts`, computed once per caption on the host from the tokenizer's 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,7 @@ MASK_STREAM = 0x4D4C4D  # folded into the step's dropout key: the masking's own 
 
 
 MASKINGS = ("token", "whole_word")
+_WHITESPACE = re.compile(r"\s")  # str.split()'s separators
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,12 +89,14 @@ def word_starts(tokenizer, texts: list[str], input_ids: np.ndarray) -> np.ndarra
     offsets = encoded["offset_mapping"]
     starts = np.zeros(input_ids.shape, np.int32)
     for row, text in enumerate(texts):
-        previous_end = None
-        for t in np.flatnonzero(real[row]):
-            start, end = (int(x) for x in offsets[row, t])
-            if previous_end is None or any(c.isspace() for c in text[previous_end:start]):
-                starts[row, t] = 1
-            previous_end = end
+        tokens = np.flatnonzero(real[row])
+        if tokens.size == 0:
+            continue
+        begin, end = offsets[row, tokens, 0], offsets[row, tokens, 1]
+        spaces = np.fromiter((m.start() for m in _WHITESPACE.finditer(text)), np.int64)
+        # A token starts a word when whitespace lies between the previous token's end and its start.
+        gap = np.searchsorted(spaces, begin[1:]) - np.searchsorted(spaces, end[:-1])
+        starts[row, tokens] = np.concatenate([[1], gap > 0])
     return starts
 
 
