@@ -2,13 +2,14 @@
 stopping stops at the right evaluation and `best/` holds the best evaluation's model (PubMedCLIP: patience 5 on
 its validation metric); `--report_to wandb` offline writes a run folder with the metrics (the source's logger);
 `--push_to_hub` uploads the best model with its card and tokenizer (no network: the Hub API is replaced by a
-recorder, as tests/test_hub.py does for `model.push_to_hub`); the CLIP-TF report's hybrid loss with a learned
-alpha trains and leaves the exported model loadable."""
+recorder, as tests/test_hub.py does for `model.push_to_hub`). The run trains with the CLIP-TF report's hybrid
+loss (--hybrid_form report), so its evaluation path is exercised too."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import struct
 from pathlib import Path
 
 import huggingface_hub
@@ -23,7 +24,7 @@ from medclip.training.trainer import Trainer, train
 from tests.test_hub import RecordingApi
 
 PATIENCE = 1
-METRIC = "eval_t2i_mrr"  # higher is better; a retrieval metric, so re-evaluating a saved model reproduces it
+METRIC = "eval_loss"  # PubMedCLIP's; continuous, so two evaluations do not tie
 HAS_WANDB = importlib.util.find_spec("wandb") is not None
 
 
@@ -47,9 +48,9 @@ def run(tmp_path_factory):
         patch.setenv("WANDB_SILENT", "true")
         patch.setattr(huggingface_hub, "HfApi", RecordingApi)
         summary = train(ModelArguments(model_preset="demo", image_size=32), _data(tmp),
-                        _train_args(out, do_train=True, do_eval=True, num_train_epochs=12, learning_rate=3e-2,
+                        _train_args(out, do_train=True, do_eval=True, num_train_epochs=12, learning_rate=5e-3,
                                     early_stopping_patience=PATIENCE, metric_for_best_model=METRIC,
-                                    loss="hybrid", hybrid_form="report", hybrid_alpha_learnable=True,
+                                    loss="hybrid", hybrid_form="report",
                                     report_to="wandb" if HAS_WANDB else "none",
                                     push_to_hub=True, hub_model_id="someone/medclip-protocols"))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -71,7 +72,7 @@ def test_early_stopping_stops_at_the_right_evaluation_and_exports_the_best_model
     # The rule, transcribed: a new best resets the count; `PATIENCE` evaluations in a row without one stop.
     best, best_index, bad, stop = None, None, 0, None
     for i, row in enumerate(evals):
-        if best is None or row[METRIC] > best:
+        if best is None or row[METRIC] < best:
             best, best_index, bad = row[METRIC], i, 0
         else:
             bad += 1
@@ -82,15 +83,13 @@ def test_early_stopping_stops_at_the_right_evaluation_and_exports_the_best_model
     assert summary["stopped_early"] and len(evals) == stop + 1
     assert summary["steps"] == 2 * (stop + 1) < 24  # 2 steps an epoch, fewer than the 12 epochs asked
     assert summary["best_epoch"] == evals[best_index]["epoch"] and summary["best_metric"] == best
-    # best/ is the best evaluation's model, the output folder the last one's: each reproduces its evaluation's
-    # retrieval metrics (eval_loss aside: it reads the learned alpha, which is not exported), and the two
-    # evaluations differ, so the check tells the models apart.
-    retrieval = [k for k in evals[-1] if k.startswith(("eval_t2i", "eval_i2t"))]
+    # best/ is the best evaluation's model, the output folder the last one's: re-evaluated, each reproduces its
+    # evaluation's metrics, and the two evaluations differ, so the check tells the models apart.
+    metrics = [k for k in evals[-1] if k.startswith("eval_") and k != "eval_examples"]
     for folder, name, row in ((out / "best", "best", evals[best_index]), (out, "final", evals[-1])):
         again = _evaluate(tmp, folder, name)
-        assert {k: again[k] for k in retrieval} == pytest.approx({k: row[k] for k in retrieval}, abs=1e-6), name
-    assert {k: evals[-1][k] for k in retrieval} != pytest.approx({k: evals[best_index][k] for k in retrieval},
-                                                                 abs=1e-6)
+        assert {k: again[k] for k in metrics} == pytest.approx({k: row[k] for k in metrics}, abs=1e-5), name
+    assert abs(evals[-1][METRIC] - best) > 1e-5
 
 
 @pytest.mark.heavy
@@ -112,24 +111,42 @@ def test_push_to_hub_from_the_trainer_uploads_the_best_model_card_and_tokenizer(
 
 
 @pytest.mark.heavy
-def test_learned_hybrid_alpha_trains_and_stays_out_of_the_model(run):
-    _, out, _, rows = run
-    alphas = [r["train_hybrid_alpha"] for r in rows if "train_hybrid_alpha" in r]
-    assert alphas and abs(alphas[0] - 0.5) < 0.05 and len(set(alphas)) > 1
-    assert all(0 < a < 1 for a in alphas)
-    config = json.loads((out / "config.json").read_text())
-    assert "hybrid_alpha" not in json.dumps(config)
-
-
-@pytest.mark.heavy
 @pytest.mark.skipif(not HAS_WANDB, reason="wandb is not installed (pip install wandb)")
 def test_report_to_wandb_offline_writes_a_run_folder_with_the_metrics(run):
     _, out, _, rows = run
     runs = sorted((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, list((out / "wandb").iterdir())
-    logs = list(runs[0].glob("run-*.wandb"))
-    assert logs and logs[0].stat().st_size > 0
-    summary = json.loads((runs[0] / "files" / "wandb-summary.json").read_text())
-    last_eval = [r for r in rows if "eval_loss" in r][-1]
-    assert summary["eval_loss"] == pytest.approx(last_eval["eval_loss"])
-    assert summary["_step"] == max(r["step"] for r in rows)
+    (log,) = runs[0].glob("run-*.wandb")
+    history = {row["_step"]: row for row in _wandb_history(log)}
+    assert sorted(history) == sorted({r["step"] for r in rows})
+    for row in rows:  # every number metrics.jsonl has at a step, W&B has there too (train and eval rows merged)
+        logged = history[row["step"]]
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)):
+                assert logged[key] == pytest.approx(value, rel=1e-6), (row["step"], key)
+
+
+def _wandb_history(path: Path) -> list[dict]:
+    """The history rows of an offline run's .wandb file: wandb's protobuf Records in LevelDB's log format
+    (a 7-byte file header; 32 KiB blocks of records, each a 7-byte header (crc32, length, type) and its data,
+    split over blocks as FIRST/MIDDLE/LAST). wandb 0.31 ships no Python reader of its own."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    block, index, pending, rows = 32768, 7, b"", []
+    while index + 7 <= len(data):
+        if block - index % block < 7:  # a block's tail too short for a header is padding
+            index += block - index % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[index:index + 7])
+        pending += data[index + 7:index + 7 + length]
+        index += 7 + length
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            record = pb.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows
