@@ -298,14 +298,16 @@ SOURCES = {
         "deviations": [
             ("loss", "0.7 * image->text + 0.3 * text->image on rescaled logits (released train.py)", "clip",
              "the recipe as the paper and its re-implementations describe it: symmetric 0.5/0.5"),
-            ("plateau_patience", 10, 2, "not stated; torch's default 10 could never fire before early stopping at 5"),
+            ("plateau_patience", 10, 2,
+             "not stated; torch's default 10 could never fire before early stopping at 5"),
             (None, "batch 64 on one GPU", "64 per device", "on N devices pass --per_device_train_batch_size 64/N"),
             PRECISION,
         ],
     },
     "pmc-clip": {
         "source": "Lin et al., PMC-CLIP; github.com/WeixiongLin/PMC-CLIP (README.md's training command, "
-                  "src/training/{params,main,train}.py, src/training/dataset/utils.py, model_configs/RN50_fusion4.json)",
+                  "src/training/{params,main,train}.py, src/training/dataset/utils.py, "
+                  "model_configs/RN50_fusion4.json)",
         "stated": [
             ("learning_rate", 1e-4, "README: --lr=1e-4"),
             ("weight_decay", 0.1, "README: --wd=0.1"),
@@ -341,7 +343,8 @@ SOURCES = {
         ],
     },
     "clip-tf-hybrid": {
-        "source": "Calonca et al., CLIP TensorFlow & ROCO (CLIP_Tensorflow_report.pdf, github.com/Calonca/clip-tensorflow)",
+        "source": "Calonca et al., CLIP TensorFlow & ROCO (CLIP_Tensorflow_report.pdf, "
+                  "github.com/Calonca/clip-tensorflow)",
         "stated": [
             ("loss", "hybrid", "report eq. 8"),
             ("hybrid_form", "report", "report eqs. 1-8: one temperature for logits and soft targets"),

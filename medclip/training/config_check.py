@@ -80,7 +80,8 @@ def validate(model: ModelArguments, data: DataArguments, train: TrainingArgument
     _choice("--weight_decay_mask", train.weight_decay_mask, WEIGHT_DECAY_MASKS)
     _choice("--hybrid_form", train.hybrid_form, HYBRID_FORMS)
     if data.csv_delimiter is not None and len(csv_delimiter(data.csv_delimiter)) != 1:
-        raise ConfigError(f"--csv_delimiter (--csv-separator) must be one character or 'tab', not {data.csv_delimiter!r}")
+        raise ConfigError(f"--csv_delimiter (--csv-separator) must be one character or 'tab', "
+                          f"not {data.csv_delimiter!r}")
     _check_metric("--metric_for_best_model", train.metric_for_best_model)
     if train.eval_epochs < 1:
         raise ConfigError(f"--eval_epochs must be at least 1 (got {train.eval_epochs})")
