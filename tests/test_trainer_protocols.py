@@ -69,7 +69,7 @@ def _evaluate(tmp: Path, model: Path, name: str) -> dict:
 
 
 @pytest.mark.heavy
-def test_early_stopping_stops_at_the_right_evaluation_and_exports_the_best_model(run):
+def test_early_stopping_stops_at_the_right_evaluation_exports_and_pushes_the_best_model(run):
     tmp, out, summary, rows = run
     evals = [r for r in rows if "eval_loss" in r]
     # The rule, transcribed: a new best resets the count; `PATIENCE` evaluations in a row without one stop.
@@ -93,24 +93,19 @@ def test_early_stopping_stops_at_the_right_evaluation_and_exports_the_best_model
         again = _evaluate(tmp, folder, name)
         assert {k: again[k] for k in metrics} == pytest.approx({k: row[k] for k in metrics}, abs=1e-5), name
     assert abs(evals[-1]["eval_loss"] - evals[best_index]["eval_loss"]) > 1e-5
-
-
-@pytest.mark.heavy
-def test_push_to_hub_from_the_trainer_uploads_the_best_model_card_and_tokenizer(run):
-    _, out, summary, _ = run
+    # --push_to_hub (the same run: one test, so that pytest-xdist does not train it once per worker) uploads
+    # best/, with its card, tokenizer, metrics and curves.
     assert RecordingApi.uploaded["repo"] == ("someone/medclip-protocols", False)
     files = set(RecordingApi.uploaded["files"])
     assert {"config.json", "model.safetensors", "README.md", "metrics.jsonl", "training_curves.png"} <= files
     assert {"tokenizer.json", "tokenizer_config.json"} & files  # the tokenizer travels with the model
     assert "Not for clinical use" in RecordingApi.uploaded["card"]
     assert summary["hub_commit"].endswith("/commit/abc")
-    best = FlaxHybridCLIP.from_pretrained(out / "best")
-    final = FlaxHybridCLIP.from_pretrained(out)
-    pushed = RecordingApi.uploaded["reloaded"]
-    np.testing.assert_array_equal(np.asarray(pushed.text_projection.kernel[...]),
-                                  np.asarray(best.text_projection.kernel[...]))
-    assert not np.array_equal(np.asarray(final.text_projection.kernel[...]),
-                              np.asarray(best.text_projection.kernel[...]))
+    best_model = np.asarray(FlaxHybridCLIP.from_pretrained(out / "best").text_projection.kernel[...])
+    final_model = np.asarray(FlaxHybridCLIP.from_pretrained(out).text_projection.kernel[...])
+    np.testing.assert_array_equal(np.asarray(RecordingApi.uploaded["reloaded"].text_projection.kernel[...]),
+                                  best_model)
+    assert not np.array_equal(final_model, best_model)
 
 
 @pytest.mark.heavy
