@@ -26,8 +26,9 @@ TEST_WORKERS ?= 2
 test: $(VENV)/.dev
 	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS)) $(PYTEST_ARGS)
 
+# No prompt and no browser tab however it is started (a terminal, the background, CI); APP_ARGS="--port 8600"
 app: $(VENV)/.core
-	$(VENV)/bin/medclip app
+	$(VENV)/bin/medclip app $(APP_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

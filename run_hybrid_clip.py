@@ -21,10 +21,10 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 
-from transformers import HfArgumentParser  # noqa: E402
-
+from medclip.quiet_imports import quiet_tensorflow_start_up  # noqa: E402
 from medclip.training import recipes  # noqa: E402
-from medclip.training.arguments import DataArguments, ModelArguments, TrainingArguments  # noqa: E402
+from medclip.training.arguments import (DataArguments, FlagError, FlagParser, ModelArguments,  # noqa: E402
+                                       TrainingArguments)
 from medclip.training.config_check import ConfigError, DataError, validate  # noqa: E402
 
 EXIT_CONFIG, EXIT_DATA, EXIT_MODEL = 2, 3, 4
@@ -43,8 +43,7 @@ def _model_errors() -> tuple[type[Exception], ...]:
 
 
 def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments),
-                              description=__doc__.split("\n\n")[1], epilog="Recipes: --recipe list")
+    parser = FlagParser(description=__doc__.split("\n\n")[1], epilog="Recipes: --recipe list")
     if len(argv) == 1 and argv[0].endswith(".json"):
         with open(argv[0]) as f:
             flags = json.load(f)
@@ -52,16 +51,17 @@ def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArgum
             logging.getLogger(__name__).warning("%s is deprecated and ignored: %s", name,
                                                 recipes.DEPRECATED_FLAGS[name])
             del flags[name]
-        return parser.parse_dict(flags)
+        return parser.parse_json_flags(flags)
     argv, recipe = recipes.expand(argv)
     if recipe is not None:
         logging.getLogger(__name__).info("recipe %s (%s): %s", recipe.name, recipe.path, " ".join(recipe.argv()))
-    return parser.parse_args_into_dataclasses(argv)
+    return parser.parse_flags(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    quiet_tensorflow_start_up()
     for noisy in ("absl", "jax._src", "orbax", "tensorflow", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if argv[:2] == ["--recipe", "list"] or argv[:1] == ["--recipe=list"]:
@@ -70,8 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model_args, data_args, train_args = parse(argv)
         validate(model_args, data_args, train_args)  # once, before anything is built
+        from medclip.checkpoints.hub import check_model_names
+
+        check_model_names(model_args.model_name_or_path, model_args.text_model_name_or_path,
+                          model_args.vision_model_name_or_path, model_args.tokenizer_name)
         return run(model_args, data_args, train_args)
-    except ConfigError as error:
+    except (ConfigError, FlagError) as error:
         print(f"run_hybrid_clip.py: configuration error: {error}", file=sys.stderr)
         return EXIT_CONFIG
     except DataError as error:

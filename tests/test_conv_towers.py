@@ -18,14 +18,14 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from medclip import FlaxHybridCLIP
-from medclip.checkpoints import conversion as conv
-from medclip.checkpoints.openclip import OpenCLIPConfigError, config_from_open_clip
-from medclip.checkpoints.pretrained import (
+from medclip.checkpoints import conversion
+from medclip.checkpoints.assembly import (
     fill,
     model_tensors,
     param_shapes,
     tower_rules,
 )
+from medclip.checkpoints.openclip import OpenCLIPConfigError, config_from_open_clip
 from medclip.models import BertConfig, BertTower, registry
 from medclip.models.preprocess import IMAGENET_PREPROCESS
 from medclip.models.timm_efficientnet import TimmEfficientNetConfig
@@ -51,7 +51,7 @@ def _tower(config, tensors: dict[str, np.ndarray], source: str) -> nnx.Module:
     """A vision tower alone, from a timm state dict."""
     spec = registry.tower_for_config(config)
     abstract = nnx.eval_shape(lambda: spec.module_class(config, rngs=nnx.Rngs(0)))
-    values = conv.to_ours(tensors, spec.rules(config, "timm"), param_shapes(abstract), source=source)
+    values = conversion.to_ours(tensors, spec.rules(config, "timm"), param_shapes(abstract), source=source)
     return fill(abstract, values)
 
 
@@ -62,7 +62,7 @@ def _max_err(ours, reference) -> float:
 def _tiny_bert_folder(folder: Path) -> Path:
     """A text tower folder in transformers' layout, written by our own BERT (the text side is not under test)."""
     config = BertConfig.tiny()
-    tensors = conv.to_hf(model_tensors(BertTower(config, rngs=nnx.Rngs(1))), tower_rules(config, "hf"))
+    tensors = conversion.to_hf(model_tensors(BertTower(config, rngs=nnx.Rngs(1))), tower_rules(config, "hf"))
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(config.to_hf_dict()))
     save_file(tensors, str(folder / "model.safetensors"))
@@ -112,7 +112,7 @@ def test_train_mode_forward_matches_timm_and_updates_the_running_statistics(name
     err = _max_err(pooled, io["features_train_mode"])
     assert err < ATOL, f"{name} train mode: max abs error {err:.2e}"
     stats = {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(tower, nnx.BatchStat))}
-    ours = conv.to_hf(stats, registry.tower_for_config(config).rules(config, "timm"))
+    ours = conversion.to_hf(stats, registry.tower_for_config(config).rules(config, "timm"))
     reference = {k: v for k, v in load_file(GOLDEN / name / "bn_after_train_step.safetensors").items()
                  if not k.endswith("num_batches_tracked")}
     assert set(ours) == set(reference)
@@ -186,7 +186,7 @@ def test_a_classifier_in_the_checkpoint_is_skipped_and_said(tmp_path, caplog):
     tensors = load_file(folder / "model.safetensors")
     tensors.update({"fc.weight": np.zeros((10, 256), np.float32), "fc.bias": np.zeros(10, np.float32)})
     save_file(tensors, str(folder / "model.safetensors"))
-    with caplog.at_level(logging.INFO, logger="medclip.checkpoints.pretrained"):
+    with caplog.at_level(logging.INFO, logger="medclip.checkpoints"):
         model = FlaxHybridCLIP.from_text_vision_pretrained(_tiny_bert_folder(tmp_path / "text"), folder)
     assert "skipping 2 keys the tower does not use (fc.bias" in caplog.text
     io = _io("timm_resnet50")

@@ -155,7 +155,7 @@ def test_gradients_match_pytorch(tmp_path, text_type):
     from flax import nnx
 
     from medclip.checkpoints.conversion import to_hf
-    from medclip.checkpoints.pretrained import hybrid_rules
+    from medclip.checkpoints.hf_layout import hybrid_rules
     from medclip.training.losses import clip_loss
 
     hf = fx.make_dual_encoder(text_type)  # eval mode: no dropout, so both sides compute the same function

@@ -12,9 +12,9 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from medclip import FlaxHybridCLIP
-from medclip.checkpoints import conversion as conv
+from medclip.checkpoints import conversion
+from medclip.checkpoints.assembly import fill, param_shapes
 from medclip.checkpoints.openclip import config_from_open_clip
-from medclip.checkpoints.pretrained import fill, param_shapes
 from medclip.models.modified_resnet import ModifiedResNet, ModifiedResNetConfig, conversion_rules
 from medclip.training.optim import decay_mask
 from tests.golden.numpy_weights import load_fixture_weights
@@ -49,7 +49,7 @@ def test_train_mode_updates_running_statistics_like_pytorch():
     features = model.get_image_features(jnp.asarray(io["pixel_values"].transpose(0, 2, 3, 1)), train=True)
     assert _err(features, io["image_features_train_mode"]) < 1e-4
     expected = load_file(GOLDEN / "modified_resnet" / "bn_after_train_step.safetensors")
-    ours = conv.to_hf(_batch_stats(model), _rules_of(model))
+    ours = conversion.to_hf(_batch_stats(model), _rules_of(model))
     stats = {k: v for k, v in expected.items() if k.endswith(("running_mean", "running_var"))}
     assert len(stats) > 20
     for key, value in stats.items():
@@ -71,7 +71,7 @@ def test_full_size_rn50_matches_open_clip():
     folder = GOLDEN / "modified_resnet_rn50_full"
     config = ModifiedResNetConfig.rn50()
     tower = nnx.eval_shape(lambda: ModifiedResNet(config, rngs=nnx.Rngs(0)))
-    values = conv.to_ours(load_fixture_weights(folder), conversion_rules(config, "openclip"), param_shapes(tower),
+    values = conversion.to_ours(load_fixture_weights(folder), conversion_rules(config, "openclip"), param_shapes(tower),
                           source=str(folder))
     tower = fill(tower, values)
     io = _io("modified_resnet_rn50_full")

@@ -54,7 +54,7 @@ def test_openclip_ddp_training_checkpoint_with_optimizer_state_loads(caplog):
     """`epoch_1.pt`: {"epoch", "name", "state_dict" with DDP `module.` keys, "optimizer"} read without executing
     pickled code; the optimizer state is skipped, the model config is given by JSON (or name)."""
     folder = GOLDEN / "openclip_vit"
-    with caplog.at_level(logging.INFO, logger="medclip.checkpoints.openclip"):
+    with caplog.at_level(logging.INFO, logger="medclip.checkpoints"):
         model = FlaxHybridCLIP.from_pretrained(folder / "epoch_1.pt", open_clip_model=folder / "open_clip_config.json")
     assert "optimizer" in caplog.text
     _check_outputs(model, _io("openclip_vit"))
@@ -150,7 +150,7 @@ def test_uncached_hf_text_config_is_inferred_from_the_weights_and_said(tmp_path,
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
     folder = _biomedclip_folder(tmp_path, local_text=False)
-    with caplog.at_level(logging.WARNING, logger="medclip.checkpoints.openclip"):
+    with caplog.at_level(logging.WARNING, logger="medclip.checkpoints"):
         model = FlaxHybridCLIP.from_pretrained(folder)
     assert "inferred it from the weights" in caplog.text and "assumed: 64 per head" in caplog.text
     text = model.config.text_config

@@ -77,15 +77,15 @@ def test_pmc_clip_training_checkpoint_matches_its_reference_paths(tmp_path):
 
 def test_pmc_clip_mlm_weights_load_into_the_fusion_module(tmp_path):
     """A checkpoint trained with --mlm: fusion_module, img_special_token and mlm_projection load (values equal)."""
-    from medclip.checkpoints import conversion as conv
+    from medclip.checkpoints import conversion
     from medclip.checkpoints import pmc_clip
-    from medclip.checkpoints.pretrained import model_tensors
+    from medclip.checkpoints.assembly import model_tensors
 
     cfg = _model_cfg(384)
     config = pmc_clip.config_from_pmc_clip(cfg, {}, "test").replace(
         fusion=pmc_clip.FusionConfig(num_layers=1, num_heads=4))
     source = FlaxHybridCLIP(config, rngs=nnx.Rngs(1))
-    state = conv.to_hf(model_tensors(source), pmc_clip.rules(config))
+    state = conversion.to_hf(model_tensors(source), pmc_clip.rules(config))
     assert {"mlm_projection", "img_special_token", "fusion_module.resblocks.0.attn.in_proj_weight"} <= set(state)
     _save_training_checkpoint(tmp_path / "checkpoint.pt", state)
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))

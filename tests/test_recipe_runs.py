@@ -57,15 +57,15 @@ def _tiny_bert_folder(folder: Path, tokenizer) -> Path:
 
     from medclip.models import BertConfig
     from medclip.models.bert import BertTower
-    from medclip.checkpoints import conversion as conv
-    from medclip.checkpoints.pretrained import model_tensors, tower_rules
+    from medclip.checkpoints import conversion
+    from medclip.checkpoints.assembly import model_tensors, tower_rules
     from safetensors.numpy import save_file
 
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                         intermediate_size=48, max_position_embeddings=64)
     tower = BertTower(config, rngs=nnx.Rngs(0))
     folder.mkdir(parents=True)
-    save_file(conv.to_hf(model_tensors(tower), tower_rules(config, "hf")), str(folder / "model.safetensors"))
+    save_file(conversion.to_hf(model_tensors(tower), tower_rules(config, "hf")), str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps(config.to_hf_dict()))
     tokenizer.save_pretrained(str(folder))
     return folder

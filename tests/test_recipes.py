@@ -9,8 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from medclip.evaluation.retrieval import evaluate_retrieval
 from medclip.training import recipes
 from medclip.training.config_check import ConfigError, eval_metric_names, validate
 
@@ -168,7 +170,9 @@ DEMO = ("--model_preset", "demo", "--do_train", "--synthetic_train_samples", "64
      "--vision_config and --vision_model_name_or_path"),
 ])
 def test_config_errors_name_their_flag(flags, named):
-    with pytest.raises(ConfigError, match="^" + named.replace("(", r"\(").replace(")", r"\)")):
+    from medclip.training.arguments import FlagError  # ranges are checked as the flags are parsed
+
+    with pytest.raises((ConfigError, FlagError), match="^" + named.replace("(", r"\(").replace(")", r"\)")):
         validate(*_parse(*DEMO, *flags))
 
 
@@ -183,6 +187,8 @@ def test_plateau_needs_validation_data_and_sigmoid_accepts_a_bias():
 def test_valid_metrics_are_what_evaluation_logs():
     names = eval_metric_names()
     assert names[0] == "loss" and {"t2i_R@5", "i2t_R@10", "t2i_mrr", "i2t_median_rank"} <= set(names)
+    pairs = np.eye(3, dtype=np.float32)  # the declared list is exactly what the evaluation computes
+    assert names == ["loss", *evaluate_retrieval(pairs, pairs).metrics]
     validate(*_parse(*DEMO, "--metric_for_best_model", "eval_t2i_median_rank"))  # with the prefix too
 
 
@@ -243,6 +249,41 @@ def test_no_pytorch_advisory_from_our_tools():
     cli = _python("import medclip.cli, transformers")
     assert cli.returncode == 0, cli.stderr
     assert ADVISORY not in cli.stderr
+
+
+# -- the CLIP TensorFlow & ROCO report's three models ------------------------------------------------------
+# What the report (R) and its repository's hyperparameters.py (H) state, once; each recipe must resolve to it.
+CLIP_TF_REPORT = {
+    "image_size": 128,  # R; H img_shape
+    "projection_dropout": 0.1,  # R; H projector_dropout_rate
+    "vision_learning_rate": 1e-3, "learning_rate": 1e-4, "text_learning_rate": 1e-5,  # R; H lr_*
+    "per_device_train_batch_size": 80,  # R; H batch_size (one device)
+    "weight_decay": 0.0, "adam_epsilon": 1e-7, "max_grad_norm": 0.0,  # R: Keras' Adam, its defaults
+    "num_train_epochs": 20, "early_stopping_patience": 5, "metric_for_best_model": "loss",  # R
+    "split_ratios": "68,12,20",  # R; H 0.8 / 0.2, then 0.15 of train for validation
+    "seed": 116,  # H SEED
+    "remove_words": "year,image,show",  # R "such as year, image, show" (its full list is unpublished)
+    "max_seq_length": 128,  # H captions_input_shape
+}
+CLIP_TF_MODELS = {  # R: base, base + loss variation, final
+    "clip-tf-base": ("timm/tf_efficientnetv2_s.in21k_ft_in1k", "distilbert-base-uncased", None, "hybrid", 1.0),
+    "clip-tf-base-sparse-ce": ("timm/tf_efficientnetv2_s.in21k_ft_in1k", "distilbert-base-uncased", None, "clip",
+                               None),
+    "clip-tf-hybrid": ("timm/tf_efficientnetv2_m.in21k_ft_in1k", "emilyalsentzer/Bio_ClinicalBERT", "concepts",
+                       "hybrid", 0.5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CLIP_TF_MODELS))
+def test_clip_tf_report_recipes_state_the_reports_values(name):
+    model, data, train = _parse("--recipe", name, "--data_dir", "/data/roco")
+    resolved = {**vars(model), **vars(data), **vars(train)}
+    assert {key: resolved[key] for key in CLIP_TF_REPORT} == CLIP_TF_REPORT
+    vision, text, second, loss, alpha = CLIP_TF_MODELS[name]
+    assert (model.vision_model_name_or_path, model.text_model_name_or_path) == (vision, text)
+    assert (data.second_text_field, train.loss) == (second, loss)
+    assert alpha is None or train.hybrid_alpha == alpha
+    assert data.min_mean_intensity is not None and data.remove_stopwords and data.remove_single_letters
 
 
 # -- each recipe against the values its source states ------------------------------------------------------
@@ -342,33 +383,22 @@ SOURCES = {
             PRECISION,
         ],
     },
-    "clip-tf-hybrid": {
-        "source": "Calonca et al., CLIP TensorFlow & ROCO (CLIP_Tensorflow_report.pdf, "
+    **{name: {
+        "source": "Calonca et al., CLIP TensorFlow & ROCO (CLIP_Tensorflow_report.pdf; hyperparameters.py, "
                   "github.com/Calonca/clip-tensorflow)",
-        "stated": [
-            ("loss", "hybrid", "report eq. 8"),
-            ("hybrid_form", "report", "report eqs. 1-8: one temperature for logits and soft targets"),
-            ("hybrid_alpha", 0.5, "report"),
-            ("image_size", 128, "report: 128 px"),
-            ("projection_dropout", 0.1, "report: dropout 0.1"),
-            ("vision_learning_rate", 1e-3, "report: 1e-3 image encoder"),
-            ("learning_rate", 1e-4, "report: 1e-4 projections"),
-            ("text_learning_rate", 1e-5, "report: 1e-5 text encoder"),
-            ("weight_decay", 0.0, "report: Adam"),
-            ("early_stopping_patience", 5, "report: early stopping 5"),
-            ("text_model_name_or_path", "emilyalsentzer/Bio_ClinicalBERT", "report: ClinicalBERT"),
-            ("second_text_field", "concepts", "report: captions + concepts"),
-        ],
-        "deviations": [
-            (None, "metrics_losses.py: the repository's code multiplies the two losses and halves the "
-                   "similarities", "eq. 8's alpha mix, eq. 4 as printed", "the report's equations are the method"),
-            ("per_device_train_batch_size", 80, 32, "the report's batch 80 at 128 px; 32 per device (our choice)"),
-            ("num_train_epochs", 20, 30, "at most 20 epochs in the report; early stopping ends runs sooner"),
-            PRECISION,
-        ],
-        # The report's three models (base, base + loss variation, final) as recipes: added by the data-side
-        # work of issue 24 (their rows go here, one entry per recipe, in this same shape).
-    },
+        "stated": [(flag, value, "the report / hyperparameters.py (CLIP_TF_REPORT above)")
+                   for flag, value in CLIP_TF_REPORT.items()]
+                  + [("vision_model_name_or_path", CLIP_TF_MODELS[name][0], "report: EfficientNetV2 (-S base, -M final)"),
+                     ("text_model_name_or_path", CLIP_TF_MODELS[name][1], "report: DistilBERT base, ClinicalBERT final"),
+                     ("loss", CLIP_TF_MODELS[name][3], "report: eqs. 2-5 (alpha 1), 6-7, or eq. 8")]
+                  + ([("hybrid_form", "report", "report eqs. 1-8: one temperature for logits and soft targets")]
+                     if CLIP_TF_MODELS[name][3] == "hybrid" else []),
+        "deviations": ([(None, "metrics_losses.py: the repository's code multiplies the two losses and halves the "
+                               "similarities", "eq. 8's alpha mix, eq. 4 as printed",
+                         "the report's equations are the method")] if CLIP_TF_MODELS[name][3] == "hybrid" else [])
+                      + [(None, "batch 80 on one GPU", "80 per device",
+                          "on N devices pass --per_device_train_batch_size 80/N"), PRECISION],
+    } for name in CLIP_TF_MODELS},
     "clip-medical-caption": {
         "source": "CLIP-for-Medical-Caption (CLIP on ROCOv2 for caption retrieval), as issue 15 summarises it",
         "stated": [

@@ -234,7 +234,7 @@ def test_mlm_loss_and_accuracy_match_numpy():
 
 
 def test_fusion_names_follow_pmc_clip_and_ignore_padding():
-    from medclip.checkpoints.pretrained import model_tensors_hf
+    from medclip.checkpoints.hf_layout import model_tensors_hf
 
     model = FlaxHybridCLIP(HybridCLIPConfig.tiny().replace(fusion=FusionConfig(num_layers=2, num_heads=4),
                                                            projection_dim=32), rngs=nnx.Rngs(0))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from medclip.checkpoints.pretrained import load_tensors
+from medclip.checkpoints.assembly import load_tensors
 from medclip.models import BertConfig, CLIPVisionConfig
 from medclip.training.arguments import DataArguments, ModelArguments
 from medclip.training.config_check import ConfigError

@@ -3,14 +3,23 @@
 Without arguments it serves the embedded demo's outputs (`make demo` trains the model into `outputs/demo` and
 builds `outputs/demo/index.npz`). Runs `streamlit run streamlit_app.py -- --model M --index I` in a child
 process and returns its exit status.
+
+Streamlit always runs headless: otherwise, on its first run on a machine, it stops at an "Email:" prompt (in a
+terminal it waits; under `make app` in the background it exits 255). The server's address is printed instead of
+a browser tab being opened. The child ends with its parent: SIGTERM, SIGINT and SIGHUP are forwarded and the
+child reaped, and on Linux the kernel sends it SIGTERM if the parent dies without a chance to forward (SIGKILL).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+from medclip.flag_parsing import ArgumentParser, number_in_range
 
 DEFAULT_MODEL = "outputs/demo"
 DEFAULT_INDEX = "outputs/demo/index.npz"
@@ -18,15 +27,17 @@ APP_FILE = Path(__file__).with_name("streamlit_app.py")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medclip app", description=__doc__,
+    parser = ArgumentParser(prog="medclip app", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model folder or Hub id (default: %(default)s)")
     parser.add_argument("--index", default=DEFAULT_INDEX,
                         help="embedding index from `medclip embed` (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=8501)
+    parser.add_argument("--port", type=number_in_range(int, 1, 65535), default=8501)
     parser.add_argument("--address", default="localhost",
                         help="interface to serve on; 0.0.0.0 to reach the app from other machines")
-    parser.add_argument("--headless", action="store_true", help="do not open a browser tab")
+    parser.add_argument("--headless", action="store_true",
+                        help="accepted for older command lines: the app always runs headless (no browser tab, no "
+                             "prompt); open the address it prints")
     return parser
 
 
@@ -40,7 +51,7 @@ def streamlit_command(args: argparse.Namespace) -> list[str]:
         sys.executable, "-m", "streamlit", "run", str(APP_FILE),
         "--server.port", str(args.port),
         "--server.address", args.address,
-        "--server.headless", "true" if args.headless else "false",
+        "--server.headless", "true",
         "--server.fileWatcherType", "none",
         "--browser.gatherUsageStats", "false",
         "--client.toolbarMode", "minimal",
@@ -70,8 +81,46 @@ def main(argv: list[str]) -> int:
     except ImportError:
         print("medclip app: streamlit is not installed: pip install -e '.[app]'", file=sys.stderr)
         return 2
-    print(f"medclip app: serving {args.model} with {args.index} at http://{args.address}:{args.port}", flush=True)
+    print(f"medclip app: serving {args.model} with {args.index}; open http://{args.address}:{args.port} "
+          "(Ctrl-C stops it)", flush=True)
+    return run_child(streamlit_command(args))
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: the kernel sends it SIGTERM when the parent process dies (Linux prctl)."""
     try:
-        return subprocess.call(streamlit_command(args))
-    except KeyboardInterrupt:  # Ctrl-C reaches streamlit too, which stops by itself
-        return 130
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def run_child(command: list[str]) -> int:
+    """Runs `command` as a child that ends with this process: signals forwarded, the child always reaped."""
+    child = subprocess.Popen(command, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+
+    def forward(signum, frame):
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    try:
+        while True:
+            try:
+                code = child.wait()
+                break
+            except KeyboardInterrupt:  # SIGINT arrives here when handlers are replaced; forwarded above
+                continue
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+    return 128 - code if code < 0 else code

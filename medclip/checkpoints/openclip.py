@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import os
 import re
 from pathlib import Path
@@ -21,61 +20,23 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from medclip.checkpoints import conversion as conv
-from medclip.checkpoints.pretrained import (OPEN_CLIP_CONFIG, build_from_tensors, head_rules, model_tensors,
-                                            read_json, tower_rules)
-from medclip.checkpoints.readers import CheckpointError, read_checkpoint
+from medclip.checkpoints import conversion
+from medclip.checkpoints.assembly import build_from_tensors, head_rules, model_tensors, tower_rules
+from medclip.checkpoints.hf_config import CONFIG_JSON, read_json
+from medclip.checkpoints.openclip_config import (  # noqa: F401 (re-exported: the format's public names)
+    OpenCLIPConfigError, builtin_model_names, model_config, resolve_hf_text_config, text_tokenizer_name)
+from medclip.checkpoints.readers import CheckpointError
 from medclip.models import modified_resnet, registry
 from medclip.models.bert import BertConfig
 from medclip.models.clip_text import CLIPTextConfig
 from medclip.models.clip_vision import CLIPVisionConfig
 from medclip.models.heads import HeadConfig
-from medclip.models.hybrid import HybridCLIPConfig, text_config_from_hf_dict
+from medclip.models.hybrid import HybridCLIPConfig
 from medclip.models.preprocess import Preprocess
 from medclip.models.weights import Rule
 
-logger = logging.getLogger(__name__)
-HF_HUB_PREFIX = "hf-hub:"
+OPEN_CLIP_CONFIG = "open_clip_config.json"
 WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-
-
-class OpenCLIPConfigError(ValueError):
-    """An OpenCLIP model config we cannot build: unknown name, unsupported option, or weights that disagree."""
-
-
-# open_clip's own model configs (src/open_clip/model_configs/*.json) for the models people fine-tune.
-_VIT_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12}
-_BUILTIN: dict[str, dict[str, Any]] = {
-    "ViT-B-32": {"embed_dim": 512, "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 32},
-                 "text_cfg": _VIT_TEXT},
-    "ViT-B-16": {"embed_dim": 512, "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 16},
-                 "text_cfg": _VIT_TEXT},
-    "ViT-L-14": {"embed_dim": 768, "vision_cfg": {"image_size": 224, "layers": 24, "width": 1024, "patch_size": 14},
-                 "text_cfg": {**_VIT_TEXT, "width": 768, "heads": 12}},
-    "ViT-L-14-336": {"embed_dim": 768,
-                     "vision_cfg": {"image_size": 336, "layers": 24, "width": 1024, "patch_size": 14},
-                     "text_cfg": {**_VIT_TEXT, "width": 768, "heads": 12}},
-}
-_BUILTIN.update({f"{name}-quickgelu": {**cfg, "quick_gelu": True} for name, cfg in list(_BUILTIN.items())})
-
-
-def builtin_model_names() -> list[str]:
-    return list(_BUILTIN)
-
-
-def model_config(spec: str | os.PathLike | dict) -> dict[str, Any]:
-    """A model config by open_clip name, from a JSON file (a model config or a whole open_clip_config.json),
-    or as a dict."""
-    if isinstance(spec, dict):
-        data = spec
-    elif str(spec) in _BUILTIN:
-        return copy.deepcopy(_BUILTIN[str(spec)])
-    elif Path(spec).is_file():
-        data = read_json(Path(spec))
-    else:
-        raise OpenCLIPConfigError(f"unknown OpenCLIP model {str(spec)!r}: known names are {builtin_model_names()}; "
-                                  "or give the model config as a JSON file")
-    return copy.deepcopy(data.get("model_cfg", data))
 
 
 # -- model_cfg -> our config ---------------------------------------------------------------------------------
@@ -104,7 +65,7 @@ def _vision_config(cfg: dict[str, Any], embed_dim: int, quick_gelu: bool) -> tup
             raise OpenCLIPConfigError(f"vision_cfg.timm_model_name: {e}") from None
         # "" keeps the trunk's own pooling (a ViT's class token, a convnet's average), "avg" averages the
         # feature map (or a ViT's tokens, which we do not build); open_clip's default is "avg"
-        pools, pool = getattr(vision, "timm_pools", ("",)), cfg.get("timm_pool", "avg")
+        pools, pool = vision.timm_pools, cfg.get("timm_pool", "avg")
         if pool not in pools:
             raise OpenCLIPConfigError(f"vision_cfg: OpenCLIP option timm_pool {pool!r} (open_clip's default when "
                                       f"absent: 'avg') is not supported for {cfg['timm_model_name']} (only {pools})")
@@ -148,7 +109,7 @@ def _text_config(cfg: dict[str, Any], embed_dim: int, quick_gelu: bool, tensors:
         if isinstance(text, BertConfig) and not text.is_distilbert:
             # open_clip builds the HF model with its pooling layer only for the pooler that reads it
             text = text.replace(add_pooling_layer=pooler == "pooler_output")
-        if pooler == "pooler_output" and not getattr(text, "has_pooler", False):
+        if pooler == "pooler_output" and not text.has_pooler:
             pooler = "cls"  # open_clip's ClsPooler falls back to the [CLS] state without a pooler
         bias = bool(cfg.get("proj_bias", False))
         if proj == "mlp":  # open_clip: Linear(d, (d + embed) // 2, bias) -> GELU -> Linear(.., embed, bias)
@@ -196,67 +157,6 @@ def config_from_open_clip(model_cfg: dict[str, Any], preprocess_cfg: dict[str, A
                             open_clip_model_cfg=copy.deepcopy(model_cfg))
 
 
-def resolve_hf_text_config(name: str, tensors: dict[str, np.ndarray] | None, source: str,
-                           prefix: str = "text.transformer.") -> Any:
-    """open_clip fetches an HF text tower's config by `hf_model_name` at build time; the checkpoint has none.
-
-    In order: a local folder of that name, the huggingface_hub cache, else the BERT config inferred from the
-    weights' names and shapes. Each path says which it took."""
-    folder = Path(name).expanduser()
-    config_file = folder / "config.json" if folder.is_dir() else None
-    how = f"the local folder {folder}"
-    if config_file is None or not config_file.is_file():
-        config_file, how = _cached_config(name), f"the huggingface_hub cache of {name}"
-    if config_file is not None:
-        data = read_json(Path(config_file))
-        from medclip.checkpoints.pretrained import infer_model_type
-
-        data["model_type"] = infer_model_type(data, name)
-        logger.info("%s: text tower config of %s read from %s", source, name, how)
-        return text_config_from_hf_dict(data)
-    if tensors is None:
-        raise OpenCLIPConfigError(f"{source}: the text tower's config ({name}) is neither a local folder nor in the "
-                                  "huggingface_hub cache, and there are no weights to infer it from")
-    config = infer_bert_config(tensors, prefix, source)
-    logger.warning("%s: the config of text tower %s is neither a local folder nor cached; inferred it from the "
-                   "weights as a BERT with %d layers, width %d, %d heads (assumed: 64 per head), vocabulary %d. "
-                   "Download %s (or pass a folder) to use its own config.", source, name, config.num_hidden_layers,
-                   config.hidden_size, config.num_attention_heads, config.vocab_size, name)
-    return config
-
-
-def _cached_config(name: str) -> str | None:
-    if Path(name).is_absolute() or name.count("/") > 1:
-        return None
-    try:
-        import huggingface_hub
-
-        found = huggingface_hub.try_to_load_from_cache(name, "config.json")
-    except Exception:  # an id the hub client rejects is simply not cached
-        return None
-    return found if isinstance(found, str) else None
-
-
-def infer_bert_config(tensors: dict[str, np.ndarray], prefix: str, source: str) -> BertConfig:
-    """A BERT's sizes from its weights. The head count is not in any shape: BERTs use 64 dimensions per head."""
-    def shape(key: str) -> tuple[int, ...]:
-        if prefix + key not in tensors:
-            raise OpenCLIPConfigError(f"{source}: cannot infer the text tower's config: no {prefix + key} in the "
-                                      "weights (is it a BERT?); make its config available (local folder or cache)")
-        return tuple(np.shape(tensors[prefix + key]))
-
-    vocab, width = shape("embeddings.word_embeddings.weight")
-    layer_re = re.compile(re.escape(prefix) + r"encoder\.layer\.(\d+)\.")
-    layers = {int(m.group(1)) for k in tensors if (m := layer_re.match(k))}
-    types = tensors.get(prefix + "embeddings.token_type_embeddings.weight")
-    return BertConfig(add_pooling_layer=prefix + "pooler.dense.weight" in tensors, vocab_size=vocab,
-                      hidden_size=width, num_hidden_layers=len(layers),
-                      num_attention_heads=max(width // 64, 1),
-                      intermediate_size=shape("encoder.layer.0.intermediate.dense.weight")[0],
-                      max_position_embeddings=shape("embeddings.position_embeddings.weight")[0],
-                      type_vocab_size=0 if types is None else int(np.shape(types)[0]))
-
-
 # -- the state dict's layout ---------------------------------------------------------------------------------
 
 def _head_rules(ckpt: str, ours: str, head: HeadConfig, *, raw: bool) -> list[Rule]:
@@ -267,22 +167,22 @@ def _head_rules(ckpt: str, ours: str, head: HeadConfig, *, raw: bool) -> list[Ru
 def openclip_rules(config: HybridCLIPConfig) -> list[Rule]:
     vision, text = config.vision_config, config.text_config
     if "timm" in registry.tower_for_config(vision).formats():  # open_clip's TimmModel: any timm trunk
-        rules = [*conv.prefixed("visual.trunk.", tower_rules(vision, "timm"), "vision_model."),
+        rules = [*conversion.prefixed("visual.trunk.", tower_rules(vision, "timm"), "vision_model."),
                  *_head_rules("visual.head.mlp" if config.vision_head.type == "mlp" else "visual.head.proj",
                               "visual_projection", config.vision_head, raw=False)]
     elif isinstance(vision, modified_resnet.ModifiedResNetConfig):
-        rules = conv.prefixed("visual.", tower_rules(vision, "openclip"), "vision_model.")
+        rules = conversion.prefixed("visual.", tower_rules(vision, "openclip"), "vision_model.")
     elif type(vision) is CLIPVisionConfig:
-        rules = [*conv.prefixed("visual.", tower_rules(vision, "openclip"), "vision_model."),
+        rules = [*conversion.prefixed("visual.", tower_rules(vision, "openclip"), "vision_model."),
                  *_head_rules("visual.proj", "visual_projection", config.vision_head, raw=True)]
     else:
         raise OpenCLIPConfigError(f"no OpenCLIP layout for a {type(vision).__name__} vision tower")
     if isinstance(text, BertConfig):
-        rules += [*conv.prefixed("text.transformer.", tower_rules(text, "openclip"), "text_model."),
+        rules += [*conversion.prefixed("text.transformer.", tower_rules(text, "openclip"), "text_model."),
                   *_head_rules("text.proj", "text_projection", config.text_head, raw=False)]
     elif isinstance(text, CLIPTextConfig):
         prefix = "text." if (config.open_clip_model_cfg or {}).get("custom_text") else ""
-        rules += [*conv.prefixed(prefix, tower_rules(text, "openclip"), "text_model."),
+        rules += [*conversion.prefixed(prefix, tower_rules(text, "openclip"), "text_model."),
                   *_head_rules(f"{prefix}text_projection", "text_projection", config.text_head, raw=True)]
     else:
         raise OpenCLIPConfigError(f"no OpenCLIP layout for a {type(text).__name__} text tower")
@@ -293,49 +193,34 @@ def openclip_rules(config: HybridCLIPConfig) -> list[Rule]:
 _IGNORED = re.compile(r"(^|\.)attn_mask$|(^|\.)position_ids$")
 
 
-def state_dict_from_checkpoint(tensors: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
-    """The model's state dict inside what torch.save wrote: a bare state dict, or a training checkpoint
-    `{"epoch", "state_dict", "optimizer", ...}` (the optimizer state is skipped), with DDP's `module.` prefix."""
-    if any(k.startswith("state_dict.") for k in tensors):
-        skipped = sorted({k.split(".", 1)[0] for k in tensors if not k.startswith("state_dict.")})
-        if skipped:
-            logger.info("%s: a training checkpoint; using its state_dict, skipping %s", source, skipped)
-        tensors = {k[len("state_dict."):]: v for k, v in tensors.items() if k.startswith("state_dict.")}
-    if tensors and all(k.startswith("module.") for k in tensors):
-        tensors = {k[len("module."):]: v for k, v in tensors.items()}
-    return tensors
+def is_folder(folder: Path) -> bool:
+    """An OpenCLIP hub folder: open_clip_config.json and no transformers config.json beside it."""
+    return (folder / OPEN_CLIP_CONFIG).is_file() and not (folder / CONFIG_JSON).is_file()
 
 
-def load_state_dict_file(cls, path: Path, spec: str | os.PathLike | dict | None, *, dtype=jnp.float32,
-                         remat: bool = False, preprocess_cfg: dict | None = None) -> nnx.Module:
-    """A bare OpenCLIP state dict (.pt / .bin / .safetensors; read without executing pickled code); PMC-CLIP's
-    checkpoint.pt is recognised by its keys (or the config name RN50_fusion4)."""
-    from medclip.checkpoints import pmc_clip
-
-    tensors = state_dict_from_checkpoint(read_checkpoint(path), str(path))
-    if (isinstance(spec, str) and spec in pmc_clip.CONFIGS) or pmc_clip.is_pmc_clip(
-            spec if isinstance(spec, dict) else None, tensors):
-        return pmc_clip.load_tensors(cls, tensors, spec, str(path), dtype=dtype, remat=remat)
-    if spec is None:
-        raise CheckpointError(f"{path} is a bare weights file: say which model it holds with an OpenCLIP model "
-                              f"config (open_clip_model= one of {builtin_model_names()} or a JSON file), or pass "
-                              "the model folder")
-    model_cfg = model_config(spec)
-    config = config_from_open_clip(model_cfg, preprocess_cfg, tensors=tensors, source=str(path))
-    return build_from_tensors(cls, config, tensors, openclip_rules(config), source=str(path), dtype=dtype,
-                              remat=remat, ignored=_IGNORED)
-
-
-def load_folder(cls, folder: Path, *, dtype=jnp.float32, remat: bool = False) -> nnx.Module:
-    """An OpenCLIP hub folder: open_clip_config.json + open_clip_model.safetensors / open_clip_pytorch_model.bin."""
+def read_folder(folder: Path) -> tuple[Path, dict[str, Any], dict[str, Any] | None]:
+    """An OpenCLIP hub folder's weights file, model_cfg and preprocess_cfg; the weights themselves are a state
+    dict the format dispatcher reads (it may be another format's: PMC-CLIP's)."""
     data = read_json(folder / OPEN_CLIP_CONFIG)
     if "model_cfg" not in data:
         raise OpenCLIPConfigError(f"{folder / OPEN_CLIP_CONFIG} has no model_cfg")
     weights = next((folder / n for n in WEIGHT_NAMES if (folder / n).is_file()), None)
     if weights is None:
         raise CheckpointError(f"{folder}: OpenCLIP folder without weights; looked for {', '.join(WEIGHT_NAMES)}")
-    return load_state_dict_file(cls, weights, data["model_cfg"], dtype=dtype, remat=remat,
-                                preprocess_cfg=data.get("preprocess_cfg"))
+    return weights, data["model_cfg"], data.get("preprocess_cfg")
+
+
+def load_state_dict(cls, tensors: dict[str, np.ndarray], spec: str | os.PathLike | dict | None, source: str, *,
+                    dtype=jnp.float32, remat: bool = False, preprocess_cfg: dict | None = None) -> nnx.Module:
+    """An OpenCLIP state dict (already unwrapped from a training checkpoint) with the model config `spec` names."""
+    if spec is None:
+        raise CheckpointError(f"{source} is a bare weights file: say which model it holds with an OpenCLIP model "
+                              f"config (open_clip_model= one of {builtin_model_names()} or a JSON file), or pass "
+                              "the model folder")
+    model_cfg = model_config(spec)
+    config = config_from_open_clip(model_cfg, preprocess_cfg, tensors=tensors, source=source)
+    return build_from_tensors(cls, config, tensors, openclip_rules(config), source=source, dtype=dtype,
+                              remat=remat, ignored=_IGNORED)
 
 
 # -- export --------------------------------------------------------------------------------------------------
@@ -380,16 +265,10 @@ def save_open_clip(model: nnx.Module, save_directory: str | os.PathLike) -> Path
     preprocess = config.image_preprocess
     folder = Path(save_directory)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = conv.to_hf(model_tensors(model), openclip_rules(config.replace(open_clip_model_cfg=model_cfg)))
+    tensors = conversion.to_hf(model_tensors(model), openclip_rules(config.replace(open_clip_model_cfg=model_cfg)))
     payload = {"model_cfg": model_cfg,
                "preprocess_cfg": {"mean": list(preprocess.mean), "std": list(preprocess.std),
                                   "resize_mode": preprocess.resize_mode}}
     (folder / OPEN_CLIP_CONFIG).write_text(json.dumps(payload, indent=2) + "\n")
     save_file(tensors, str(folder / "open_clip_model.safetensors"))
     return folder
-
-
-def text_tokenizer_name(config: HybridCLIPConfig) -> str | None:
-    """Where an OpenCLIP model's tokenizer comes from: its HF text tower's `hf_tokenizer_name`, if any."""
-    text_cfg = (config.open_clip_model_cfg or {}).get("text_cfg", {})
-    return text_cfg.get("hf_tokenizer_name") or text_cfg.get("hf_model_name")

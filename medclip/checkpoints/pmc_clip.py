@@ -25,15 +25,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from medclip.checkpoints import conversion as conv
-from medclip.checkpoints.openclip import OpenCLIPConfigError, model_config, resolve_hf_text_config
-from medclip.checkpoints.pretrained import build_from_tensors, tower_rules
+from medclip.checkpoints import conversion
+from medclip.checkpoints.assembly import build_from_tensors, tower_rules
+from medclip.checkpoints.openclip_config import OpenCLIPConfigError, model_config, resolve_hf_text_config
 from medclip.checkpoints.readers import read_checkpoint
 from medclip.models.bert import BertConfig
 from medclip.models.fusion import FusionConfig, fusion_rules
 from medclip.models.heads import HeadConfig
 from medclip.models.hybrid import HybridCLIPConfig
 from medclip.models.modified_resnet import config_from_open_clip as resnet_config
+from medclip.models.preprocess import Preprocess
 from medclip.models.weights import Rule
 
 logger = logging.getLogger(__name__)
@@ -50,8 +51,10 @@ PART_FILES = {"visual.": "image_encoder(resnet50).pth", "text_encoder.": "text_e
 _UNREAD = re.compile(r"^(positional_embedding|ln_final\.(weight|bias))$")  # built by PMC_CLIP, never used
 
 
-def is_pmc_clip(model_cfg: dict[str, Any] | None, tensors: dict[str, np.ndarray]) -> bool:
-    if model_cfg is not None and model_cfg.get("clip_model") == "PMC_CLIP":
+def recognise_state_dict(spec: str | os.PathLike | dict | None, tensors: dict[str, np.ndarray]) -> bool:
+    """PMC-CLIP's checkpoint.pt: named by its config (RN50_fusion4, or a model_cfg with clip_model PMC_CLIP), or
+    recognised by its keys (a BERT `text_encoder.` beside a ModifiedResNet's `visual.attnpool.`)."""
+    if (isinstance(spec, str) and spec in CONFIGS) or (isinstance(spec, dict) and spec.get("clip_model") == "PMC_CLIP"):
         return True
     return any(k.startswith("text_encoder.") for k in tensors) and any(k.startswith("visual.attnpool.")
                                                                        for k in tensors)
@@ -84,17 +87,20 @@ def config_from_pmc_clip(model_cfg: dict[str, Any], tensors: dict[str, np.ndarra
 
 
 def rules(config: HybridCLIPConfig) -> list[Rule]:
-    out = [*conv.prefixed("visual.", tower_rules(config.vision_config, "openclip"), "vision_model."),
-           *conv.prefixed("text_encoder.", tower_rules(config.text_config, "hf"), "text_model."),
+    out = [*conversion.prefixed("visual.", tower_rules(config.vision_config, "openclip"), "vision_model."),
+           *conversion.prefixed("text_encoder.", tower_rules(config.text_config, "hf"), "text_model."),
            Rule("text_projection", "text_projection.kernel"), Rule("logit_scale", "logit_scale")]
     return out + (fusion_rules(config.fusion) if config.fusion is not None else [])
 
 
 def load_tensors(cls, tensors: dict[str, np.ndarray], spec: str | os.PathLike | dict | None, source: str, *,
-                 dtype=jnp.float32, remat: bool = False) -> nnx.Module:
-    """A PMC-CLIP state dict (already unwrapped from its training checkpoint and `module.` prefix)."""
+                 dtype=jnp.float32, remat: bool = False, preprocess_cfg: dict | None = None) -> nnx.Module:
+    """A PMC-CLIP state dict (already unwrapped from its training checkpoint and `module.` prefix);
+    `preprocess_cfg`, an OpenCLIP folder's, sets the image normalisation."""
     model_cfg = pmc_model_config(spec)
     config = config_from_pmc_clip(model_cfg, tensors, source)
+    if preprocess_cfg:
+        config = config.replace(preprocess=Preprocess.from_dict(preprocess_cfg))
     skipped = sorted(k for k in tensors if _UNREAD.match(k))
     ignored = _UNREAD
     if config.fusion is None:
@@ -112,6 +118,7 @@ def load_tensors(cls, tensors: dict[str, np.ndarray], spec: str | os.PathLike | 
 
 
 def has_parts(folder: Path) -> bool:
+    """PMC-CLIP's separately published parts, all three in one folder."""
     return all((folder / name).is_file() for name in PART_FILES.values())
 
 

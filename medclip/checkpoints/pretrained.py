@@ -1,15 +1,13 @@
-"""Loading and saving FlaxHybridCLIP in every layout our users start from.
+"""Pretrained towers paired into a FlaxHybridCLIP (`load_from_towers`, `load_tower`), and the public entry points
+for whole checkpoints, kept here so callers import one module.
 
-`load_hybrid` recognises, from the files: our / transformers' VisionTextDualEncoder layout (and the original
-flax-community `hybrid-clip`), a whole transformers `CLIPModel` (towers, projections, temperature), an OpenCLIP
-hub folder (`open_clip_config.json` + weights), and a bare OpenCLIP state dict given with its model config
-(medclip.checkpoints.openclip). Saving writes a `CLIPModel` when both towers and heads are CLIP's, otherwise
-the dual-encoder layout; `save_open_clip` writes OpenCLIP's.
+Whole checkpoints: `load_hybrid` (medclip.checkpoints.formats) recognises our / transformers' dual-encoder and
+CLIPModel layouts (hf_layout), OpenCLIP hub folders and state dicts (openclip) and PMC-CLIP's (pmc_clip); saving
+writes our layout (`save_hybrid`) or OpenCLIP's (`openclip.save_open_clip`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -22,168 +20,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from medclip.checkpoints import conversion as conv
+from medclip.checkpoints import conversion
+from medclip.checkpoints.assembly import (WEIGHTS, abstract_model, collapse_double_prefixes, fill, load_tensors,
+                                          native_format, param_shapes)
+from medclip.checkpoints.formats import load_hybrid
+from medclip.checkpoints.hf_config import infer_model_type, read_config_json
+from medclip.checkpoints.hf_layout import hybrid_rules, model_tensors_hf, save_hybrid
 from medclip.checkpoints.hub import resolve_model_dir
-from medclip.checkpoints.readers import CheckpointError, find_checkpoint_file, read_checkpoint
+from medclip.checkpoints.readers import CheckpointError
 from medclip.models import registry
-from medclip.models.bert import BertConfig
-from medclip.models.fusion import FusionConfig, MLMFusion, fusion_rules
+from medclip.models.config_base import TextTowerConfig
+from medclip.models.fusion import FusionConfig, MLMFusion
 from medclip.models.heads import HeadConfig, build_head
 from medclip.models.hybrid import HybridCLIPConfig, text_config_from_hf_dict, vision_config_from_hf_dict
 from medclip.models.preprocess import Preprocess
-from medclip.models.weights import Rule
 
 logger = logging.getLogger(__name__)
-OPEN_CLIP_CONFIG = "open_clip_config.json"
-
-
-def native_format(config: Any) -> str:
-    """The format a tower is saved in inside our layout: transformers' naming where it has one."""
-    formats = registry.tower_for_config(config).formats()
-    return "hf" if "hf" in formats else formats[0]
-
-
-def head_rules(ckpt: str, ours: str, head: HeadConfig, *, raw: bool = False,
-               mlp_names: tuple[str, str] = ("fc1", "fc2")) -> list[Rule]:
-    """A head under `ckpt`: transformers-style by default (`visual_projection.weight`, `.fc1`/`.fc2` for an MLP).
-    OpenCLIP's spellings: `raw`, a bias-free linear head stored as an (in, out) parameter used as `x @ W`
-    (CLIP's proj / text_projection); `mlp_names`, its MLP layers (nn.Sequential's 0 / 2 for the HF text head)."""
-    if head.type == "none":
-        return []
-    if head.type == "linear":
-        if raw and not head.bias:
-            return [Rule(ckpt, f"{ours}.kernel")]
-        return conv.linear(ckpt, ours, bias=head.bias)
-    first, second = mlp_names
-    return [*conv.linear(f"{ckpt}.{first}", f"{ours}.fc1", bias=head.hidden_bias),
-            *conv.linear(f"{ckpt}.{second}", f"{ours}.fc2", bias=head.bias)]
-
-
-def tower_rules(config: Any, fmt: str) -> list[Rule]:
-    return registry.tower_for_config(config).rules(config, fmt)
-
-
-def hybrid_rules(config: HybridCLIPConfig) -> list[Rule]:
-    """The VisionTextDualEncoderModel / CLIPModel layout."""
-    return [
-        *conv.prefixed("vision_model.", tower_rules(config.vision_config, native_format(config.vision_config)),
-                       "vision_model."),
-        *conv.prefixed("text_model.", tower_rules(config.text_config, native_format(config.text_config)),
-                       "text_model."),
-        *head_rules("visual_projection", "visual_projection", config.vision_head),
-        *head_rules("text_projection", "text_projection", config.text_head),
-        conv.Rule("logit_scale", "logit_scale"),
-        conv.Rule("logit_bias", "logit_bias"),
-        *(fusion_rules(config.fusion) if config.fusion is not None else []),  # PMC-CLIP's names
-    ]
-
-
-def read_config_json(folder: Path) -> dict[str, Any]:
-    path = folder / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder} has no config.json (nor {OPEN_CLIP_CONFIG})")
-    return read_json(path)
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def infer_model_type(data: dict[str, Any], name: str) -> str:
-    """Old checkpoints (SciBERT's, for one) have no `model_type`; transformers then guesses from the
-    architecture list or the repo name, and so do we, in the same order of specificity."""
-    if data.get("model_type"):
-        return data["model_type"]
-    hints = " ".join(data.get("architectures") or []).lower() + " " + name.lower()
-    for model_type in ("distilbert", "xlm-roberta", "roberta", "bert", "clip"):
-        if model_type.replace("-", "") in hints.replace("-", ""):
-            return model_type
-    raise ValueError(f"{name}: config.json has no model_type and none can be inferred from its name or "
-                     "architectures; add \"model_type\" to config.json")
-
-
-def load_tensors(folder: Path) -> tuple[dict[str, np.ndarray], str]:
-    """Reads a folder's weights in PyTorch naming (legacy Flax msgpack keys are renamed)."""
-    path = find_checkpoint_file(folder)
-    tensors = read_checkpoint(path)
-    if path.name.endswith(".msgpack"):
-        tensors = conv.flax_to_hf_keys(tensors)
-    return tensors, str(path)
-
-
-# What a checkpoint holds: parameters and running statistics (BatchNorm's), both loaded and saved.
-WEIGHTS = (nnx.Param, nnx.BatchStat)
-
-
-def param_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
-    return {".".join(map(str, path)): tuple(v.shape)
-            for path, v in nnx.to_flat_state(nnx.state(model, WEIGHTS))}
-
-
-def _collapse_double_prefixes(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """transformers 4.x saved `vision_model.vision_model.*` (and the Flax hybrid did too)."""
-    out = {}
-    for key, value in tensors.items():
-        for tower in ("vision_model.", "text_model."):
-            if key.startswith(tower + tower):
-                key = key[len(tower):]
-        out[key] = value
-    return out
-
-
-def fill(abstract: nnx.Module, values: dict[str, np.ndarray | jax.Array]) -> nnx.Module:
-    graphdef, state = nnx.split(abstract)
-    flat = nnx.to_flat_state(state)
-    leaves = []
-    for path, variable in flat:
-        key = ".".join(map(str, path))
-        if key not in values:
-            raise conv.WeightMismatchError(f"no value for parameter {key}")
-        leaves.append((path, variable.replace(jnp.asarray(values[key], dtype=variable.dtype))))
-    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
-
-
-def abstract_model(cls, config: HybridCLIPConfig, dtype=jnp.float32, remat: bool = False) -> nnx.Module:
-    return nnx.eval_shape(lambda: cls(config, dtype=dtype, remat=remat, rngs=nnx.Rngs(0)))
-
-
-def build_from_tensors(cls, config: HybridCLIPConfig, tensors: dict[str, np.ndarray], rules: list[Rule], *,
-                       source: str, dtype=jnp.float32, remat: bool = False, ignored=None) -> nnx.Module:
-    abstract = abstract_model(cls, config, dtype, remat)
-    values = conv.to_ours(tensors, rules, param_shapes(abstract), source=source, ignored=ignored)
-    return fill(abstract, values)
-
-
-def load_hybrid(cls, name_or_path: str | os.PathLike, *, dtype=jnp.float32, remat: bool = False,
-                revision: str | None = None, open_clip_model: str | os.PathLike | dict | None = None) -> nnx.Module:
-    """Any supported layout, recognised from the files. A bare OpenCLIP state dict (`.pt`, `.bin`,
-    `.safetensors`, possibly a training checkpoint) needs `open_clip_model`: a model config name (`ViT-B-32`),
-    a JSON file or a dict."""
-    from medclip.checkpoints import openclip
-
-    name = str(name_or_path)
-    if name.startswith(openclip.HF_HUB_PREFIX):
-        name = name[len(openclip.HF_HUB_PREFIX):]
-    path = Path(name).expanduser()
-    if path.is_file():
-        return openclip.load_state_dict_file(cls, path, open_clip_model, dtype=dtype, remat=remat)
-    folder = resolve_model_dir(name, revision=revision)
-    from medclip.checkpoints import pmc_clip
-
-    if pmc_clip.has_parts(folder):
-        return pmc_clip.load_parts(cls, folder, open_clip_model, dtype=dtype, remat=remat)
-    if (folder / OPEN_CLIP_CONFIG).is_file() and not (folder / "config.json").is_file():
-        return openclip.load_folder(cls, folder, dtype=dtype, remat=remat)
-    config = HybridCLIPConfig.from_dict(read_config_json(folder))
-    tensors, source = load_tensors(folder)
-    return build_from_tensors(cls, config, _collapse_double_prefixes(tensors), hybrid_rules(config), source=source,
-                              dtype=dtype, remat=remat)
 
 
 def _tower_values(tensors: dict[str, np.ndarray], tower_config: Any, fmt: str, our_prefix: str,
@@ -199,11 +51,11 @@ def _tower_values(tensors: dict[str, np.ndarray], tower_config: Any, fmt: str, o
 
     def matches(prefix: str) -> int:
         return sum(1 for k in tensors if k.startswith(prefix) and
-                   any(r.match_hf(conv.normalize_hf_key(k[len(prefix):])) for r in tower_rules_))
+                   any(r.match_hf(conversion.normalize_hf_key(k[len(prefix):])) for r in tower_rules_))
 
     prefix = max(prefixes, key=matches)
     if matches(prefix) == 0:
-        raise conv.WeightMismatchError(f"{source}: no weights of this tower found (looked under prefixes "
+        raise conversion.WeightMismatchError(f"{source}: no weights of this tower found (looked under prefixes "
                                        f"{[p or '<none>' for p in prefixes]}); is it the right checkpoint?")
     selected = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     if prefix and len(selected) < len(tensors):
@@ -214,7 +66,7 @@ def _tower_values(tensors: dict[str, np.ndarray], tower_config: Any, fmt: str, o
     skipped = sorted(k for k in selected if ignored is not None and ignored.search(k))
     if skipped:
         logger.info("%s: skipping %d keys the tower does not use (%s ...)", source, len(skipped), skipped[0])
-    values = conv.to_ours(selected, tower_rules_, tower_shapes, source=source, optional=fresh, ignored=ignored)
+    values = conversion.to_ours(selected, tower_rules_, tower_shapes, source=source, optional=fresh, ignored=ignored)
     for key in sorted(set(fresh) - set(values)):
         logger.warning("%s has no %s%s: it starts freshly initialised and is trained from scratch",
                        source, our_prefix, key)
@@ -222,10 +74,10 @@ def _tower_values(tensors: dict[str, np.ndarray], tower_config: Any, fmt: str, o
     return {our_prefix + k: v for k, v in values.items()}
 
 
-def _fresh_pooler(config: Any, seed: int) -> dict[str, jax.Array]:
+def _fresh_pooler(config: TextTowerConfig, seed: int) -> dict[str, jax.Array]:
     """A masked-LM checkpoint (BertForMaskedLM) has no pooler; transformers then initialises one at random
     with a warning, and so do we."""
-    if not (isinstance(config, BertConfig) and config.has_pooler):
+    if not config.has_pooler:
         return {}
     pooler = nnx.Linear(config.hidden_size, config.hidden_size, rngs=nnx.Rngs(seed + 1))
     return {"pooler.kernel": pooler.kernel[...], "pooler.bias": pooler.bias[...]}
@@ -303,7 +155,7 @@ def load_tower(model: nnx.Module, kind: str, name_or_path: str | os.PathLike, *,
     tower_config = getattr(model.config, f"{kind}_config")
     tensors, source = load_tensors(folder)
     fresh = _fresh_pooler(tower_config, seed) if kind == "text" else None
-    values = _tower_values(_collapse_double_prefixes(tensors), tower_config, native_format(tower_config),
+    values = _tower_values(collapse_double_prefixes(tensors), tower_config, native_format(tower_config),
                            f"{kind}_model.", param_shapes(model), source, fresh=fresh)
     state = nnx.state(model, WEIGHTS)
     leaves = [(path, variable.replace(jnp.asarray(values[key], dtype=variable.dtype)) if key in values
@@ -338,40 +190,14 @@ def load_from_towers(cls, text_name_or_path: str | os.PathLike, vision_name_or_p
     vision_tensors, vision_source = load_tensors(vision_dir)
     text_tensors, text_source = load_tensors(text_dir)
     values = {
-        **_tower_values(_collapse_double_prefixes(vision_tensors), vision_config, native_format(vision_config),
+        **_tower_values(collapse_double_prefixes(vision_tensors), vision_config, native_format(vision_config),
                         "vision_model.", shapes, vision_source),
-        **_tower_values(_collapse_double_prefixes(text_tensors), text_config, native_format(text_config),
+        **_tower_values(collapse_double_prefixes(text_tensors), text_config, native_format(text_config),
                         "text_model.", shapes, text_source, fresh=_fresh_pooler(text_config, seed)),
         **fresh_heads(config, seed),
     }
     return fill(abstract, values)
 
 
-def model_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
-    """Our parameters and running statistics as fp32 NumPy arrays under our keys; refuses non-finite values."""
-    ours = {".".join(map(str, p)): np.asarray(v[...], dtype=np.float32)
-            for p, v in nnx.to_flat_state(nnx.state(model, WEIGHTS))}
-    bad = [k for k, v in ours.items() if not np.all(np.isfinite(v))]
-    if bad:
-        raise ValueError(f"refusing to save non-finite parameters: {bad[:10]}{' ...' if len(bad) > 10 else ''}")
-    return ours
-
-
-def model_tensors_hf(model: nnx.Module) -> dict[str, np.ndarray]:
-    """Our parameters renamed to transformers' VisionTextDualEncoderModel / CLIPModel keys."""
-    return conv.to_hf(model_tensors(model), hybrid_rules(model.config))
-
-
-def save_hybrid(model: nnx.Module, save_directory: str | os.PathLike, *, tokenizer: Any = None) -> None:
-    from safetensors.numpy import save_file
-
-    folder = Path(save_directory)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = model_tensors_hf(model)
-    model.config.to_json_file(folder / "config.json")
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(folder))
-
-
-__all__ = ["CheckpointError", "load_from_towers", "load_tower", "pretrained_tower_config", "load_hybrid", "save_hybrid", "model_tensors_hf"]
+__all__ = ["CheckpointError", "hybrid_rules", "load_from_towers", "load_tower", "pretrained_tower_config", "load_hybrid",
+           "save_hybrid", "model_tensors_hf"]

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from medclip.checkpoints.hub import TOKENIZER_FILES, resolve_model_dir
+from medclip.checkpoints.openclip_config import text_tokenizer_name
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +42,6 @@ def tokenizer_for_model(model_dir: str | os.PathLike, config: Any = None) -> Any
     folder = resolve_model_dir(model_dir)
     if has_tokenizer(folder):
         return load_tokenizer(folder)
-    from medclip.checkpoints.openclip import text_tokenizer_name
-
     name = text_tokenizer_name(config) if config is not None else None
     if name:
         logger.info("%s has no tokenizer files: using its text tower's, %s", folder, name)

@@ -84,10 +84,13 @@ def _tokenize(tokenizer, texts: list[str], max_seq_length: int) -> tuple[np.ndar
 
 
 def second_texts(items: list[Record], field: str) -> list[str]:
-    """Each record's second text: its keywords or concepts joined by ", ", or another CSV column / JSON field
-    (`Record.fields`); "" where a record has none. A field no record has is refused (a typo, most likely)."""
-    if field in ("keywords", "concepts"):
-        return [", ".join(getattr(record, field)) for record in items]
+    """Each record's second text: its keywords or concepts joined by ", " (the concepts' names where the records
+    carry them, as the CLIP-TF report feeds them), or another CSV column / JSON field (`Record.fields`); "" where
+    a record has none. A field no record has is refused (a typo, most likely)."""
+    if field == "concepts":
+        return [", ".join(record.concept_names or record.concepts) for record in items]
+    if field == "keywords":
+        return [", ".join(record.keywords) for record in items]
     if items and not any(field in record.fields for record in items):
         raise ValueError(f"no record has a {field!r} field (--second_text_field): use keywords, concepts, or a "
                          f"CSV column / JSON field of the data (e.g. {sorted(items[0].fields)[:8]})")

@@ -20,22 +20,23 @@ from pathlib import Path
 from medclip.data import captions, image_checks
 from medclip.data.records import DataError, DropCounter
 from medclip.data.sources import jsonl, roco
+from medclip.flag_parsing import ArgumentParser, number_in_range
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="medclip prepare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--roco-dir", required=True, type=Path,
+    parser = ArgumentParser(prog="medclip prepare", description=__doc__.split("\n\n")[0])  # also --roco-dir etc.
+    parser.add_argument("--roco_dir", required=True, type=Path,
                         help="ROCO checkout (or its data/ folder) as the fetch script leaves it")
-    parser.add_argument("--output-dir", required=True, type=Path, help="where {split}.jsonl and summary.json go")
+    parser.add_argument("--output_dir", required=True, type=Path, help="where {split}.jsonl and summary.json go")
     parser.add_argument("--splits", nargs="+", choices=roco.SPLITS, help="default: every split found")
     parser.add_argument("--subsets", nargs="+", choices=roco.SUBSETS, default=["radiology"])
-    parser.add_argument("--min-caption-length", type=int, default=captions.DEFAULT_MIN_CAPTION_LENGTH,
+    parser.add_argument("--min_caption_length", type=number_in_range(int, 0), default=captions.DEFAULT_MIN_CAPTION_LENGTH,
                         help="drop captions shorter than this many characters (after cleaning)")
-    parser.add_argument("--min-mean-intensity", type=float, default=None,
+    parser.add_argument("--min_mean_intensity", type=number_in_range(float, 0, 255), default=None,
                         help="drop near-black images: mean intensity (0-255) under this value; off by default")
-    parser.add_argument("--max-pixels", type=int, default=image_checks.DEFAULT_MAX_PIXELS,
+    parser.add_argument("--max_pixels", type=number_in_range(int, 1), default=image_checks.DEFAULT_MAX_PIXELS,
                         help="drop images declaring more pixels than this (decompression bombs)")
-    parser.add_argument("--no-verify-decode", dest="verify_decode", action="store_false",
+    parser.add_argument("--no_verify_decode", dest="verify_decode", action="store_false",
                         help="skip the full decode check (header checks still run)")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
     return parser.parse_args(argv)

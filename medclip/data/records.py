@@ -27,6 +27,8 @@ class Record:
     source: str = ""
     # The source's other text fields (CSV columns, JSON string fields), e.g. for --second_text_field.
     fields: dict[str, str] = dataclasses.field(default_factory=dict)
+    # The concepts' readable names, same order (medclip.data.sources.concept_names); empty when unknown
+    concept_names: list[str] = dataclasses.field(default_factory=list)
 
     def to_json(self, relative_to: str | Path | None = None) -> dict:
         """The JSON-lines form (`image_path` + `captions`, the original medclip format, plus our fields).

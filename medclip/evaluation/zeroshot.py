@@ -21,15 +21,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from medclip.evaluation.prompts import RADIOLOGY_TEMPLATES
+
 EncodeText = Callable[[list[str]], np.ndarray]
 
-DEFAULT_TEMPLATES = (
-    "a radiology image showing {}.",
-    "a {} scan.",
-    "a medical image of {}.",
-    "an image showing {}.",
-    "{}.",
-)
+DEFAULT_TEMPLATES = RADIOLOGY_TEMPLATES  # other sets: medclip.evaluation.prompts
 K_VALUES = (2, 5, 10, 30)
 
 
@@ -184,6 +180,8 @@ def evaluate_zero_shot(
         "K": len(task.concepts),
         "n_images": len(task.image_indices),
         "n_single_label": int(single.sum()),
+        # a random guess scores mean_labels_per_image / K under top1_in_labels
+        "mean_labels_per_image": float(task.targets.sum(axis=1).mean()) if len(task.targets) else float("nan"),
         "acc": top1_accuracy(scores[single], np.argmax(task.targets[single], axis=1)),
         **multilabel_metrics(scores, task.targets),
     }

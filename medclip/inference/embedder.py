@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from medclip.checkpoints.hub import resolve_model_dir
+from medclip.checkpoints.hub import resolve_model_dir, resolve_model_name
 from medclip.checkpoints.tokenizers import tokenizer_for_model
 from medclip.data.image_checks import inspect_image, rgb_image
 from medclip.hybrid_clip import FlaxHybridCLIP
@@ -49,7 +49,7 @@ def model_fingerprint(folder: Path) -> str:
 
 class Embedder:
     def __init__(self, model_dir: str | os.PathLike, *, batch_size: int = 32, max_seq_length: int = 77):
-        path = Path(str(model_dir).removeprefix("hf-hub:")).expanduser()
+        path = Path(resolve_model_name(model_dir).removeprefix("hf-hub:")).expanduser()
         if path.is_file():  # a bare checkpoint (PMC-CLIP's checkpoint.pt): its tokenizer sits beside it
             self.model = FlaxHybridCLIP.from_pretrained(path)
             self.model_dir = path.parent

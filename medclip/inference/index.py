@@ -49,15 +49,23 @@ class EmbeddingIndex:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no embedding index at {path}; build one with `medclip embed`")
+        with path.open("rb") as f:
+            if f.read(4) != b"PK\x03\x04":  # an .npz is a zip archive; numpy's own message talks of pickles
+                raise ValueError(f"{path} is not a medclip embedding index (an .npz file from `medclip embed`)")
         try:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
-                return cls(embeddings=data["embeddings"],
-                           paths=[_resolve(p, path.parent) for p in data["paths"].tolist()],
-                           captions=data["captions"].tolist(), model_fingerprint=meta["model_fingerprint"],
-                           model_dir=_resolve(meta.get("model_dir", ""), path.parent))
-        except (ValueError, KeyError, OSError) as error:
-            raise ValueError(f"{path} is not a medclip embedding index ({error})") from None
+                index = cls(embeddings=data["embeddings"],
+                            paths=[_resolve(p, path.parent) for p in data["paths"].tolist()],
+                            captions=data["captions"].tolist(), model_fingerprint=meta["model_fingerprint"],
+                            model_dir=_resolve(meta.get("model_dir", ""), path.parent))
+        except KeyError as error:
+            raise ValueError(f"{path} is not a medclip embedding index (no {error} in it)") from None
+        except (ValueError, OSError) as error:
+            raise ValueError(f"{path} is not a medclip embedding index ({str(error).splitlines()[0]})") from None
+        if not len(index):
+            raise ValueError(f"{path} holds no images; rebuild it with `medclip embed` on a folder of images")
+        return index
 
     def check_model(self, fingerprint: str, dim: int) -> None:
         if dim != self.dim:

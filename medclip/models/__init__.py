@@ -1,7 +1,12 @@
 """Flax NNX towers (registered by architecture name in `registry`) and the two-tower HybridCLIP model.
 
 `medclip.FlaxHybridCLIP` is HybridCLIP with loading and saving; this package knows nothing of checkpoints.
+Importing any module of this package runs this file first, which imports every built-in tower (each registers
+itself, in this order), so the registry is complete wherever it is used.
 """
+
+from medclip.models import (  # noqa: F401 (imported to register their towers)
+    clip_vision, timm_vit, modified_resnet, timm_resnet, timm_efficientnet, clip_text, bert)
 
 from medclip.models.bert import BertConfig, BertTower
 from medclip.models.clip_text import CLIPTextConfig, CLIPTextTower

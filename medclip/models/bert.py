@@ -15,10 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from medclip.models.config_base import TowerConfig
+from medclip.models.config_base import TextTowerConfig
 from medclip.models.layers import (Encoder, PostNormLayer, attention_bias, dropout, pool_encoder, pooled_rows,
                                    split_rng)
 from medclip.models.packing import PackingPlan, make_packing
+from medclip.models.registry import register
+from medclip.models.tower_contract import TowerSpec
 from medclip.models.weights import Rule, embedding, linear, norm
 
 BERT_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert")
@@ -31,7 +33,7 @@ _DISTILBERT_NAMES = {
 
 
 @dataclasses.dataclass(frozen=True)
-class BertConfig(TowerConfig):
+class BertConfig(TextTowerConfig):
     model_type: str = "bert"
     vocab_size: int = 30522
     hidden_size: int = 768
@@ -56,6 +58,10 @@ class BertConfig(TowerConfig):
         if self.position_embedding_type != "absolute":
             raise ValueError(f"position_embedding_type {self.position_embedding_type!r} is not supported "
                              "(only 'absolute', which every supported checkpoint uses)")
+
+    @property
+    def stochastic(self) -> bool:
+        return self.hidden_dropout_prob > 0 or self.attention_probs_dropout_prob > 0
 
     @property
     def is_distilbert(self) -> bool:
@@ -228,3 +234,9 @@ def conversion_rules(config: BertConfig, fmt: str) -> list[Rule]:
     if fmt not in ("hf", "openclip"):
         raise KeyError(fmt)
     return DISTILBERT_RULES if config.is_distilbert else BERT_RULES
+
+
+register(TowerSpec("bert", "text", BertConfig, BertTower, conversion_rules,
+                   prefixes={"hf": ("", "bert.", "roberta.", "distilbert.", "text_model.", "model."),
+                             "openclip": ("text.transformer.",)},
+                   model_types=BERT_MODEL_TYPES))

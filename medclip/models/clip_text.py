@@ -10,14 +10,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from medclip.models.clip_vision import _hf_layer, openclip_resblock
-from medclip.models.config_base import TowerConfig
+from medclip.models.config_base import TextTowerConfig
 from medclip.models.layers import Encoder, PreNormLayer, attention_bias, pool_encoder, pooled_rows
 from medclip.models.packing import PackingPlan, make_packing
+from medclip.models.registry import register
+from medclip.models.tower_contract import TowerSpec
 from medclip.models.weights import Rule, embedding, norm
 
 
 @dataclasses.dataclass(frozen=True)
-class CLIPTextConfig(TowerConfig):
+class CLIPTextConfig(TextTowerConfig):
     vocab_size: int = 49408
     hidden_size: int = 512
     intermediate_size: int = 2048
@@ -35,6 +37,10 @@ class CLIPTextConfig(TowerConfig):
     pool_type: str = "eos"
 
     model_type: ClassVar[str] = "clip_text_model"
+
+    @property
+    def stochastic(self) -> bool:
+        return self.attention_dropout > 0
 
     def __post_init__(self):
         if self.pool_type not in ("eos", "argmax"):
@@ -114,3 +120,7 @@ OPENCLIP_RULES = [
 def conversion_rules(config: CLIPTextConfig, fmt: str) -> list[Rule]:
     del config
     return {"hf": HF_RULES, "openclip": OPENCLIP_RULES}[fmt]
+
+
+register(TowerSpec("clip_text_model", "text", CLIPTextConfig, CLIPTextTower, conversion_rules,
+                   prefixes={"hf": ("text_model.", ""), "openclip": ("",)}, model_types=("clip_text_model",)))

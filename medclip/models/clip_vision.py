@@ -14,14 +14,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from medclip.models.config_base import TowerConfig
+from medclip.models.config_base import VisionTowerConfig
 from medclip.models.layers import Encoder, PreNormLayer, dense
 from medclip.models.preprocess import CLIP_PREPROCESS, Preprocess
+from medclip.models.registry import register
+from medclip.models.tower_contract import TowerSpec
 from medclip.models.weights import Rule, embedding, fused_linear, linear, norm
 
 
 @dataclasses.dataclass(frozen=True)
-class CLIPVisionConfig(TowerConfig):
+class CLIPVisionConfig(VisionTowerConfig):
     hidden_size: int = 768
     intermediate_size: int = 3072
     num_hidden_layers: int = 12
@@ -37,6 +39,10 @@ class CLIPVisionConfig(TowerConfig):
     patch_bias: ClassVar[bool] = False
     pre_layernorm: ClassVar[bool] = True
     default_preprocess: ClassVar[Preprocess] = CLIP_PREPROCESS
+
+    @property
+    def stochastic(self) -> bool:
+        return self.attention_dropout > 0
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any]) -> Self:
@@ -189,3 +195,8 @@ TIMM_RULES = [
 def conversion_rules(config: CLIPVisionConfig, fmt: str) -> list[Rule]:
     del config
     return {"hf": HF_RULES, "openclip": OPENCLIP_RULES}[fmt]
+
+
+register(TowerSpec("clip_vision_model", "vision", CLIPVisionConfig, VisionTransformer, conversion_rules,
+                   prefixes={"hf": ("vision_model.", ""), "openclip": ("visual.",)},
+                   model_types=("clip_vision_model", "clip"), preprocess=CLIPVisionConfig.default_preprocess))

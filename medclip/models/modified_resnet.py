@@ -16,17 +16,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from medclip.models.config_base import TowerConfig
+from medclip.models.config_base import VisionTowerConfig
 from medclip.models.conv import BatchNorm, Conv2d, avg_pool
 from medclip.models.layers import attention, linear
 from medclip.models.preprocess import CLIP_PREPROCESS, Preprocess
-from medclip.models.weights import Rule, batch_norm, conv
+from medclip.models.registry import register
+from medclip.models.tower_contract import TowerSpec
+from medclip.models.weights import Rule, batch_norm, conv2d
 
 EXPANSION = 4
 
 
 @dataclasses.dataclass(frozen=True)
-class ModifiedResNetConfig(TowerConfig):
+class ModifiedResNetConfig(VisionTowerConfig):
     layers: tuple[int, int, int, int] = (3, 4, 6, 3)
     width: int = 64
     heads: int = 32  # open_clip: width * 32 // head_width (head_width 64)
@@ -36,6 +38,10 @@ class ModifiedResNetConfig(TowerConfig):
 
     model_type: ClassVar[str] = "modified_resnet"
     default_preprocess: ClassVar[Preprocess] = CLIP_PREPROCESS
+
+    @property
+    def stochastic(self) -> bool:
+        return False  # no dropout, no drop path
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(int(n) for n in self.layers))
@@ -163,15 +169,15 @@ class ModifiedResNet(nnx.Module):
 
 def _block_rules(stage: int) -> list[Rule]:
     hf, ours = f"layer{stage}.{{i}}", f"layer{stage}.{{i}}"
-    return [*[r for n in (1, 2, 3) for r in (*conv(f"{hf}.conv{n}", f"{ours}.conv{n}"),
+    return [*[r for n in (1, 2, 3) for r in (*conv2d(f"{hf}.conv{n}", f"{ours}.conv{n}"),
                                              *batch_norm(f"{hf}.bn{n}", f"{ours}.bn{n}"))],
-            *conv(f"{hf}.downsample.0", f"{ours}.downsample_conv"),
+            *conv2d(f"{hf}.downsample.0", f"{ours}.downsample_conv"),
             *batch_norm(f"{hf}.downsample.1", f"{ours}.downsample_bn")]
 
 
 # open_clip / OpenAI / PMC-CLIP `visual.*` keys (the same module everywhere)
 RULES = [
-    *[r for n in (1, 2, 3) for r in (*conv(f"conv{n}", f"conv{n}"), *batch_norm(f"bn{n}", f"bn{n}"))],
+    *[r for n in (1, 2, 3) for r in (*conv2d(f"conv{n}", f"conv{n}"), *batch_norm(f"bn{n}", f"bn{n}"))],
     *[r for stage in (1, 2, 3, 4) for r in _block_rules(stage)],
     Rule("attnpool.positional_embedding", "attnpool.positional_embedding"),
     *[r for p in ("q", "k", "v", "c") for r in (Rule(f"attnpool.{p}_proj.weight", f"attnpool.{p}_proj.kernel", "linear"),
@@ -191,3 +197,8 @@ def config_from_open_clip(vision_cfg: dict[str, Any], embed_dim: int) -> Modifie
     return ModifiedResNetConfig(layers=tuple(vision_cfg["layers"]), width=width,
                                 heads=width * 32 // vision_cfg.get("head_width", 64), output_dim=embed_dim,
                                 image_size=vision_cfg.get("image_size", 224))
+
+
+register(TowerSpec("modified_resnet", "vision", ModifiedResNetConfig, ModifiedResNet, conversion_rules,
+                   prefixes={"openclip": ("visual.", "")}, model_types=("modified_resnet",),
+                   preprocess=ModifiedResNetConfig.default_preprocess))

@@ -19,11 +19,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from medclip.models.config_base import TowerConfig
+from medclip.models.config_base import VisionTowerConfig
 from medclip.models.conv import BatchNorm, Conv2d, global_avg_pool
 from medclip.models.preprocess import Preprocess
-from medclip.models.registry import UnknownArchitectureError, timm_config_fields
-from medclip.models.weights import Rule, batch_norm, conv
+from medclip.models.registry import register
+from medclip.models.timm_options import TIMM_CLASSIFIER, timm_config_fields
+from medclip.models.tower_contract import TowerSpec, UnknownArchitectureError
+from medclip.models.weights import Rule, batch_norm, conv2d
 
 # timm's _gen_efficientnetv2_s / _m: arch_def (one block string per stage), stem width, head width, and whether
 # the head width is scaled by channel_multiplier (it is for -S, not for -M), pretrained input size
@@ -79,7 +81,7 @@ def _decode(block: str) -> tuple[str, dict[str, Any]]:
 
 
 @dataclasses.dataclass(frozen=True)
-class TimmEfficientNetConfig(TowerConfig):
+class TimmEfficientNetConfig(VisionTowerConfig):
     timm_model_name: str = "tf_efficientnetv2_s"
     channel_multiplier: float = 1.0
     depth_multiplier: float = 1.0
@@ -92,6 +94,10 @@ class TimmEfficientNetConfig(TowerConfig):
     timm_pools: ClassVar[tuple[str, ...]] = ("", "avg")  # open_clip TimmModel pools this trunk builds
     padding: ClassVar[str] = "same"  # the tf_ variants
     bn_eps: ClassVar[float] = TF_BN_EPS
+
+    @property
+    def stochastic(self) -> bool:
+        return False  # timm's drop_rate acts on the classifier we drop; drop_path_rate > 0 is refused
 
     def __post_init__(self):
         if self.timm_model_name not in ARCHITECTURES:
@@ -232,19 +238,24 @@ def _stage_rules(stage: int, first: BlockSpec) -> list[Rule]:
     b = f"blocks.{stage}.{{i}}"
     names = {"cn": [("conv", "bn1")], "er": [("conv_exp", "bn1"), ("conv_pwl", "bn2")],
              "ir": [("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3")]}[first.kind]
-    rules = [r for c, n in names for r in (*conv(f"{b}.{c}", f"{b}.{c}"), *batch_norm(f"{b}.{n}", f"{b}.{n}"))]
+    rules = [r for c, n in names for r in (*conv2d(f"{b}.{c}", f"{b}.{c}"), *batch_norm(f"{b}.{n}", f"{b}.{n}"))]
     if first.se_chs:
-        rules += [*conv(f"{b}.se.conv_reduce", f"{b}.se.conv_reduce", bias=True),
-                  *conv(f"{b}.se.conv_expand", f"{b}.se.conv_expand", bias=True)]
+        rules += [*conv2d(f"{b}.se.conv_reduce", f"{b}.se.conv_reduce", bias=True),
+                  *conv2d(f"{b}.se.conv_expand", f"{b}.se.conv_expand", bias=True)]
     return rules
 
 
 def timm_rules(config: TimmEfficientNetConfig) -> list[Rule]:
     """timm EfficientNet state dict keys (without `classifier.*`); one block type per stage."""
-    return [*conv("conv_stem", "conv_stem"), *batch_norm("bn1", "bn1"),
+    return [*conv2d("conv_stem", "conv_stem"), *batch_norm("bn1", "bn1"),
             *[r for s, stage in enumerate(config.stages()) for r in _stage_rules(s, stage[0])],
-            *conv("conv_head", "conv_head"), *batch_norm("bn2", "bn2")]
+            *conv2d("conv_head", "conv_head"), *batch_norm("bn2", "bn2")]
 
 
 def conversion_rules(config: TimmEfficientNetConfig, fmt: str) -> list[Rule]:
     return {"timm": timm_rules(config)}[fmt]
+
+
+register(TowerSpec("timm_efficientnet", "vision", TimmEfficientNetConfig, TimmEfficientNet, conversion_rules,
+                   prefixes={"timm": ("visual.trunk.", "trunk.", "")}, model_types=("timm_efficientnet",),
+                   preprocess=TimmEfficientNetConfig.default_preprocess, ignored_keys=TIMM_CLASSIFIER))

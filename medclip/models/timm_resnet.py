@@ -16,11 +16,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from medclip.models.config_base import TowerConfig
+from medclip.models.config_base import VisionTowerConfig
 from medclip.models.conv import BatchNorm, Conv2d, global_avg_pool, max_pool
 from medclip.models.preprocess import IMAGENET_PREPROCESS, Preprocess
-from medclip.models.registry import timm_config_fields
-from medclip.models.weights import Rule, batch_norm, conv
+from medclip.models.registry import register
+from medclip.models.timm_options import TIMM_CLASSIFIER, timm_config_fields
+from medclip.models.tower_contract import TowerSpec
+from medclip.models.weights import Rule, batch_norm, conv2d
 
 # timm name -> (block, layers); channels default to (64, 128, 256, 512)
 ARCHITECTURES = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)),
@@ -37,7 +39,7 @@ _DEFAULTS = {"global_pool": ("avg", ""), "drop_path_rate": (0.0, None), "output_
 
 
 @dataclasses.dataclass(frozen=True)
-class TimmResNetConfig(TowerConfig):
+class TimmResNetConfig(VisionTowerConfig):
     layers: tuple[int, ...] = (3, 4, 6, 3)  # blocks per stage
     channels: tuple[int, ...] = (64, 128, 256, 512)  # `planes` per stage (outputs are planes * expansion)
     block: str = "bottleneck"  # bottleneck | basic
@@ -51,6 +53,10 @@ class TimmResNetConfig(TowerConfig):
     default_preprocess: ClassVar[Preprocess] = IMAGENET_PREPROCESS
     timm_architectures: ClassVar[tuple[str, ...]] = tuple(ARCHITECTURES)
     timm_pools: ClassVar[tuple[str, ...]] = ("", "avg")  # open_clip TimmModel pools this trunk builds
+
+    @property
+    def stochastic(self) -> bool:
+        return False  # timm's drop_rate acts on the classifier we drop; drop_path_rate > 0 is refused
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -160,17 +166,22 @@ class TimmResNet(nnx.Module):
 def _block_rules(config: TimmResNetConfig, stage: int) -> list[Rule]:
     layer = f"layer{stage}.{{i}}"
     convs = ("conv1", "conv2", "conv3") if config.block == "bottleneck" else ("conv1", "conv2")
-    rules = [r for c in convs for r in conv(f"{layer}.{c}", f"{layer}.{c}")]
+    rules = [r for c in convs for r in conv2d(f"{layer}.{c}", f"{layer}.{c}")]
     rules += [r for c in convs for r in batch_norm(f"{layer}.bn{c[-1]}", f"{layer}.bn{c[-1]}")]
-    return [*rules, *conv(f"{layer}.downsample.0", f"{layer}.downsample.conv"),
+    return [*rules, *conv2d(f"{layer}.downsample.0", f"{layer}.downsample.conv"),
             *batch_norm(f"{layer}.downsample.1", f"{layer}.downsample.bn")]
 
 
 def timm_rules(config: TimmResNetConfig) -> list[Rule]:
     """timm / torchvision ResNet state dict keys (without `fc.*`)."""
-    return [*conv("conv1", "conv1"), *batch_norm("bn1", "bn1"),
+    return [*conv2d("conv1", "conv1"), *batch_norm("bn1", "bn1"),
             *[r for stage in range(1, len(config.layers) + 1) for r in _block_rules(config, stage)]]
 
 
 def conversion_rules(config: TimmResNetConfig, fmt: str) -> list[Rule]:
     return {"timm": timm_rules(config)}[fmt]
+
+
+register(TowerSpec("timm_resnet", "vision", TimmResNetConfig, TimmResNet, conversion_rules,
+                   prefixes={"timm": ("visual.trunk.", "trunk.", "")}, model_types=("timm_resnet",),
+                   preprocess=TimmResNetConfig.default_preprocess, ignored_keys=TIMM_CLASSIFIER))

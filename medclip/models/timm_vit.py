@@ -11,9 +11,10 @@ import dataclasses
 import re
 from typing import Any, ClassVar, Self
 
-from medclip.models.clip_vision import TIMM_RULES, CLIPVisionConfig
+from medclip.models.clip_vision import TIMM_RULES, CLIPVisionConfig, VisionTransformer
 from medclip.models.preprocess import Preprocess
-from medclip.models.registry import UnknownArchitectureError, UnsupportedOptionError
+from medclip.models.registry import register
+from medclip.models.tower_contract import TowerSpec, UnknownArchitectureError, UnsupportedOptionError
 from medclip.models.weights import Rule
 
 # timm's ViT sizes: width, depth, heads (mlp ratio 4 for all of these)
@@ -67,3 +68,8 @@ class TimmViTConfig(CLIPVisionConfig):
 def conversion_rules(config: TimmViTConfig, fmt: str) -> list[Rule]:
     del config
     return {"timm": TIMM_RULES}[fmt]
+
+
+register(TowerSpec("timm_vit", "vision", TimmViTConfig, VisionTransformer, conversion_rules,
+                   prefixes={"timm": ("visual.trunk.", "trunk.", "")}, model_types=("timm_vit",),
+                   preprocess=INCEPTION_PREPROCESS))

@@ -71,7 +71,7 @@ def prefixed(prefix: str, rules: Iterable[Rule], ours_prefix: str) -> list[Rule]
     return [dataclasses.replace(r, hf=prefix + r.hf, ours=ours_prefix + r.ours) for r in rules]
 
 
-def conv(hf: str, ours: str, bias: bool = False) -> list[Rule]:
+def conv2d(hf: str, ours: str, bias: bool = False) -> list[Rule]:
     """A torch Conv2d (OIHW) onto medclip.models.conv.Conv2d (HWIO `kernel`)."""
     return [Rule(f"{hf}.weight", f"{ours}.kernel", "conv")] + ([Rule(f"{hf}.bias", f"{ours}.bias")] if bias else [])
 

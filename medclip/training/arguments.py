@@ -1,13 +1,21 @@
 """Flags of `run_hybrid_clip.py`, as dataclasses for `transformers.HfArgumentParser`.
 
 The original flax-community script's flag names are kept (our users know them); transformers'
-`TrainingArguments` is not used because it needs torch.
+`TrainingArguments` is not used because it needs torch. Flags are documented with underscores (--learning_rate);
+the dashed spelling (--learning-rate) is accepted too. Every numeric flag has its range in `FLAG_RANGES`, checked
+when the flags are parsed, so a bad value is named at once rather than failing minutes later inside the step.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import field
+from typing import Any, NamedTuple
+
+from transformers import HfArgumentParser
+
+from medclip.flag_parsing import OneLineErrors, range_problem
 
 
 @dataclasses.dataclass
@@ -76,6 +84,13 @@ class DataArguments:
     second_text_field: str | None = field(default=None, metadata={
         "help": "A second text input through the same text tower, concatenated with the caption's before the "
                 "text projection: keywords or concepts (ROCO, JSON lines, ROCOv2), or a CSV column / JSON field."})
+    concept_names: str | None = field(default=None, metadata={
+        "help": "CSV of CUI,name rows: --second_text_field concepts then reads the concepts' names, not their codes "
+                "(ROCOv2's cui_mapping.csv is found by itself; ROCO v1 ships CUIs only)."})
+    split_ratios: str | None = field(default=None, metadata={
+        "help": "Cut the training source (--data_dir's train split or --train_file) into train,validation,test "
+                "parts by these shares, e.g. 68,12,20 (the CLIP-TF report); a seeded permutation (--seed), the same "
+                "parts on every run. medclip evaluate --split_ratios with the same seed scores the test part."})
     synthetic_train_samples: int = field(default=0, metadata={
         "help": "Generate this many synthetic radiology-like pairs (the embedded demo); 0 = off."})
     synthetic_validation_samples: int = 256
@@ -190,7 +205,8 @@ class TrainingArguments:
     mlm_weight: float = field(default=1.0, metadata={
         "help": "loss = contrastive + mlm_weight * MLM loss (PMC-CLIP: 0.5 * both, the same up to a factor 2)."})
     mlm_probability: float = field(default=0.15, metadata={
-        "help": "Share of real, non-special tokens selected for MLM; of those 80% -> [MASK], 10% random, 10% kept."})
+        "help": "Share of real, non-special tokens selected for MLM; of those, 8 in 10 become [MASK], 1 a random "
+                "token, 1 stays."})
     mlm_masking: str = field(default="token", metadata={
         "help": "token (BERT: tokens selected one by one) or whole_word (PMC-CLIP: whitespace-separated words "
                 "selected whole; a random replacement puts one token in place of the word; [CLS]/[SEP] are targets)."})
@@ -225,3 +241,76 @@ class TrainingArguments:
     coordinator_address: str | None = field(default=None, metadata={"help": "Multi-host: host:port of process 0."})
     num_processes: int | None = None
     process_id: int | None = None
+
+
+class Range(NamedTuple):
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+
+AT_LEAST_1, AT_LEAST_0, UNIT, FRACTION = Range(1), Range(0), Range(0, 1), Range(0, 1, high_open=True)
+# Every int or float flag, by name (a test holds every such field to have one); None values are always allowed.
+FLAG_RANGES: dict[str, Range] = {
+    "projection_dim": AT_LEAST_1, "image_size": AT_LEAST_1, "logit_bias_init": Range(),
+    "projection_dropout": FRACTION,
+    "synthetic_train_samples": AT_LEAST_0, "synthetic_validation_samples": AT_LEAST_0,
+    "synthetic_image_size": AT_LEAST_1, "max_seq_length": Range(2), "min_caption_length": AT_LEAST_0,
+    "max_train_samples": AT_LEAST_1, "max_eval_samples": AT_LEAST_1, "preprocessing_num_workers": AT_LEAST_1,
+    "crop_scale_min": Range(0, 1, low_open=True), "concept_width": AT_LEAST_1, "min_mean_intensity": Range(0, 255),
+    "num_train_epochs": Range(0, low_open=True), "max_steps": Range(-1), "per_device_train_batch_size": AT_LEAST_1,
+    "per_device_eval_batch_size": AT_LEAST_1, "learning_rate": AT_LEAST_0, "vision_learning_rate": AT_LEAST_0,
+    "text_learning_rate": AT_LEAST_0, "warmup_steps": AT_LEAST_0, "weight_decay": AT_LEAST_0,
+    "plateau_factor": Range(0, 1, True, True), "plateau_patience": AT_LEAST_0, "plateau_threshold": AT_LEAST_0,
+    "plateau_cooldown": AT_LEAST_0, "plateau_min_lr": AT_LEAST_0, "adam_beta1": FRACTION, "adam_beta2": FRACTION,
+    "adam_epsilon": AT_LEAST_0, "max_grad_norm": AT_LEAST_0, "gradient_accumulation_steps": AT_LEAST_1,
+    "concept_target_weight": UNIT, "hybrid_alpha": UNIT, "mlm_weight": AT_LEAST_0,
+    "mlm_probability": Range(0, 1, True, True), "hybrid_temperature": Range(0, low_open=True), "seed": AT_LEAST_0,
+    "logging_steps": AT_LEAST_1, "save_steps": AT_LEAST_0, "save_total_limit": AT_LEAST_1,
+    "early_stopping_patience": AT_LEAST_0, "eval_epochs": AT_LEAST_1, "max_nonfinite_steps": AT_LEAST_0,
+    "text_packing_sizes": AT_LEAST_0, "num_processes": AT_LEAST_1, "process_id": AT_LEAST_0,
+}
+FLAG_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
+
+
+class FlagError(ValueError):
+    """A flag value out of its range, or a flag that does not exist (in a JSON config)."""
+
+
+def check_ranges(*flag_sets: Any) -> None:
+    """Raises FlagError naming the first numeric flag outside its range."""
+    for flags in flag_sets:
+        for f in dataclasses.fields(flags):
+            value, limits = getattr(flags, f.name), FLAG_RANGES.get(f.name)
+            if limits is None or value is None or isinstance(value, bool):
+                continue
+            problem = range_problem(value, limits.low, limits.high, low_open=limits.low_open,
+                                    high_open=limits.high_open)
+            if problem:
+                raise FlagError(f"--{f.name} {value}: {problem}")
+
+
+class FlagParser(OneLineErrors, HfArgumentParser):
+    """The three flag classes, without abbreviations (`--learning_rat` is refused, not taken for
+    `--learning_rate`), with one-line errors naming the closest flag, and ranges checked."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(FLAG_CLASSES, allow_abbrev=False, **kwargs)
+
+    def parse_flags(self, argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+        *flag_sets, rest = self.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+        if rest:
+            self.error(f"unrecognized arguments: {' '.join(rest)}")
+        check_ranges(*flag_sets)
+        return tuple(flag_sets)
+
+    def parse_json_flags(self, flags: dict[str, Any]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+        known = [f.name for cls in FLAG_CLASSES for f in dataclasses.fields(cls)]
+        unknown = sorted(flags.keys() - set(known))
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], known, n=1, cutoff=0.6)
+            raise FlagError(f"unknown flag {unknown[0]!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        flag_sets = self.parse_dict(flags)
+        check_ranges(*flag_sets)
+        return flag_sets

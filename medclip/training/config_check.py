@@ -1,9 +1,7 @@
-"""The run's configuration, checked once before anything is built, and the typed errors of the trainer.
+"""The run's configuration, checked once before anything is built.
 
-Library code raises `ConfigError` (a flag, or a combination of flags, is wrong: the message names the flag) or
-`DataError` (the data cannot make the run the flags ask for); `run_hybrid_clip.py` turns them into exit
-codes 2 and 3 with the message on stderr.
-"""
+Raises `ConfigError` (medclip.training.errors, re-exported here with `DataError` for the callers that import
+them from this module)."""
 
 from __future__ import annotations
 
@@ -11,32 +9,27 @@ import json
 from pathlib import Path
 
 from medclip.data.concepts import CONCEPT_SOURCES
+from medclip.evaluation.retrieval import MRR_KS, RECALL_KS
 from medclip.training.arguments import DataArguments, ModelArguments, TrainingArguments
 from medclip.training.arguments import csv_delimiter
+from medclip.training.errors import ConfigError, DataError  # noqa: F401 (DataError re-exported)
 from medclip.training.losses import FALSE_NEGATIVES, HYBRID_FORMS, LOSSES
 from medclip.training.mlm import MASKINGS
 from medclip.training.optim import SCHEDULES, WEIGHT_DECAY_MASKS, WEIGHT_DECAY_TYPES
+from medclip.training.tower_configs import parse_tower_config
 
 DTYPES = ("float32", "bfloat16", "float16")
 CACHE_MODES = ("auto", "on", "off")  # --cache_locked_text / --cache_locked_image
 
 
-class ConfigError(ValueError):
-    """A flag or a combination of flags that cannot work; the message names the flag and what to do."""
-
-
-class DataError(ValueError):
-    """The data cannot serve the run (too few pairs, not the checkpoint's data...)."""
+# The metrics `Trainer.evaluate` logs (each as eval_<name>): the loss and evaluate_retrieval's defaults, per
+# direction recall@k, MRR, MRR@k, median and mean rank (tests/test_recipes.py checks them against its output).
+EVAL_METRICS = ("loss", *(f"{direction}_{metric}" for direction in ("i2t", "t2i") for metric in (
+    *(f"R@{k}" for k in RECALL_KS), "mrr", *(f"mrr@{k}" for k in MRR_KS), "median_rank", "mean_rank")))
 
 
 def eval_metric_names() -> list[str]:
-    """The metrics `Trainer.evaluate` logs (each as eval_<name>): the loss and every retrieval metric."""
-    import numpy as np
-
-    from medclip.evaluation.retrieval import evaluate_retrieval
-
-    pairs = np.eye(2, dtype=np.float32)  # the names do not depend on the data
-    return ["loss", *evaluate_retrieval(pairs, pairs).metrics]
+    return list(EVAL_METRICS)
 
 
 def metric_key(name: str) -> str:
@@ -60,10 +53,8 @@ def _model_has_logit_bias(model: ModelArguments) -> bool | None:
     """Whether the model the run starts from learns a logit bias; None when it cannot be known before loading
     (a Hub id: checked once the model is built)."""
     if model.model_name_or_path is not None:
-        config = Path(model.model_name_or_path) / "config.json"
-        if not config.is_file():
-            return None
-        return json.loads(config.read_text()).get("logit_bias_init_value") is not None
+        saved = _local_model_config(model)
+        return None if saved is None else saved.get("logit_bias_init_value") is not None
     if model.model_preset is not None:
         return False  # the presets have no bias
     return model.logit_bias_init is not None
@@ -91,8 +82,6 @@ def validate(model: ModelArguments, data: DataArguments, train: TrainingArgument
                           "saved with one (--model_preset models have none)")
     for kind in ("vision", "text"):  # a tower from a config: parsed now, so a typo fails before any loading
         if getattr(model, f"{kind}_config"):
-            from medclip.training.tower_configs import parse_tower_config
-
             if getattr(model, f"{kind}_model_name_or_path"):
                 raise ConfigError(f"--{kind}_config and --{kind}_model_name_or_path both describe the {kind} "
                                   "tower: give one")
@@ -160,15 +149,21 @@ def _check_text_objectives(model: ModelArguments, data: DataArguments, train: Tr
     if saved is None:
         return  # towers, a preset or a Hub id: model_setup checks once the model and tokenizer exist
     extra = saved.get("medclip") or {}
-    if data.second_text_field and extra.get("text_inputs", 1) != 2:
-        raise ConfigError(f"--second_text_field {data.second_text_field} needs a model with two text inputs, and "
-                          f"--model_name_or_path {model.model_name_or_path} was trained with one (its text head "
-                          "takes one pooled output): drop the flag, or start from towers")
+    check_second_text_field(data.second_text_field, extra.get("text_inputs", 1), model.model_name_or_path)
     text_type = (saved.get("text_config") or {}).get("model_type", "clip_text_model" if saved.get("model_type") ==
                                                       "clip" else None)
     if train.mlm and text_type == "clip_text_model" and not model.tokenizer_name:
         raise ConfigError(f"--mlm needs a text tower whose tokenizer has a mask token; {model.model_name_or_path} "
                           "has a CLIP text tower (its BPE vocabulary has no [MASK]): use a BERT-family text tower")
+
+
+def check_second_text_field(second_text_field: str | None, text_inputs: int, model_name: str) -> None:
+    """A saved model's text head reads `text_inputs` pooled outputs: a second text field needs two (checked here
+    from a local config.json, and by model_setup once a Hub model is loaded)."""
+    if second_text_field and text_inputs != 2:
+        raise ConfigError(f"--second_text_field {second_text_field} needs a model with two text inputs, and "
+                          f"--model_name_or_path {model_name} was trained with one (its text head takes one "
+                          "pooled output): drop the flag, or start from towers")
 
 
 def _check_plateau(data: DataArguments, train: TrainingArguments) -> None:

@@ -21,6 +21,8 @@ from medclip.data.pipeline import (EvalDataset, TrainIterator, epoch_order, make
                                    second_texts)
 from medclip.data.records import DropCounter, Record
 from medclip.data.sources.auto import load_records
+from medclip.data.sources.concept_names import ConceptNamesError, concept_names_for, name_records
+from medclip.data.splits import SplitError, parse_ratios, split_records
 from medclip.training.distributed import barrier
 from medclip.training.arguments import DataArguments, TrainingArguments, csv_delimiter
 from medclip.training.config_check import ConfigError, DataError
@@ -45,14 +47,46 @@ def load_split(args: DataArguments, split: str, output_dir: Path, seed: int) -> 
         barrier(f"synthetic {split}")
     else:
         source = file or args.data_dir or args.dataset_name
+    part = None
+    if args.split_ratios and not args.synthetic_train_samples:
+        if args.validation_file:
+            raise ConfigError("--split_ratios cuts one source into train, validation and test: drop "
+                              "--validation_file")
+        source, part = args.train_file or args.data_dir or args.dataset_name, split
     if source is None:
         return [], counter
-    items = load_records(source, split, counter=counter, min_caption_length=args.min_caption_length,
-                         image_column=args.image_column, caption_column=args.caption_column,
-                         delimiter=csv_delimiter(args.csv_delimiter),
+    items = load_records(source, "train" if part else split, counter=counter,
+                         min_caption_length=args.min_caption_length, image_column=args.image_column,
+                         caption_column=args.caption_column, delimiter=csv_delimiter(args.csv_delimiter),
                          **args.load_options())
+    if part is not None:
+        try:
+            items = split_records(items, parse_ratios(args.split_ratios), seed)[part]
+        except SplitError as error:
+            raise ConfigError(str(error)) from None
+        counter.kept = len(items)  # this part's; the other parts are the other splits, not drops
+    if args.second_text_field == "concepts":
+        name_records(items, concept_names(args))
     limit = args.max_train_samples if split == "train" else args.max_eval_samples
     return (items[:limit] if limit else items), counter
+
+
+def concept_names(args: DataArguments) -> dict[str, str]:
+    """CUI -> name for the concepts given as the second text: --concept_names, else ROCOv2's cui_mapping.csv
+    beside the data; {} (said once) when there are none, and the second text stays the codes."""
+    source = args.train_file or args.validation_file or args.data_dir
+    try:
+        names = concept_names_for(source, args.concept_names)
+    except ConceptNamesError as error:
+        raise DataError(str(error)) from None
+    if not names and not _said_no_names:
+        _said_no_names.append(True)
+        logger.warning("--second_text_field concepts: no concept names (ROCO v1 ships CUIs only; ROCOv2 has "
+                       "cui_mapping.csv, or pass --concept_names CUI,name CSV): the second text is the CUI codes")
+    return names
+
+
+_said_no_names: list[bool] = []  # the warning above is given once per process
 
 
 @dataclasses.dataclass
@@ -65,6 +99,7 @@ class DataFeed:
     global_eval_batch_size: int
     # The per-example fields the loss reads (losses.batch_fields), for the eval set in its order; {} if none.
     eval_loss_fields: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    logged_summary: dict[str, Any] | None = None  # the report is logged again only when its counts changed
 
     @property
     def drop_summary(self) -> dict[str, Any]:
@@ -178,6 +213,8 @@ def _check_second_field(items: list[Record], field: str | None) -> None:
 
 def write_data_report(feed: DataFeed, output_dir: Path) -> None:
     summary = feed.drop_summary
-    logger.info("data: %s", json.dumps(summary))
+    if summary != feed.logged_summary:
+        logger.info("data: %s", json.dumps(summary))
+        feed.logged_summary = summary
     if jax.process_index() == 0:
         (output_dir / "data_report.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")

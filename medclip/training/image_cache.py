@@ -36,8 +36,9 @@ def why_not_cacheable(model: nnx.Module, *, freeze_vision: bool, train_crop: str
         return "training images are cropped at random (pass --train_crop center)"
     if hflip:
         return "training images are flipped at random (--hflip)"
-    if dropout and getattr(model.config.vision_config, "attention_dropout", 0.0) > 0:
-        return "the frozen image tower still runs dropout (pass --no_text_dropout, which turns the towers' off)"
+    if dropout and model.config.vision_config.stochastic:
+        return ("the frozen image tower still runs dropout or drop path (pass --no_text_dropout, which turns the "
+                "towers' off)")
     if not freeze_bn_stats and jax.tree.leaves(nnx.state(model.vision_model, nnx.BatchStat)):
         return "its BatchNorm normalises each batch by the batch's statistics (pass --freeze_bn_stats)"
     return None

@@ -21,7 +21,8 @@ from medclip.models.fusion import FusionConfig, MLMFusion
 from medclip.models.heads import HeadConfig
 from medclip.models.registry import max_text_positions
 from medclip.training.arguments import DataArguments, ModelArguments
-from medclip.training.config_check import ConfigError
+from medclip.training.config_check import check_second_text_field
+from medclip.training.errors import ConfigError
 from medclip.training.distributed import barrier
 from medclip.training.tower_configs import parse_tower_config
 
@@ -154,10 +155,7 @@ def _adapt_loaded(model: FlaxHybridCLIP, model_args: ModelArguments, data_args: 
     """A saved model takes the flags that do not change its trained weights' shapes: projection dropout, and a
     fresh fusion module for --mlm. A second text input would change the text head's width: refused."""
     config = model.config
-    if data_args.second_text_field and config.text_inputs != 2:
-        raise ModelSetupError(f"--second_text_field {data_args.second_text_field} needs a model with two text "
-                              f"inputs, and {model_args.model_name_or_path} was trained with one (its text head "
-                              "takes one pooled output): drop the flag, or start from towers")
+    check_second_text_field(data_args.second_text_field, config.text_inputs, model_args.model_name_or_path)
     if not data_args.second_text_field and config.text_inputs == 2:
         logger.warning("%s takes two text inputs and no --second_text_field was given: the caption fills both",
                        model_args.model_name_or_path)

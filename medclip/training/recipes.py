@@ -1,6 +1,12 @@
 """Named recipes: one TOML file per recipe in the repository's `configs/` (big_vision's configs, readable and
 diffable). A recipe names its source and what it reports, and holds `run_hybrid_clip.py` flag values in
 `[flags]`; `--recipe NAME` puts them first on the command line, so any flag given after it wins.
+
+A model chosen on the command line replaces the recipe's whole choice of model, not just the one flag: with
+`--model_preset demo` the recipe's tokenizer would still be fetched (from the Hub) and its towers named as base
+models in the card. A whole model (--model_preset, --model_name_or_path) drops every model flag of the recipe; one
+tower (--text_model_name_or_path or --text_config, the same for vision) drops the recipe's flags for that tower (the
+text tower's tokenizer included) and any whole model it names.
 """
 
 from __future__ import annotations
@@ -22,6 +28,13 @@ REQUIRED = ("name", "description", "source", "reports", "flags")
 DEPRECATED_FLAGS = {"from_pt": ".bin checkpoints are always read, safely and without torch"}
 
 
+WHOLE_MODEL_FLAGS = ("model_preset", "model_name_or_path")
+MODEL_FLAGS = (*WHOLE_MODEL_FLAGS, "open_clip_model", "text_model_name_or_path", "vision_model_name_or_path",
+               "text_config", "vision_config", "tokenizer_name", "projection_dim", "vision_head", "text_pooler")
+TOWER_FLAGS = {"text": ("text_model_name_or_path", "text_config", "tokenizer_name"),
+               "vision": ("vision_model_name_or_path", "vision_config")}
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     name: str
@@ -31,10 +44,12 @@ class Recipe:
     flags: dict[str, Any]
     path: Path
 
-    def argv(self) -> list[str]:
-        """The flags as command-line arguments (booleans as `--flag true|false`)."""
+    def argv(self, without: frozenset[str] | set[str] = frozenset()) -> list[str]:
+        """The flags as command-line arguments (booleans as `--flag true|false`), less those named in `without`."""
         args: list[str] = []
         for name, value in self.flags.items():
+            if name in without:
+                continue
             text = str(value).lower() if isinstance(value, bool) else str(value)
             args += [f"--{name}", text]
         return args
@@ -120,4 +135,21 @@ def expand(argv: list[str], directory: Path = CONFIGS_DIR) -> tuple[list[str], R
     if len(names) > 1:
         raise ConfigError(f"--recipe given {len(names)} times ({', '.join(names)}); give one")
     recipe = load(names[0], directory)
-    return recipe.argv() + rest, recipe
+    replaced = replaced_model_flags(recipe, rest)
+    if replaced:
+        logger.info("recipe %s: your model flags replace the recipe's %s", recipe.name,
+                    " ".join(f"--{name} {recipe.flags[name]}" for name in replaced))
+    return recipe.argv(without=set(replaced)) + rest, recipe
+
+
+def replaced_model_flags(recipe: Recipe, argv: list[str]) -> list[str]:
+    """The recipe's model flags that the model flags in `argv` replace (see the module's docstring)."""
+    given = {arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+    if given & set(WHOLE_MODEL_FLAGS):
+        dropped = set(MODEL_FLAGS)
+    else:
+        dropped = set()
+        for kind, flags in TOWER_FLAGS.items():
+            if given & {f"{kind}_model_name_or_path", f"{kind}_config"}:
+                dropped |= {*flags, *WHOLE_MODEL_FLAGS, "open_clip_model"}
+    return [name for name in recipe.flags if name in dropped]

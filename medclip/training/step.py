@@ -1,7 +1,8 @@
 """The jitted training and evaluation steps, functional over `nnx.split` state.
 
-Jitting a pure function of (state, batch) keeps the hot loop free of NNX graph traversal (STYLE.md) and
-lets us donate the state buffers. The loss sees the global batch: logits are (global, global).
+Jitting a pure function of (state, batch) keeps the hot loop free of NNX graph traversal (the per-call Python
+work of `nnx.jit`; benchmarks/train_step.py times this step, results in benchmarks/results/) and lets us donate
+the state buffers. The loss sees the global batch: logits are (global, global).
 """
 
 from __future__ import annotations

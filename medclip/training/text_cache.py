@@ -30,9 +30,7 @@ def why_not_cacheable(model_config: Any, *, freeze_text: bool, text_dropout: boo
         return "--mlm reads the text tower's hidden states"
     if model_config.text_inputs != 1:
         return "a two-input text head reads two pooled outputs"
-    rates = [getattr(model_config.text_config, name, 0.0) for name in
-             ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout")]
-    if text_dropout and any(rate > 0 for rate in rates):
+    if text_dropout and model_config.text_config.stochastic:
         return "the frozen text tower still runs dropout (pass --no_text_dropout)"
     return None
 

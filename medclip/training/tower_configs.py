@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from medclip.models import registry
-from medclip.training.config_check import ConfigError
+from medclip.training.errors import ConfigError
 
 
 def _fields(config_class: type) -> dict[str, dataclasses.Field]:

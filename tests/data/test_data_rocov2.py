@@ -91,3 +91,48 @@ def test_min_mean_intensity_flag_filters_training_data(rocov2_root, tmp_path):
     items, counter = load_split(DataArguments(data_dir=str(rocov2_root), min_mean_intensity=0.0), "train",
                                 tmp_path, seed=0)
     assert len(items) == 3 and counter.dropped == 0
+
+
+def _move_images(root: Path, pattern: str) -> None:
+    """Re-lays the fixture's images as `pattern` (with {split}) says."""
+    for split in CAPTIONS:
+        target = root / pattern.format(split=split)
+        staged = root.parent / f"staged_{split}"
+        shutil.move(root / split, staged)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(staged, target)
+
+
+@pytest.mark.parametrize("layout, pattern", [
+    ("release", "{split}"),  # Zenodo's {split}_images.zip unzipped in the root
+    ("kaggle", "{split}_images/{split}"),  # the archive unpacked into a folder of its name
+    ("flat archive", "{split}_images"),
+    ("images/split", "images/{split}"),
+])
+def test_every_published_image_layout_is_found_and_named(rocov2_root, layout, pattern, caplog):
+    if pattern != "{split}":
+        _move_images(rocov2_root, pattern)
+    caplog.set_level("INFO", logger="medclip.data.sources.csv_source")
+    for split, expected in (("train", "train"), ("validation", "valid"), ("test", "test")):
+        counter = DropCounter()
+        items = load_records(rocov2_root, split, counter=counter)
+        assert counter.dropped == 0 and len(items) == len(CAPTIONS[expected])
+        folder = rocov2_root / pattern.format(split=expected)
+        assert items[0].image == str(folder / f"ROCOv2_2023_{expected}_000001.jpg")
+    assert f"ROCOv2 test: images in {rocov2_root / pattern.format(split='test')} ({layout} layout, found)" \
+        in caplog.messages
+
+
+def test_an_empty_decoy_folder_does_not_hide_the_images(rocov2_root):
+    _move_images(rocov2_root, "{split}_images/{split}")
+    (rocov2_root / "test").mkdir()  # e.g. an unrelated or half-extracted folder: the probe image is not there
+    items = load_records(rocov2_root, "test", counter=DropCounter())
+    assert items[0].image == str(rocov2_root / "test_images" / "test" / "ROCOv2_2023_test_000001.jpg")
+
+
+def test_no_image_folder_counts_every_image_missing_and_says_where_it_looked(rocov2_root, caplog):
+    shutil.rmtree(rocov2_root / "test")
+    counter = DropCounter()
+    assert load_records(rocov2_root, "test", counter=counter) == []
+    assert dict(counter.counts) == {"missing_file": 2}
+    assert any("no image folder" in m and "test_images/test/" in m for m in caplog.messages)

@@ -1,5 +1,6 @@
 """CSV files with configurable image and caption columns, and ROCOv2 (`{split}_captions.csv` with `ID,Caption`,
-`{split}_concepts.csv` with `ID,CUIs` separated by ";", images in `{split}/ID.jpg`)."""
+`{split}_concepts.csv` with `ID,CUIs` separated by ";", `cui_mapping.csv` with `CUI,Canonical name`, images in
+one of the layouts of `ROCOV2_IMAGE_LAYOUTS`)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ from typing import Any
 
 import csv
 import io
+import logging
 from pathlib import Path
 
 from medclip.data import captions as caption_cleaning
 from medclip.data import records
 from medclip.data.records import DropCounter, Record
 from medclip.data.sources import base
+
+log = logging.getLogger(__name__)
 
 
 def _rows(path: Path, counter: DropCounter | None, delimiter: str):
@@ -149,17 +153,45 @@ def is_rocov2_captions(path: str | Path) -> bool:
     return {"ID", "Caption"} <= {column.strip() for column in header}
 
 
-def rocov2_image_dir(root: Path, split: str) -> Path:
-    """`root/{split}/` (ROCOv2's layout); `root/{split}_images/` or `root/images/` when only those exist."""
-    for candidate in (root / split, root / f"{split}_images", root / "images"):
-        if candidate.is_dir():
-            return candidate
-    return root / split
+# Where a split's images lie, tried in this order. The release (Zenodo) ships `{split}_images.zip` holding a
+# `{split}/` folder: unzipped in the root it leaves `{split}/ID.jpg`. Kaggle unpacks each archive into a folder
+# named after it, one level deeper: `{split}_images/{split}/ID.jpg`. Re-packed copies put the files straight
+# into `{split}_images/`, or under `images/`.
+ROCOV2_IMAGE_LAYOUTS = (
+    ("release", "{split}"),
+    ("kaggle", "{split}_images/{split}"),
+    ("flat archive", "{split}_images"),
+    ("images/split", "images/{split}"),
+    ("images", "images"),
+)
+
+
+def rocov2_image_dir(root: Path, split: str, probe_id: str | None = None) -> tuple[Path, str]:
+    """(folder, layout name) of a split's images: the first layout whose folder holds `probe_id`.jpg (a record
+    of the split), else the first whose folder exists; ("release" layout, missing) when none does, so that the
+    images are counted as missing files rather than read from a wrong folder."""
+    root = Path(root)
+    folders = [(name, root / pattern.format(split=split)) for name, pattern in ROCOV2_IMAGE_LAYOUTS]
+    existing = [(name, folder) for name, folder in folders if folder.is_dir()]
+    if probe_id is not None:
+        for name, folder in existing:
+            if (folder / f"{probe_id}.jpg").is_file():
+                return folder, name
+    if existing:
+        return existing[0][1], existing[0][0]
+    return folders[0][1], folders[0][0]
+
+
+def _first_id(captions_path: Path) -> str | None:
+    for _, row in _rows(captions_path, None, ","):
+        if (row.get("ID") or "").strip():
+            return row["ID"].strip()
+    return None
 
 
 def load_rocov2(root: str | Path, split: str = "train", **kwargs) -> list[Record]:
     """ROCOv2: `root/{split}_captions.csv` (ID,Caption), `root/{split}_concepts.csv` (ID,CUIs) when present,
-    images `root/{split}/ID.jpg`. `split` may be ROCO's "validation" (ROCOv2's "valid"). Other keyword arguments
+    images in whichever of `ROCOV2_IMAGE_LAYOUTS` holds them (logged). `split` may be ROCO's "validation" (ROCOv2's "valid"). Other keyword arguments
     go to `load_csv`."""
     root = Path(root)
     split = rocov2_split_name(root, split)
@@ -168,12 +200,18 @@ def load_rocov2(root: str | Path, split: str = "train", **kwargs) -> list[Record
         raise FileNotFoundError(f"no ROCOv2 {captions_path.name} in {root} (ROCOv2 ships train_captions.csv, "
                                 "valid_captions.csv and test_captions.csv with their image folders train/ valid/ test/)")
     concepts_path = root / f"{split}_concepts.csv"
+    image_dir, layout = rocov2_image_dir(root, split, _first_id(captions_path))
+    found = "found" if image_dir.is_dir() else "missing"
+    log.info("ROCOv2 %s: images in %s (%s layout, %s)", split, image_dir, layout, found)
+    if not image_dir.is_dir():
+        tried = ", ".join(pattern.format(split=split) + "/" for _, pattern in ROCOV2_IMAGE_LAYOUTS)
+        log.warning("ROCOv2 %s: no image folder under %s (tried %s)", split, root, tried)
     return load_csv(
         captions_path,
         image_column="ID",
         caption_column="Caption",
         id_column="ID",
-        image_dir=rocov2_image_dir(root, split),
+        image_dir=image_dir,
         image_suffix=".jpg",
         concepts_path=concepts_path if concepts_path.is_file() else None,
         **kwargs,
