@@ -32,12 +32,14 @@ def model_and_batch():
 
 @pytest.mark.parametrize("config", [StepConfig(loss="clip"), StepConfig(loss="sigmoid"),
                                     StepConfig(loss="hybrid", hybrid_alpha=0.3, hybrid_temperature=0.5),
+                                    StepConfig(loss="hybrid", hybrid_alpha=0.3, hybrid_form="report"),
                                     StepConfig(loss="concept", concept_target_weight=0.4),
                                     StepConfig(loss="concept", false_negatives="mask")])
 def test_eval_loss_is_the_training_loss(model_and_batch, config):
     model, batch, fields = model_and_batch
     out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
-    training = float(losses.compute_loss(out, config, fields))
+    trained = losses.LossParams(logit_scale=model.temperature_scale())  # what the step passes
+    training = float(losses.compute_loss(out, config, fields, trained))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     image, text = np.asarray(out.image_embeds), np.asarray(out.text_embeds)
     evaluated = make_eval_loss(config)(image, text, params, 8, fields)
@@ -45,7 +47,7 @@ def test_eval_loss_is_the_training_loss(model_and_batch, config):
     # In batches of 4 pairs: the mean of the loss of each half (the fields cut alike).
     halves = [float(losses.compute_loss(model(batch["input_ids"][s], batch["pixel_values"][s],
                                               batch["attention_mask"][s]), config,
-                                        {k: v[s] for k, v in fields.items()}))
+                                        {k: v[s] for k, v in fields.items()}, trained))
               for s in (slice(0, 4), slice(4, 8))]
     np.testing.assert_allclose(make_eval_loss(config)(image, text, params, 4, fields), np.mean(halves), rtol=1e-5)
 

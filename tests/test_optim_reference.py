@@ -28,9 +28,9 @@ def _problem(seed=0):
     return params, grads
 
 
-def _ours(weight_decay_type, lr, wd, params, grads):
+def _ours(weight_decay_type, lr, wd, params, grads, mask="default"):
     config = OptimizerConfig(learning_rate=lr, schedule="constant", weight_decay=wd, max_grad_norm=None,
-                             weight_decay_type=weight_decay_type, total_steps=STEPS)
+                             weight_decay_type=weight_decay_type, weight_decay_mask=mask, total_steps=STEPS)
     tx, _ = make_optimizer(params, config)
     params = jax.tree.map(jnp.asarray, params)
     state = tx.init(params)
@@ -72,6 +72,72 @@ def test_l2_weight_decay_matches_torch_adam(lr, wd):
     if wd >= 0.1:  # the two kinds of decay really differ here, so the comparison above could fail
         decoupled = _ours("decoupled", lr, wd, params, grads)
         assert np.abs(decoupled["dense"]["kernel"] - ours["dense"]["kernel"]).max() > 1e-4
+
+
+# Every kind of leaf a decay mask tells apart: a matrix, a bias, a norm gain, an embedding table, the temperature.
+MASK_SHAPES = {"dense": {"kernel": (4, 3), "bias": (3,)}, "layer_norm": {"scale": (3,)},
+               "token": {"embedding": (5, 3)}, "logit_scale": ()}
+LEAVES = (("dense", "kernel"), ("dense", "bias"), ("layer_norm", "scale"), ("token", "embedding"), ("logit_scale",))
+
+
+def _leaf(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _mask_problem():
+    rng = np.random.default_rng(3)
+    params = jax.tree.map(lambda s: rng.normal(size=s).astype(np.float32), MASK_SHAPES,
+                          is_leaf=lambda x: isinstance(x, tuple))
+    return params, [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params) for _ in range(STEPS)]
+
+
+def _torch_groups(params, grads, optimizer_cls, lr, wd, decayed):
+    """torch with the leaves `decayed(name, tensor)` accepts in a group with weight decay, the rest without."""
+    tensors = {path: torch.nn.Parameter(torch.tensor(_leaf(params, path))) for path in LEAVES}
+    yes = [t for path, t in tensors.items() if decayed(".".join(path), t)]
+    no = [t for path, t in tensors.items() if not decayed(".".join(path), t)]
+    groups = [{"params": yes, "weight_decay": wd}] + ([{"params": no, "weight_decay": 0.0}] if no else [])
+    opt = optimizer_cls(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    for g in grads:
+        for path, tensor in tensors.items():
+            tensor.grad = torch.tensor(_leaf(g, path))
+        opt.step()
+    return {path: t.detach().numpy() for path, t in tensors.items()}
+
+
+def test_weight_decay_mask_all_matches_one_torch_param_group():
+    """PubMedCLIP: torch.optim.Adam(model.parameters(), weight_decay=5e-4) decays every parameter, biases, norm
+    gains, embedding tables and the temperature included: one param group, no mask."""
+    params, grads = _mask_problem()
+    lr, wd = 1e-2, 0.1  # large enough that decaying a leaf or not shows
+    theirs = _torch_groups(params, grads, torch.optim.Adam, lr, wd, decayed=lambda name, p: True)
+    ours = _ours("l2", lr, wd, params, grads, mask="all")
+    masked = _ours("l2", lr, wd, params, grads)
+    for path in LEAVES:
+        np.testing.assert_allclose(_leaf(ours, path), theirs[path], atol=1e-6, rtol=0, err_msg=str(path))
+    # The comparison can fail: the default mask leaves these undecayed, and the results differ.
+    for path in LEAVES[1:]:
+        assert np.abs(_leaf(masked, path) - theirs[path]).max() > 1e-5, path
+
+
+def test_weight_decay_mask_ndim_matches_pmc_clips_param_groups():
+    """PMC-CLIP (src/training/main.py): AdamW with two groups, `exclude = p.ndim < 2 or "bn" in n or "ln" in n or
+    "bias" in n or "logit_scale" in n` without decay; embedding tables (2-D) decay, unlike our default mask."""
+    params, grads = _mask_problem()
+    lr, wd = 1e-2, 0.1
+
+    def exclude(n, p):  # transcribed; our leaf names stand in for torch's
+        return p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
+
+    theirs = _torch_groups(params, grads, torch.optim.AdamW, lr, wd, decayed=lambda n, p: not exclude(n, p))
+    ours = _ours("decoupled", lr, wd, params, grads, mask="ndim")
+    for path in LEAVES:
+        np.testing.assert_allclose(_leaf(ours, path), theirs[path], atol=1e-6, rtol=0, err_msg=str(path))
+    default = _ours("decoupled", lr, wd, params, grads)
+    embedding = ("token", "embedding")
+    assert np.abs(_leaf(default, embedding) - theirs[embedding]).max() > 1e-5
 
 
 @pytest.mark.parametrize("lr,wd", [(5e-5, 0.1), (1e-2, 0.1)])

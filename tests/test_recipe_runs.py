@@ -111,8 +111,21 @@ def test_clip_medical_caption_recipe_trains_a_resnet50(tmp_path):
     assert config["vision_config"]["model_type"] == "timm_resnet"
 
 
+def _pmc_clip_csv(folder: Path, n: int, seed: int, name: str) -> Path:
+    """Synthetic pairs as PMC-CLIP's CSV: tab-separated (its --csv-separator default) with its default keys
+    `filepath` and `title`, under a .csv name (so our extension default, a comma, would not read it)."""
+    from medclip.data.synthetic import write_synthetic_dataset
+
+    lines = write_synthetic_dataset(folder, n, seed=seed, image_size=64, name=name).read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    path = folder / f"{name}.csv"
+    path.write_text("filepath\ttitle\n" + "".join(f"{r['image_path']}\t{r['captions'][0]}\n" for r in rows))
+    return path
+
+
 @pytest.mark.heavy
 def test_pmc_clip_recipe_trains_contrastive_and_mlm_with_a_modified_resnet(tmp_path):
+    """Also: PMC-CLIP's own CSV flags read its CSV layout; the recipe's whole-word masking runs in the step."""
     from medclip.data.synthetic import write_synthetic_tokenizer
 
     text = _tiny_bert_folder(tmp_path / "bert", write_synthetic_tokenizer(tmp_path / "tokenizer"))
@@ -120,12 +133,16 @@ def test_pmc_clip_recipe_trains_contrastive_and_mlm_with_a_modified_resnet(tmp_p
     cmd = [sys.executable, "run_hybrid_clip.py", "--recipe", "pmc-clip", "--output_dir", str(out),
            "--vision_config", "modified_resnet.tiny:output_dim=32", "--projection_dim", "32",
            "--text_model_name_or_path", str(text), "--tokenizer_name", str(text),
-           "--synthetic_train_samples", "64", "--synthetic_validation_samples", "32", "--synthetic_image_size", "64",
+           "--train_file", str(_pmc_clip_csv(tmp_path / "data", 64, 0, "train")),
+           "--validation_file", str(_pmc_clip_csv(tmp_path / "data", 32, 1, "valid")),
+           "--csv-separator", "\\t", "--csv-img-key", "filepath", "--csv-caption-key", "title",
            "--max_seq_length", "24", "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16",
            "--num_train_epochs", "1", "--logging_steps", "1", "--save_steps", "0", "--report_to", "none",
            "--warmup_steps", "1"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["train"]["kept"] == 64 and report["validation"]["kept"] == 32, report
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "train_loss" in r]
     assert train and all(np.isfinite(r["train_mlm_loss"]) and 0 <= r["train_mlm_acc"] <= 1 for r in train)

@@ -64,6 +64,7 @@ def test_pubmedclip_recipe_resolves_to_the_papers_settings():
     assert (train.plateau_threshold_mode, train.plateau_cooldown, train.plateau_min_lr) == ("rel", 0, 0.0)
     assert train.metric_for_best_model == "loss" and train.early_stopping_patience == 5
     assert data.hflip and data.crop_scale_min == 0.08 and data.max_seq_length == 77
+    assert train.weight_decay_mask == "all"  # torch.optim.Adam's one param group decays every parameter
     assert train.per_device_train_batch_size == 64 and train.num_train_epochs == 50
 
 
@@ -73,6 +74,7 @@ def test_clip_tf_hybrid_recipe_resolves_to_the_reports_settings():
     assert model.text_model_name_or_path == "emilyalsentzer/Bio_ClinicalBERT"
     assert data.second_text_field == "concepts" and model.image_size == 128 and model.projection_dropout == 0.1
     assert train.loss == "hybrid" and train.hybrid_alpha == 0.5 and train.weight_decay == 0.0
+    assert train.hybrid_form == "report" and not train.hybrid_alpha_learnable
     assert (train.vision_learning_rate, train.learning_rate, train.text_learning_rate) == (1e-3, 1e-4, 1e-5)
     assert train.early_stopping_patience == 5 and train.metric_for_best_model == "loss"
     assert data.min_mean_intensity == 10.0
@@ -94,6 +96,7 @@ def test_pmc_clip_recipe_resolves_to_the_papers_settings():
     assert train.mlm and train.mlm_probability == 0.15 and model.projection_dim == 768
     assert (train.learning_rate, train.lr_schedule, train.warmup_steps, train.weight_decay) == (1e-4, "cosine", 500, 0.1)
     assert data.crop_scale_min == 0.5 and data.max_seq_length == 77
+    assert train.mlm_masking == "whole_word" and train.max_grad_norm == 0.0 and train.weight_decay_mask == "ndim"
 
 
 def test_later_flags_win_over_the_recipe():
@@ -151,6 +154,12 @@ DEMO = ("--model_preset", "demo", "--do_train", "--synthetic_train_samples", "64
     (("--reduce_lr_on_plateau",), "--reduce_lr_on_plateau needs --lr_schedule constant"),
     (("--reduce_lr_on_plateau", "--lr_schedule", "constant", "--plateau_factor", "1.5"), "--plateau_factor"),
     (("--dtype", "float64"), "--dtype 'float64'"),
+    (("--weight_decay_mask", "biases"), "--weight_decay_mask 'biases'"),
+    (("--loss", "hybrid", "--hybrid_form", "paper"), "--hybrid_form 'paper'"),
+    (("--loss", "hybrid", "--hybrid_form", "report", "--hybrid_temperature", "0.5"), "--hybrid_temperature sets"),
+    (("--hybrid_alpha_learnable",), "--hybrid_alpha_learnable learns the alpha of --loss hybrid"),
+    (("--loss", "hybrid", "--hybrid_alpha_learnable", "--hybrid_alpha", "1.0"), "--hybrid_alpha_learnable starts"),
+    (("--mlm_masking", "whole_word"), "--mlm_weight, --mlm_probability and --mlm_masking"),
     (("--hybrid_temperature", "0"), "--hybrid_temperature"),
     (("--loss", "concept", "--false_negatives", "drop"), "--false_negatives 'drop'"),
     (("--loss", "concept", "--concept_target_weight", "1.5"), "--concept_target_weight"),
@@ -275,3 +284,166 @@ def test_clip_tf_report_recipes_state_the_reports_values(name):
     assert (data.second_text_field, train.loss) == (second, loss)
     assert alpha is None or train.hybrid_alpha == alpha
     assert data.min_mean_intensity is not None and data.remove_stopwords and data.remove_single_letters
+
+
+# -- each recipe against the values its source states ------------------------------------------------------
+# One table, written once: for every recipe, the values its source states (flag, value, where the source says
+# so) and every deviation (flag or None for a difference no flag expresses, the source's value, ours, why).
+# The test checks that each stated value is the recipe's and that each flagged deviation really differs;
+# README's deviation list is this table.
+# Precision: every source trained on GPUs in fp32 (PubMedCLIP, CLIP-TF, flax-community medclip) or PyTorch AMP
+# (PMC-CLIP, --precision amp); every recipe computes in float32 (--dtype float32); --dtype bfloat16 on
+# accelerators is the user's deviation (bf16 matmuls, fp32 parameters, optimizer state and loss).
+PRECISION = (None, "fp32 (PMC-CLIP: torch AMP, fp16 autocast)", "float32",
+             "--dtype bfloat16 on accelerators deviates from every source (bf16 matmuls, fp32 params and loss)")
+
+SOURCES = {
+    "medclip": {
+        "source": "flax-community medclip, github.com/Kaushalya/medclip train_medclip.sh / run_medclip.sh",
+        "stated": [
+            ("text_model_name_or_path", "allenai/scibert_scivocab_uncased", "train_medclip.sh"),
+            ("vision_model_name_or_path", "openai/clip-vit-base-patch32", "train_medclip.sh"),
+            ("num_train_epochs", 40, "train_medclip.sh"),
+            ("max_seq_length", 128, "train_medclip.sh"),
+            ("per_device_train_batch_size", 16, "train_medclip.sh (an earlier run_medclip.sh: 64)"),
+            ("learning_rate", 5e-5, "train_medclip.sh"),
+            ("warmup_steps", 0, "train_medclip.sh"),
+            ("weight_decay", 0.1, "train_medclip.sh, optax.adamw in run_medclip.py"),
+            ("weight_decay_type", "decoupled", "optax.adamw"),
+            ("lr_schedule", "linear", "run_medclip.py: linear decay to 0"),
+        ],
+        "deviations": [PRECISION],
+    },
+    "pubmedclip": {
+        "source": "Eslami et al., PubMedCLIP; github.com/sarahESL/PubMedCLIP (configs/medclip_roco_all.yaml, "
+                  "lib/utils/utils.py, lib/config/default.py)",
+        "stated": [
+            ("model_name_or_path", "openai/clip-vit-base-patch32", "the paper: CLIP ViT-B/32 fine-tuned whole"),
+            ("learning_rate", 1e-5, "medclip_roco_all.yaml"),
+            ("weight_decay", 5e-4, "medclip_roco_all.yaml"),
+            ("weight_decay_type", "l2", "torch.optim.Adam(weight_decay=...): added to the gradient"),
+            ("weight_decay_mask", "all", "torch.optim.Adam(model.parameters()): one group, every parameter"),
+            ("adam_epsilon", 1e-8, "the yaml's EPS 1e-6 is never passed to Adam: torch's default"),
+            ("per_device_train_batch_size", 64, "medclip_roco_all.yaml"),
+            ("num_train_epochs", 50, "medclip_roco_all.yaml"),
+            ("max_seq_length", 77, "CLIP's context"),
+            ("crop_scale_min", 0.08, "default.py: RandomResizedCrop, torchvision's scale (0.08, 1)"),
+            ("hflip", True, "default.py: RandomHorizontalFlip"),
+            ("max_grad_norm", 0.0, "no clipping in the training loop"),
+            ("early_stopping_patience", 5, "re-implementations' description: early stopping 5 on val loss"),
+            ("metric_for_best_model", "loss", "validation loss"),
+            ("reduce_lr_on_plateau", True, "re-implementations' description: ReduceLROnPlateau on val loss"),
+            ("plateau_factor", 0.1, "torch's default"),
+            ("plateau_threshold", 1e-4, "torch's default"),
+        ],
+        "deviations": [
+            ("loss", "0.7 * image->text + 0.3 * text->image on rescaled logits (released train.py)", "clip",
+             "the recipe as the paper and its re-implementations describe it: symmetric 0.5/0.5"),
+            ("plateau_patience", 10, 2,
+             "not stated; torch's default 10 could never fire before early stopping at 5"),
+            (None, "batch 64 on one GPU", "64 per device", "on N devices pass --per_device_train_batch_size 64/N"),
+            PRECISION,
+        ],
+    },
+    "pmc-clip": {
+        "source": "Lin et al., PMC-CLIP; github.com/WeixiongLin/PMC-CLIP (README.md's training command, "
+                  "src/training/{params,main,train}.py, src/training/dataset/utils.py, "
+                  "model_configs/RN50_fusion4.json)",
+        "stated": [
+            ("learning_rate", 1e-4, "README: --lr=1e-4"),
+            ("weight_decay", 0.1, "README: --wd=0.1"),
+            ("weight_decay_type", "decoupled", "main.py: optim.AdamW"),
+            ("weight_decay_mask", "ndim", "main.py: no decay where p.ndim < 2 or bn/ln/bias/logit_scale"),
+            ("warmup_steps", 500, "README: --warmup 500"),
+            ("lr_schedule", "cosine", "scheduler.py: cosine_lr"),
+            ("adam_beta1", 0.9, "params.py get_default_params (RN): beta1 0.9"),
+            ("adam_beta2", 0.999, "params.py get_default_params (RN): beta2 0.999"),
+            ("adam_epsilon", 1e-8, "params.py get_default_params (RN): eps 1e-8"),
+            ("crop_scale_min", 0.5, "README: --crop-scale 0.5"),
+            ("max_grad_norm", 0.0, "train.py: backward then optimizer.step, no clipping"),
+            ("mlm", True, "README: --mlm"),
+            ("mlm_probability", 0.15, "params.py: --mask-ratio 0.15"),
+            ("mlm_masking", "whole_word", "dataset/utils.py base_masker: caption.split() words"),
+            ("max_seq_length", 77, "RN50_fusion4.json: context_length 77"),
+            ("projection_dim", 768, "RN50_fusion4.json: embed_dim 768"),
+            ("text_pooler", "cls", "pmc_clip.py: the [CLS] hidden state @ text_projection"),
+            ("vision_config", "modified_resnet:output_dim=768", "RN50_fusion4.json: RN50 ModifiedResNet"),
+            ("per_device_train_batch_size", 64, "params.py: --batch-size 64 per GPU (README: 8 on one GPU, 128)"),
+        ],
+        "deviations": [
+            ("mlm_weight", "0.5 * contrastive + 0.5 * MLM (--loss-weight 0)", 1.0,
+             "contrastive + 1.0 * MLM: the same gradient direction, the learning rate scaled by 2"),
+            ("num_train_epochs", 100, 20, "README's 100 epochs on PMC-OA; 20 for ROCO's smaller set (our choice)"),
+            (None, "re-tokenised string: a random '##' piece becomes several tokens", "one token id",
+             "whole-word masking's random branch inserts one vocabulary id (mlm.py)"),
+            (None, "text encoder called without an attention mask (padding attended)", "padding masked",
+             "attending to [PAD] is an accident of the call, not the method"),
+            (None, "--csv-separator default tab for every file", "tab for .tsv, comma for .csv",
+             "pass --csv-separator (accepted as an alias of --csv_delimiter) to choose"),
+            PRECISION,
+        ],
+    },
+    **{name: {
+        "source": "Calonca et al., CLIP TensorFlow & ROCO (CLIP_Tensorflow_report.pdf; hyperparameters.py, "
+                  "github.com/Calonca/clip-tensorflow)",
+        "stated": [(flag, value, "the report / hyperparameters.py (CLIP_TF_REPORT above)")
+                   for flag, value in CLIP_TF_REPORT.items()]
+                  + [("vision_model_name_or_path", CLIP_TF_MODELS[name][0], "report: EfficientNetV2 (-S base, -M final)"),
+                     ("text_model_name_or_path", CLIP_TF_MODELS[name][1], "report: DistilBERT base, ClinicalBERT final"),
+                     ("loss", CLIP_TF_MODELS[name][3], "report: eqs. 2-5 (alpha 1), 6-7, or eq. 8")]
+                  + ([("hybrid_form", "report", "report eqs. 1-8: one temperature for logits and soft targets")]
+                     if CLIP_TF_MODELS[name][3] == "hybrid" else []),
+        "deviations": ([(None, "metrics_losses.py: the repository's code multiplies the two losses and halves the "
+                               "similarities", "eq. 8's alpha mix, eq. 4 as printed",
+                         "the report's equations are the method")] if CLIP_TF_MODELS[name][3] == "hybrid" else [])
+                      + [(None, "batch 80 on one GPU", "80 per device",
+                          "on N devices pass --per_device_train_batch_size 80/N"), PRECISION],
+    } for name in CLIP_TF_MODELS},
+    "clip-medical-caption": {
+        "source": "CLIP-for-Medical-Caption (CLIP on ROCOv2 for caption retrieval), as issue 15 summarises it",
+        "stated": [
+            ("max_seq_length", 77, "CLIP's context"),
+            ("projection_dim", 512, "embedding 512"),
+            ("learning_rate", 5e-4, "AdamW 5e-4"),
+            ("weight_decay_type", "decoupled", "AdamW"),
+            ("lr_schedule", "cosine", "linear warmup + cosine"),
+            ("per_device_train_batch_size", 128, "batch 128"),
+        ],
+        "deviations": [
+            (None, "image encoder weights unstated", "timm/resnet50.a1_in1k",
+             "an ImageNet ResNet-50 (our choice); --vision_model_name_or_path for the ViT variant"),
+            PRECISION,
+        ],
+    },
+}
+
+
+def _all_flags(parsed):
+    return {k: v for args in parsed for k, v in vars(args).items()}
+
+
+@pytest.mark.parametrize("name", sorted(SOURCES))
+def test_recipe_matches_what_its_source_states_and_names_every_deviation(name):
+    entry = SOURCES[name]
+    flags = _all_flags(_parse("--recipe", name, "--data_dir", "/data/roco"))
+    for flag, value, where in entry["stated"]:
+        assert flags[flag] == value, f"{name}: --{flag} is {flags[flag]!r}, its source states {value!r} ({where})"
+    for flag, theirs, ours, why in entry["deviations"]:
+        assert why and theirs != ours
+        if flag is not None:  # a deviation a flag expresses: the recipe's value is ours, not the source's
+            assert flags[flag] == ours and flags[flag] != theirs, (name, flag)
+
+
+def test_every_recipe_is_in_the_source_table():
+    assert set(recipes.available()) <= set(SOURCES), set(recipes.available()) - set(SOURCES)
+
+
+def test_pmc_clip_csv_flags_are_aliases_of_ours():
+    _, data, _ = _parse("--recipe", "pmc-clip", "--train_file", "t.csv", "--csv-separator", "\\t",
+                        "--csv-img-key", "filepath", "--csv-caption-key", "title")
+    assert (data.csv_delimiter, data.image_column, data.caption_column) == ("\\t", "filepath", "title")
+    from medclip.training.arguments import csv_delimiter
+
+    assert csv_delimiter(data.csv_delimiter) == "\t" and csv_delimiter("tab") == "\t" and csv_delimiter(";") == ";"
+    with pytest.raises(ConfigError, match="--csv_delimiter"):
+        validate(*_parse(*DEMO, "--csv-separator", "ab"))

@@ -12,16 +12,17 @@ from flax import nnx
 
 from medclip import FlaxHybridCLIP, HybridCLIPConfig
 from medclip.checkpoints.model_card import render_model_card
+from medclip.training import losses
 from medclip.training.optim import OptimizerConfig, make_optimizer
 from medclip.training.step import StepConfig, init_state, make_train_step
 
 
-def _setup():
+def _setup(config: StepConfig = StepConfig(), extra_params: dict | None = None):
     model = FlaxHybridCLIP(HybridCLIPConfig.tiny(), rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
-    params = nnx.to_pure_dict(params)
+    params = {**nnx.to_pure_dict(params), **(extra_params or {})}
     tx, _ = make_optimizer(params, OptimizerConfig(learning_rate=1e-3, total_steps=10, schedule="constant"))
-    step = jax.jit(make_train_step(graphdef, tx, StepConfig()))
+    step = jax.jit(make_train_step(graphdef, tx, config))
     rng = np.random.default_rng(0)
     batch = {"input_ids": jnp.asarray(rng.integers(2, 90, size=(4, 8)), jnp.int32),
              "attention_mask": jnp.ones((4, 8), jnp.int32),
@@ -45,6 +46,21 @@ def test_non_finite_step_is_skipped_and_counted():
     state, metrics = step(state, batch)
     assert bool(metrics["finite"]) and int(state.nonfinite_in_a_row) == 0 and int(state.nonfinite_total) == 2
     assert int(state.step) == 4
+
+
+def test_learned_hybrid_alpha_trains_beside_the_model():
+    """--hybrid_alpha_learnable: the alpha of the report's hybrid loss is sigmoid of a scalar in the train state's
+    params (started at --hybrid_alpha), updated by the optimizer, logged, and not part of the model."""
+    state, step, batch = _setup(StepConfig(loss="hybrid", hybrid_form="report"), losses.alpha_param(0.5))
+    alphas = []
+    for _ in range(3):
+        state, metrics = step(state, batch)
+        alphas.append(float(metrics["hybrid_alpha"]))
+    assert alphas[0] == pytest.approx(0.5) and len(set(alphas)) == 3 and all(0 < a < 1 for a in alphas)
+    model_params, alpha = losses.split_params(state.params)
+    assert losses.ALPHA_PARAM not in model_params and float(alpha) not in alphas
+    graphdef = nnx.split(FlaxHybridCLIP(HybridCLIPConfig.tiny(), rngs=nnx.Rngs(0)), nnx.Param)[0]
+    nnx.merge(graphdef, model_params)  # exactly the model's parameters: what the trainer exports
 
 
 def test_trainer_stops_after_too_many_non_finite_steps_in_a_row():

@@ -72,6 +72,9 @@ class Captions:
     # A locked text tower's pooled output for every caption row, (num_captions, hidden) float32: when set,
     # batches carry it as "text_pooled" and the step skips the tower (medclip.training.text_cache).
     pooled: np.ndarray | None = None
+    # Whole-word masking (--mlm_masking whole_word): 1 where a token starts a word, (num_captions, max_seq_length)
+    # int32 (medclip.training.mlm.word_starts); batches then carry it as "word_start".
+    word_start: np.ndarray | None = None
 
 
 def _tokenize(tokenizer, texts: list[str], max_seq_length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -240,6 +243,7 @@ def build_train_dataset(items: list[Record], captions: Captions, layout: Layout,
     if concepts is not None:
         concept_ids, caption_group = tf.constant(concepts.concept_ids), tf.constant(concepts.caption_group)
     pooled = None if captions.pooled is None else tf.constant(captions.pooled)
+    word_start = None if captions.word_start is None else tf.constant(captions.word_start)
     if image_pooled is not None:
         image_features, image_valid = tf.constant(image_pooled.features), tf.constant(image_pooled.valid)
 
@@ -272,6 +276,8 @@ def build_train_dataset(items: list[Record], captions: Captions, layout: Layout,
             element.update(concept_ids=concept_ids[index], caption_group=caption_group[row])
         if pooled is not None:
             element["text_pooled"] = pooled[row]
+        if word_start is not None:
+            element["word_start"] = word_start[row]
         return element
 
     dataset = tf.data.Dataset.range(start_epoch, _INFINITE_EPOCHS).flat_map(epoch_elements).skip(offset)

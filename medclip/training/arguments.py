@@ -61,6 +61,13 @@ class ModelArguments:
                 "report: 0.1); default: the model's own (0 for fresh heads)."})
 
 
+def csv_delimiter(flag: str | None) -> str | None:
+    """--csv_delimiter as one character: PMC-CLIP's commands write a tab as a literal tab, "\\t" or "tab"."""
+    if flag is None:
+        return None
+    return "\t" if flag in ("\t", "\\t", "tab") else flag
+
+
 @dataclasses.dataclass
 class DataArguments:
     data_dir: str | None = field(default=None, metadata={
@@ -71,8 +78,13 @@ class DataArguments:
                 "beside it."})
     validation_file: str | None = field(default=None, metadata={"help": "JSON lines or CSV for evaluation."})
     dataset_name: str | None = field(default=None, metadata={"help": "Hugging Face dataset (folder or id)."})
-    image_column: str | None = field(default=None, metadata={"help": "CSV / HF datasets image column (image)."})
-    caption_column: str | None = field(default=None, metadata={"help": "CSV / HF datasets caption column (caption)."})
+    image_column: str | None = field(default=None, metadata={
+        "help": "CSV / HF datasets image column (image).", "aliases": ["--csv-img-key"]})  # PMC-CLIP's name
+    caption_column: str | None = field(default=None, metadata={
+        "help": "CSV / HF datasets caption column (caption).", "aliases": ["--csv-caption-key"]})
+    csv_delimiter: str | None = field(default=None, metadata={
+        "help": "CSV field delimiter (one character; 'tab' or \\t for a tab); default: tab for .tsv, comma for "
+                ".csv.", "aliases": ["--csv-separator"]})  # PMC-CLIP's name
     second_text_field: str | None = field(default=None, metadata={
         "help": "A second text input through the same text tower, concatenated with the caption's before the "
                 "text projection: keywords or concepts (ROCO, JSON lines, ROCOv2), or a CSV column / JSON field."})
@@ -147,6 +159,10 @@ class TrainingArguments:
     weight_decay: float = 0.0
     weight_decay_type: str = field(default="decoupled", metadata={
         "help": "decoupled (AdamW) or l2 (torch.optim.Adam's weight_decay: added to the gradient before the moments)."})
+    weight_decay_mask: str = field(default="default", metadata={
+        "help": "default (no decay on biases, norms, embeddings, temperature), ndim (open_clip's, PMC-CLIP's: no "
+                "decay on parameters of fewer than 2 dimensions; embeddings decay) or all (every parameter, as a "
+                "single torch.optim.Adam param group decays)."})
     reduce_lr_on_plateau: bool = field(default=False, metadata={
         "help": "ReduceLROnPlateau (PyTorch's semantics) on --plateau_metric after each epoch's evaluation."})
     plateau_metric: str = field(default="eval_loss", metadata={
@@ -185,6 +201,11 @@ class TrainingArguments:
         "help": "--loss concept: pairs with the same normalised caption or the same concept set are positive "
                 "(share the identity target), mask (left out of the softmax) or none (negatives, as clip)."})
     hybrid_alpha: float = 0.5
+    hybrid_form: str = field(default="ours", metadata={
+        "help": "--loss hybrid: report (the CLIP-TF report's eqs. 1-8: the logit temperature also sharpens the "
+                "soft targets, I_target paired with the image rows) or ours (targets at --hybrid_temperature)."})
+    hybrid_alpha_learnable: bool = field(default=False, metadata={
+        "help": "--loss hybrid: learn alpha (sigmoid of a scalar started at --hybrid_alpha), as the report mentions."})
     mlm: bool = field(default=False, metadata={
         "help": "PMC-CLIP's masked-language modelling: masked captions predicted by a fusion module that attends "
                 "to the image embedding; the contrastive loss sees the masked captions too, as in PMC-CLIP."})
@@ -193,6 +214,9 @@ class TrainingArguments:
     mlm_probability: float = field(default=0.15, metadata={
         "help": "Share of real, non-special tokens selected for MLM; of those, 8 in 10 become [MASK], 1 a random "
                 "token, 1 stays."})
+    mlm_masking: str = field(default="token", metadata={
+        "help": "token (BERT: tokens selected one by one) or whole_word (PMC-CLIP: whitespace-separated words "
+                "selected whole; a random replacement puts one token in place of the word; [CLS]/[SEP] are targets)."})
     hybrid_temperature: float = field(default=1.0, metadata={
         "help": "Temperature of the hybrid loss's soft targets (softmax of image-image + text-text similarities / T)."})
     seed: int = 42

@@ -11,9 +11,11 @@ from pathlib import Path
 from medclip.data.concepts import CONCEPT_SOURCES
 from medclip.evaluation.retrieval import MRR_KS, RECALL_KS
 from medclip.training.arguments import DataArguments, ModelArguments, TrainingArguments
+from medclip.training.arguments import csv_delimiter
 from medclip.training.errors import ConfigError, DataError  # noqa: F401 (DataError re-exported)
-from medclip.training.losses import FALSE_NEGATIVES, LOSSES
-from medclip.training.optim import SCHEDULES, WEIGHT_DECAY_TYPES
+from medclip.training.losses import FALSE_NEGATIVES, HYBRID_FORMS, LOSSES
+from medclip.training.mlm import MASKINGS
+from medclip.training.optim import SCHEDULES, WEIGHT_DECAY_MASKS, WEIGHT_DECAY_TYPES
 from medclip.training.tower_configs import parse_tower_config
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -66,6 +68,11 @@ def validate(model: ModelArguments, data: DataArguments, train: TrainingArgument
     _choice("--loss", train.loss, tuple(LOSSES))
     _choice("--lr_schedule", train.lr_schedule, SCHEDULES)
     _choice("--weight_decay_type", train.weight_decay_type, WEIGHT_DECAY_TYPES)
+    _choice("--weight_decay_mask", train.weight_decay_mask, WEIGHT_DECAY_MASKS)
+    _choice("--hybrid_form", train.hybrid_form, HYBRID_FORMS)
+    if data.csv_delimiter is not None and len(csv_delimiter(data.csv_delimiter)) != 1:
+        raise ConfigError(f"--csv_delimiter (--csv-separator) must be one character or 'tab', "
+                          f"not {data.csv_delimiter!r}")
     _check_metric("--metric_for_best_model", train.metric_for_best_model)
     if train.eval_epochs < 1:
         raise ConfigError(f"--eval_epochs must be at least 1 (got {train.eval_epochs})")
@@ -87,6 +94,14 @@ def validate(model: ModelArguments, data: DataArguments, train: TrainingArgument
             raise ConfigError(f"--concept_width must be >= 1 with --loss concept, not {data.concept_width}")
     if train.hybrid_temperature <= 0:
         raise ConfigError(f"--hybrid_temperature must be > 0, not {train.hybrid_temperature}")
+    if train.hybrid_form == "report" and train.hybrid_temperature != 1.0:
+        raise ConfigError("--hybrid_temperature sets --hybrid_form ours's target temperature; the report form uses "
+                          "the model's logit temperature for the targets too: drop one of them")
+    if train.hybrid_alpha_learnable and train.loss != "hybrid":
+        raise ConfigError("--hybrid_alpha_learnable learns the alpha of --loss hybrid: add it, or drop the flag")
+    if train.hybrid_alpha_learnable and not 0 < train.hybrid_alpha < 1:
+        raise ConfigError(f"--hybrid_alpha_learnable starts at --hybrid_alpha, which must be in (0, 1), not "
+                          f"{train.hybrid_alpha}")
     if train.freeze_vision and train.freeze_text:
         raise ConfigError("--freeze_vision and --freeze_text together leave only the projections to train; "
                           "drop one of them")
@@ -121,8 +136,10 @@ def _check_text_objectives(model: ModelArguments, data: DataArguments, train: Tr
     """--projection_dropout, --second_text_field and --mlm (with --mlm_weight/--mlm_probability)."""
     if model.projection_dropout is not None and not 0 <= model.projection_dropout < 1:
         raise ConfigError(f"--projection_dropout must be in [0, 1), not {model.projection_dropout}")
-    if not train.mlm and (train.mlm_weight != 1.0 or train.mlm_probability != 0.15):
-        raise ConfigError("--mlm_weight and --mlm_probability configure the MLM objective: add --mlm, or drop them")
+    if not train.mlm and (train.mlm_weight != 1.0 or train.mlm_probability != 0.15 or train.mlm_masking != "token"):
+        raise ConfigError("--mlm_weight, --mlm_probability and --mlm_masking configure the MLM objective: add --mlm, "
+                          "or drop them")
+    _choice("--mlm_masking", train.mlm_masking, MASKINGS)
     if train.mlm:
         if not 0 < train.mlm_probability < 1:
             raise ConfigError(f"--mlm_probability must be in (0, 1), not {train.mlm_probability}")

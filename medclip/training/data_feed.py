@@ -24,7 +24,7 @@ from medclip.data.sources.auto import load_records
 from medclip.data.sources.concept_names import ConceptNamesError, concept_names_for, name_records
 from medclip.data.splits import SplitError, parse_ratios, split_records
 from medclip.training.distributed import barrier
-from medclip.training.arguments import DataArguments, TrainingArguments
+from medclip.training.arguments import DataArguments, TrainingArguments, csv_delimiter
 from medclip.training.config_check import ConfigError, DataError
 from medclip.training.losses import batch_fields
 
@@ -57,7 +57,8 @@ def load_split(args: DataArguments, split: str, output_dir: Path, seed: int) -> 
         return [], counter
     items = load_records(source, "train" if part else split, counter=counter,
                          min_caption_length=args.min_caption_length, image_column=args.image_column,
-                         caption_column=args.caption_column, **args.load_options())
+                         caption_column=args.caption_column, delimiter=csv_delimiter(args.csv_delimiter),
+                         **args.load_options())
     if part is not None:
         try:
             items = split_records(items, parse_ratios(args.split_ratios), seed)[part]

@@ -8,11 +8,13 @@ examples serve as negatives for every other's; XLA inserts the gathers.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -37,6 +39,27 @@ def hybrid_loss(logits_per_text: jax.Array, image_embeds: jax.Array, text_embeds
     targets = jax.lax.stop_gradient(jax.nn.softmax(sim / temperature, axis=-1))
     soft = (optax.softmax_cross_entropy(logits, targets).mean()
             + optax.softmax_cross_entropy(logits.T, targets.T).mean()) / 2
+    return alpha * soft + (1 - alpha) * clip_loss(logits)
+
+
+def hybrid_loss_report(logits_per_text: jax.Array, image_embeds: jax.Array, text_embeds: jax.Array,
+                       logit_scale: jax.Array, alpha: float | jax.Array = 0.5) -> jax.Array:
+    """The CLIP TensorFlow & ROCO report's hybrid loss (its eqs. 1-8), written as the report prints it.
+
+    One temperature T = 1 / logit_scale scales the logits (eq. 2, `logits_per_text` = T_e I_e^T / T) and
+    sharpens the soft targets I_target = softmax((I_sim + T_sim) / T) (eqs. 3-4), so at T = 0.07 the targets are
+    nearly the identity; T_target = I_target^T. Eq. 5 pairs I_target with the image rows (logits^T) and T_target
+    with the text rows, through Keras' categorical cross-entropy, which does not renormalise its labels (the rows
+    of T_target need not sum to 1) and lets the gradient reach the targets (TF's softmax cross-entropy
+    backpropagates into labels). Eqs. 6-7: the index-target sparse cross-entropy (`clip_loss`); eq. 8:
+    alpha * soft + (1 - alpha) * hard.
+    """
+    logits = logits_per_text.astype(jnp.float32)
+    sim = (image_embeds @ image_embeds.T + text_embeds @ text_embeds.T).astype(jnp.float32)
+    image_targets = jax.nn.softmax(sim * logit_scale, axis=-1)
+    text_targets = image_targets.T
+    soft = (optax.softmax_cross_entropy(logits.T, image_targets).mean()
+            + optax.softmax_cross_entropy(logits, text_targets).mean()) / 2
     return alpha * soft + (1 - alpha) * clip_loss(logits)
 
 
@@ -100,12 +123,16 @@ def concept_loss(logits_per_text: jax.Array, concept_ids: jax.Array, caption_gro
             + optax.softmax_cross_entropy(logits.T, targets).mean()) / 2
 
 
+HYBRID_FORMS = ("ours", "report")
+
+
 class LossConfig(Protocol):
     """What a loss may read from its configuration (`medclip.training.step.StepConfig` is one)."""
 
     loss: str
     hybrid_alpha: float
     hybrid_temperature: float
+    hybrid_form: str
     concept_target_weight: float
     false_negatives: str
 
@@ -118,17 +145,52 @@ class ModelOutput(Protocol):
     text_embeds: jax.Array
 
 
-def _concept(out, config, batch):
+@dataclasses.dataclass(frozen=True)
+class LossParams:
+    """Trained values a loss may read besides the model output: the logit scale 1 / T (clamped, as the model
+    applies it; the report's hybrid form needs it) and a learned hybrid alpha (None: the configured one)."""
+
+    logit_scale: jax.Array | None = None
+    hybrid_alpha: jax.Array | None = None
+
+
+# A learned hybrid alpha (--hybrid_alpha_learnable) is trained beside the model's parameters, under this key of
+# the train state's params: alpha = sigmoid(value), so it stays in (0, 1).
+ALPHA_PARAM = "hybrid_alpha_logit"
+
+
+def alpha_param(alpha: float) -> dict[str, jax.Array]:
+    """The extra params entry that starts a learned alpha at `alpha` (in (0, 1))."""
+    return {ALPHA_PARAM: jnp.asarray(np.log(alpha / (1 - alpha)), jnp.float32)}
+
+
+def split_params(params: Mapping[str, Any]) -> tuple[dict[str, Any], jax.Array | None]:
+    """Train-state params -> (the model's params, the learned alpha or None)."""
+    model = {k: v for k, v in params.items() if k != ALPHA_PARAM}
+    return model, (jax.nn.sigmoid(params[ALPHA_PARAM]) if ALPHA_PARAM in params else None)
+
+
+def _concept(out, config, batch, params):
     return concept_loss(out.logits_per_text, batch["concept_ids"], batch["caption_group"],
                         config.concept_target_weight, config.false_negatives)
 
 
-# name -> loss(out, config, batch); `batch` holds at least the fields BATCH_FIELDS names for that loss.
-LOSSES: dict[str, Callable[[Any, Any, Mapping[str, jax.Array]], jax.Array]] = {
-    "clip": lambda out, config, batch: clip_loss(out.logits_per_text),
-    "hybrid": lambda out, config, batch: hybrid_loss(out.logits_per_text, out.image_embeds, out.text_embeds,
-                                                     config.hybrid_alpha, config.hybrid_temperature),
-    "sigmoid": lambda out, config, batch: sigmoid_loss(out.logits_per_text),
+def _hybrid(out, config, batch, params):
+    alpha = config.hybrid_alpha if params.hybrid_alpha is None else params.hybrid_alpha
+    if config.hybrid_form == "ours":
+        return hybrid_loss(out.logits_per_text, out.image_embeds, out.text_embeds, alpha, config.hybrid_temperature)
+    if config.hybrid_form != "report":
+        raise ValueError(f"unknown hybrid form {config.hybrid_form!r}; choose from {', '.join(HYBRID_FORMS)}")
+    if params.logit_scale is None:
+        raise ValueError("--hybrid_form report ties the targets' temperature to the logits': pass the logit scale")
+    return hybrid_loss_report(out.logits_per_text, out.image_embeds, out.text_embeds, params.logit_scale, alpha)
+
+
+# name -> loss(out, config, batch, params); `batch` holds at least the fields BATCH_FIELDS names for that loss.
+LOSSES: dict[str, Callable[[Any, Any, Mapping[str, jax.Array], LossParams], jax.Array]] = {
+    "clip": lambda out, config, batch, params: clip_loss(out.logits_per_text),
+    "hybrid": _hybrid,
+    "sigmoid": lambda out, config, batch, params: sigmoid_loss(out.logits_per_text),
     "concept": _concept,
 }
 # The per-example batch fields (beyond the model's inputs) a loss reads: the data pipeline adds them.
@@ -139,9 +201,11 @@ def batch_fields(loss: str) -> tuple[str, ...]:
     return BATCH_FIELDS.get(loss, ())
 
 
-def compute_loss(out: ModelOutput, config: LossConfig, batch: Mapping[str, jax.Array] | None = None) -> jax.Array:
+def compute_loss(out: ModelOutput, config: LossConfig, batch: Mapping[str, jax.Array] | None = None,
+                 params: LossParams | None = None) -> jax.Array:
     """The configured loss of a model output: the training step and evaluation both call this. `batch` holds
-    the fields the loss needs (`batch_fields(config.loss)`); others are ignored."""
+    the fields the loss needs (`batch_fields(config.loss)`); others are ignored. `params`: the trained values
+    besides the output (`LossParams`)."""
     try:
         loss = LOSSES[config.loss]
     except KeyError:
@@ -150,4 +214,4 @@ def compute_loss(out: ModelOutput, config: LossConfig, batch: Mapping[str, jax.A
     if missing:
         raise ValueError(f"--loss {config.loss} reads the batch fields {missing}, which this batch lacks "
                          "(the data pipeline adds them with concept_width > 0)")
-    return loss(out, config, batch or {})
+    return loss(out, config, batch or {}, params or LossParams())

@@ -1,7 +1,8 @@
 """optax Adam(W) with the schedules, masks and options of the recipe.
 
 No weight decay on biases, norms, embeddings and the temperature/bias scalars (decaying the temperature
-towards 0 would fight the loss); per-tower learning rates; freezing a tower (locked-image tuning).
+towards 0 would fight the loss), unless `weight_decay_mask` asks for a reference's own grouping (open_clip's, or
+PyTorch's single group); per-tower learning rates; freezing a tower (locked-image tuning).
 Weight decay is decoupled (AdamW, the default) or L2 as PyTorch's `torch.optim.Adam(weight_decay=...)` applies it
 (`weight_decay * param` added to the gradient before the moments). With ReduceLROnPlateau, a multiplier held in
 the optimizer state (`lr_scale`, set on the host after each evaluation) scales every update.
@@ -19,7 +20,8 @@ import optax
 
 # Parameter paths ('.'-joined) that get no weight decay: `.scale` is every norm's gain, LayerNorm's and BatchNorm's.
 # Embedding tables end in `.embedding`; the ViT patch projection (`patch_embedding`) is a weight and decays.
-NO_DECAY = re.compile(r"(\.bias$|\.scale$|norm|\.embedding$|class_embedding$|^logit_scale$|^logit_bias$)")
+NO_DECAY = re.compile(r"(\.bias$|\.scale$|norm|\.embedding$|class_embedding$|^logit_scale$|^logit_bias$"
+                      r"|^hybrid_alpha_logit$)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +32,7 @@ class OptimizerConfig:
     schedule: str = "linear"  # linear (warmup then linear decay to 0, the original) | cosine | constant
     weight_decay: float = 0.1
     weight_decay_type: str = "decoupled"  # decoupled (AdamW) | l2 (torch.optim.Adam's weight_decay)
+    weight_decay_mask: str = "default"  # default (NO_DECAY skipped) | ndim (open_clip's) | all (every parameter)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
@@ -44,6 +47,7 @@ class OptimizerConfig:
 
 SCHEDULES = ("linear", "cosine", "constant")
 WEIGHT_DECAY_TYPES = ("decoupled", "l2")
+WEIGHT_DECAY_MASKS = ("default", "ndim", "all")
 
 
 class LearningRateScaleState(NamedTuple):
@@ -110,12 +114,21 @@ def make_optimizer(params: Any, config: OptimizerConfig) -> tuple[optax.Gradient
         "text": make_schedule(config.text_learning_rate or config.learning_rate, config),
     }
 
+    if config.weight_decay_mask not in WEIGHT_DECAY_MASKS:
+        raise ValueError(f"unknown weight decay mask {config.weight_decay_mask!r}; "
+                         f"use one of {', '.join(WEIGHT_DECAY_MASKS)}")
+    # "all": what torch.optim.Adam(model.parameters(), weight_decay=...) does (PubMedCLIP): one param group.
+    # "ndim": open_clip's exclusion (PMC-CLIP's main.py): every parameter of fewer than 2 dimensions (gains,
+    # biases, the temperature) is skipped, embedding tables decay.
+    mask = {"default": decay_mask, "ndim": lambda params: jax.tree.map(lambda p: jnp.ndim(p) >= 2, params),
+            "all": None}[config.weight_decay_mask]
+
     def adam(schedule):
         if config.weight_decay_type == "decoupled":
             return optax.adamw(schedule, b1=config.adam_beta1, b2=config.adam_beta2, eps=config.adam_epsilon,
-                               weight_decay=config.weight_decay, mask=decay_mask)
+                               weight_decay=config.weight_decay, mask=mask)
         if config.weight_decay_type == "l2":  # torch.optim.Adam: grad += wd * param, then the moments
-            return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+            return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=mask),
                                optax.scale_by_adam(b1=config.adam_beta1, b2=config.adam_beta2,
                                                    eps=config.adam_epsilon),
                                optax.scale_by_learning_rate(schedule))

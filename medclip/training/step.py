@@ -21,7 +21,7 @@ from flax import nnx, struct
 from medclip.models.hybrid import LOGIT_SCALE_MAX, HybridCLIPOutput
 from medclip.models.packing import PackingPlan
 from medclip.training import losses
-from medclip.training.mlm import MASK_STREAM, MaskingConfig, mask_tokens, mlm_loss_and_accuracy
+from medclip.training.mlm import MASK_STREAM, MaskingConfig, mask_batch, mlm_loss_and_accuracy
 
 
 @struct.dataclass
@@ -42,6 +42,7 @@ class StepConfig:
     loss: str = "clip"  # clip | hybrid | sigmoid | concept
     hybrid_alpha: float = 0.5
     hybrid_temperature: float = 1.0
+    hybrid_form: str = "ours"  # ours | report (losses.hybrid_loss_report: the CLIP-TF report's eqs. 1-8)
     concept_target_weight: float = 0.5  # concept loss: share of the concept-overlap soft targets
     false_negatives: str = "positive"  # concept loss: positive | mask | none (losses.concept_loss)
     dropout: bool = False  # text-tower dropout as in BERT's config (the original recipe trained with it)
@@ -75,15 +76,18 @@ def make_eval_loss(config: StepConfig) -> Callable[..., float]:
     batches of `batch` pairs (the global train batch size, so it is comparable to the training loss).
     `fields` holds the per-example arrays the loss reads (`losses.batch_fields`: the concept loss's concept ids
     and caption groups), in the order of the embeddings; they are cut into the same batches."""
-    loss = jax.jit(lambda image, text, scale, bias, fields: losses.compute_loss(
-        embeddings_output(image, text, scale, bias), config, fields))
+    loss = jax.jit(lambda image, text, scale, bias, alpha, fields: losses.compute_loss(
+        embeddings_output(image, text, scale, bias), config, fields,
+        losses.LossParams(jnp.minimum(jnp.exp(scale), LOGIT_SCALE_MAX), alpha)))
 
     def eval_loss(image_embeds: np.ndarray, text_embeds: np.ndarray, params: Any, batch: int,
                   fields: dict[str, np.ndarray] | None = None) -> float:
         scale, bias = jax.device_get(params["logit_scale"]), params.get("logit_bias")
         bias = None if bias is None else jax.device_get(bias)
+        alpha = losses.split_params(params)[1]
+        alpha = None if alpha is None else jax.device_get(alpha)
         fields = fields or {}
-        values = [loss(image_embeds[start:start + batch], text_embeds[start:start + batch], scale, bias,
+        values = [loss(image_embeds[start:start + batch], text_embeds[start:start + batch], scale, bias, alpha,
                        {k: v[start:start + batch] for k, v in fields.items()})
                   for start in range(0, len(image_embeds), batch)]
         return float(np.mean(jax.device_get(values)))
@@ -115,24 +119,25 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
             params = {**params, "vision_model": jax.lax.stop_gradient(params["vision_model"])}
         if config.freeze_text:
             params = {**params, "text_model": jax.lax.stop_gradient(params["text_model"])}
+        params, alpha = losses.split_params(params)  # a learned hybrid alpha trains beside the model
         model = nnx.merge(graphdef, params, batch_stats)
-        input_ids = batch["input_ids"]
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         if config.masking is not None:  # PMC-CLIP: one text pass on the masked caption serves both losses
-            input_ids, selected = mask_tokens(jax.random.fold_in(rng, MASK_STREAM), input_ids,
-                                              batch["attention_mask"], config.masking)
+            input_ids, attention_mask, targets = mask_batch(jax.random.fold_in(rng, MASK_STREAM), input_ids,
+                                                            attention_mask, batch.get("word_start"), config.masking)
         # The heads' (projection) dropout always gets the key in training; --text_dropout governs the towers'.
-        out = model(input_ids, batch.get("pixel_values"), batch["attention_mask"],
+        out = model(input_ids, batch.get("pixel_values"), attention_mask,
                     dropout_rng=rng if config.dropout else None, head_dropout_rng=rng, text_packing=text_packing,
                     train=not config.freeze_bn_stats, second_input_ids=batch.get("second_input_ids"),
                     second_attention_mask=batch.get("second_attention_mask"), mlm=config.masking is not None,
                     text_pooled=batch.get("text_pooled"),  # a cached locked text tower (training.text_cache)
                     image_pooled=batch.get("image_pooled"))  # and image tower (training.image_cache)
         new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))  # what train-mode BatchNorm updated
-        loss = losses.compute_loss(out, config, batch)
-        extra = {}
+        loss = losses.compute_loss(out, config, batch, losses.LossParams(model.temperature_scale(), alpha))
+        extra = {} if alpha is None else {"hybrid_alpha": alpha}
         if config.masking is not None:
-            mlm_loss, mlm_acc = mlm_loss_and_accuracy(out.mlm_logits, batch["input_ids"], selected)
-            extra = {"contrastive_loss": loss, "mlm_loss": mlm_loss, "mlm_acc": mlm_acc}
+            mlm_loss, mlm_acc = mlm_loss_and_accuracy(out.mlm_logits, batch["input_ids"], targets)
+            extra.update(contrastive_loss=loss, mlm_loss=mlm_loss, mlm_acc=mlm_acc)
             loss = loss + config.mlm_weight * mlm_loss
         return loss, (out.logits_per_text, new_stats, extra)
 
@@ -170,7 +175,7 @@ def make_embed_step(graphdef: nnx.GraphDef) -> Callable[[Any, Any, dict], tuple[
     BatchNorm uses its running statistics."""
 
     def embed(params, batch_stats, batch):
-        model = nnx.merge(graphdef, params, batch_stats)
+        model = nnx.merge(graphdef, losses.split_params(params)[0], batch_stats)
         out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
                     second_input_ids=batch.get("second_input_ids"),
                     second_attention_mask=batch.get("second_attention_mask"))

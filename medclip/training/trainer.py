@@ -28,7 +28,8 @@ from medclip.training.checkpointing import Checkpointer
 from medclip.training.config_check import ConfigError, metric_key, validate
 from medclip.training.data_feed import DataFeed, build_data, write_data_report
 from medclip.training.logger import MetricsLogger, truncate_jsonl
-from medclip.training.mlm import MaskingConfig
+from medclip.training.losses import alpha_param, split_params
+from medclip.training.mlm import MaskingConfig, word_starts
 from medclip.training.image_cache import pooled_image_features
 from medclip.training.image_cache import why_not_cacheable as why_not_image_cacheable
 from medclip.training.text_cache import pooled_text_features, why_not_cacheable
@@ -113,9 +114,13 @@ class Trainer:
         self.data: DataFeed = build_data(data_args, train_args, self.tokenizer, self.model.config,
                                          self.output_dir, num_devices=jax.device_count())
         self.text_cached = self._cache_locked_text()
+        if train_args.mlm and train_args.mlm_masking == "whole_word" and self.data.has_train:
+            self._add_word_starts()
         self.image_cached = self._cache_locked_image()
         self.graphdef, params, batch_stats = nnx.split(self.model, nnx.Param, nnx.BatchStat)
         self.params, self.batch_stats = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
+        if train_args.hybrid_alpha_learnable:  # trained beside the model, not exported with it
+            self.params.update(alpha_param(train_args.hybrid_alpha))
         steps_per_epoch = self.data.steps_per_epoch if self.data.has_train else 0
         self.total_steps = (train_args.max_steps if train_args.max_steps > 0
                             else math.ceil(train_args.num_train_epochs * max(steps_per_epoch, 1)))
@@ -123,7 +128,8 @@ class Trainer:
             learning_rate=train_args.learning_rate, warmup_steps=train_args.warmup_steps,
             total_steps=max(self.total_steps // train_args.gradient_accumulation_steps, 1),
             schedule=train_args.lr_schedule, weight_decay=train_args.weight_decay,
-            weight_decay_type=train_args.weight_decay_type, lr_multiplier=train_args.reduce_lr_on_plateau,
+            weight_decay_type=train_args.weight_decay_type, weight_decay_mask=train_args.weight_decay_mask,
+            lr_multiplier=train_args.reduce_lr_on_plateau,
             adam_beta1=train_args.adam_beta1, adam_beta2=train_args.adam_beta2,
             adam_epsilon=train_args.adam_epsilon, max_grad_norm=train_args.max_grad_norm or None,
             gradient_accumulation_steps=train_args.gradient_accumulation_steps,
@@ -132,11 +138,13 @@ class Trainer:
         self.tx, self.schedules = make_optimizer(self.params, self.optimizer_config)
         self.step_config = StepConfig(loss=train_args.loss, hybrid_alpha=train_args.hybrid_alpha,
                                       hybrid_temperature=train_args.hybrid_temperature,
+                                      hybrid_form=train_args.hybrid_form,
                                       concept_target_weight=train_args.concept_target_weight,
                                       false_negatives=train_args.false_negatives,
                                       dropout=model_args.text_dropout, freeze_vision=train_args.freeze_vision,
                                       freeze_text=train_args.freeze_text, freeze_bn_stats=train_args.freeze_bn_stats,
-                                      masking=(MaskingConfig.from_tokenizer(self.tokenizer, train_args.mlm_probability)
+                                      masking=(MaskingConfig.from_tokenizer(self.tokenizer, train_args.mlm_probability,
+                                                                            train_args.mlm_masking)
                                                if train_args.mlm else None),
                                       mlm_weight=train_args.mlm_weight)
         self.eval_loss = make_eval_loss(self.step_config)
@@ -198,6 +206,16 @@ class Trainer:
         self.data.train.captions = dataclasses.replace(captions, pooled=pooled)
         logger.info("locked text tower cached: %d captions x %d, computed once", *pooled.shape)
         return True
+
+    def _add_word_starts(self) -> None:
+        """--mlm_masking whole_word: which token starts each caption's words, once per caption (mlm.word_starts)."""
+        captions = self.data.train.captions
+        texts = [caption for record in self.data.train.items for caption in record.captions]
+        try:
+            starts = word_starts(self.tokenizer, texts, captions.input_ids)
+        except ValueError as error:
+            raise ConfigError(f"--mlm_masking whole_word: {error}") from None
+        self.data.train.captions = dataclasses.replace(captions, word_start=starts)
 
     def _cache_locked_image(self) -> bool:
         """--cache_locked_image: the frozen image tower's pooled output of every training image, computed once
@@ -377,7 +395,7 @@ class Trainer:
     def _model(self, state: TrainState) -> FlaxHybridCLIP:
         """A host copy of the model (parameters and running statistics). Collective when parameters are sharded
         across processes: every process must call it, whichever one then writes."""
-        variables = (state.params, state.batch_stats)
+        variables = (split_params(state.params)[0], state.batch_stats)
         if all(leaf.is_fully_addressable for leaf in jax.tree.leaves(variables)):
             host = jax.device_get(variables)
         else:

@@ -10,10 +10,11 @@ from medclip.data.records import DropCounter, Record
 
 def load_records(source: str | Path, split: str = "train", *, counter: DropCounter, min_caption_length: int = 10,
                  image_column: str | None = None, caption_column: str | None = None,
-                 **options: Any) -> list[Record]:
+                 delimiter: str | None = None, **options: Any) -> list[Record]:
     """ROCO root folder (has data/<split>/), ROCOv2 root (has {train,valid,test}_captions.csv) or one ROCOv2
     `<split>_captions.csv`, JSON lines, CSV/TSV, or a Hugging Face dataset (folder or id). `options` are
-    `medclip.data.sources.base.LoadOptions` (min_mean_intensity, text_cleaning, ...)."""
+    `medclip.data.sources.base.LoadOptions` (min_mean_intensity, text_cleaning, ...). `delimiter`: a CSV/TSV
+    file's field delimiter (default: tab for .tsv, comma for .csv)."""
     common = dict(counter=counter, min_caption_length=min_caption_length, **options)
     path = Path(source)
     name = str(source)
@@ -28,7 +29,7 @@ def load_records(source: str | Path, split: str = "train", *, counter: DropCount
             return csv_source.load_rocov2_file(path, **common)
         return csv_source.load_csv(path, image_column=image_column or "image",
                                    caption_column=caption_column or "caption",
-                                   delimiter="\t" if name.endswith(".tsv") else ",", **common)
+                                   delimiter=delimiter or ("\t" if name.endswith(".tsv") else ","), **common)
     if (path / "data").is_dir():
         from medclip.data.sources.roco import load_roco
 
