@@ -14,14 +14,14 @@ PACKAGE = "medclip"
 
 # Lowest first: a module may import its own layer and the layers below it, never one above.
 LAYERS = {
-    "quiet_imports": 0,  # start-up noise filters for the scripts: import nothing of medclip
-    "flag_parsing": 0,  # argparse with one-line errors and ranges: imports nothing of medclip
+    "flag_parsing": 0,  # the scripts' flag parser: imports nothing of medclip
+    "quiet_imports": 0,  # the scripts' TensorFlow start-up filter: likewise
     "models": 0,
     "checkpoints": 1,
     "hybrid_clip": 2,
     PACKAGE: 2,  # medclip/__init__.py: re-exports FlaxHybridCLIP
-    "modeling_hybrid_clip": 2,  # the flax-community medclip's import paths, re-exporting today's classes
-    "configuration_hybrid_clip": 2,
+    "configuration_hybrid_clip": 2,  # the flax-community module paths, kept for old code: re-exports
+    "modeling_hybrid_clip": 2,
     "data": 3,
     "evaluation": 4,
     "training": 5,
@@ -122,6 +122,8 @@ def violations(edges: dict[str, set[str]]) -> list[str]:
     for source, targets in edges.items():
         for target in targets:
             a, b = layer_of(source), layer_of(target)
+            if a not in LAYERS or b not in LAYERS:
+                continue  # test_every_module_has_a_layer names it
             if LAYERS[b] > LAYERS[a]:
                 bad.append(f"{source} ({a}) imports {target} ({b}), a layer above")
             elif (a, b) in ONLY and target not in ONLY[(a, b)]:
@@ -135,7 +137,8 @@ def edges() -> dict[str, set[str]]:
 
 
 def test_every_module_has_a_layer(edges):
-    assert {layer_of(m) for m in edges} <= set(LAYERS)
+    """A new top-level module or package must be placed in LAYERS (that placement is the design decision)."""
+    assert sorted({layer_of(m) for m in edges} - set(LAYERS)) == []
 
 
 def test_no_import_circle(edges):
