@@ -15,7 +15,7 @@ from medclip.training.arguments import DataArguments, ModelArguments, TrainingAr
 from medclip.training.losses import FALSE_NEGATIVES, LOSSES
 from medclip.training.optim import SCHEDULES, WEIGHT_DECAY_TYPES
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 CACHE_MODES = ("auto", "on", "off")  # --cache_locked_text / --cache_locked_image
 
 
