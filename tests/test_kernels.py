@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from medclip import FlaxHybridCLIP, HybridCLIPConfig
-from medclip.models import kernels
+from medclip.models import BertConfig, CLIPVisionConfig, kernels
 from medclip.models.kernels import cpu
 from medclip.models.modified_resnet import ModifiedResNet, ModifiedResNetConfig
 from medclip.models.timm_resnet import TimmResNet, TimmResNetConfig
@@ -112,11 +112,18 @@ TOWERS = {"vit-bert": lambda: HybridCLIPConfig.tiny(),
 def test_step_exported_for_tpu_and_cuda_holds_no_cpu_form(name):
     """Every layer type (dense, attention, GELU, 1x1 and kxk convolutions, attention pool) in the real step."""
     config = TOWERS[name]()
-    for platforms in (["tpu"], ["cuda"], ["tpu", "cuda"]):
-        text = exported_train_step(config, platforms)
-        assert not [m for m in CPU_MARKERS if m in text], platforms
+    text = exported_train_step(config, ["tpu", "cuda"])  # one module, each platform's branches in it
+    assert not [m for m in CPU_MARKERS if m in text]
     text = exported_train_step(config, ["cpu"])  # the markers do mark the CPU forms
     assert all(m in text for m in CPU_MARKERS)
+
+
+def test_base_size_bf16_step_exported_for_tpu_and_cuda_holds_no_cpu_form():
+    """ViT-B/16 + BERT-base, batch 256, bf16 compute: abstract shapes only (about 12 CPU seconds to trace)."""
+    config = HybridCLIPConfig(CLIPVisionConfig(patch_size=16), BertConfig(), projection_dim=512)
+    text = exported_train_step(config, ["tpu", "cuda"], batch=256, length=77)
+    assert "tensor<256x224x224x3xf32>" in text and "bf16" in text  # the full-size bf16 step was exported
+    assert not [m for m in CPU_MARKERS if m in text]
 
 
 def test_forced_mode_overrides_the_environment(monkeypatch):
