@@ -14,8 +14,8 @@ FOLDER holds what the benchmark wrote: `spec.json` (`model_cfg`, an open_clip mo
 dropout 0), writes them as an OpenCLIP hub folder (FOLDER/open_clip: open_clip_config.json +
 open_clip_model.safetensors) for the benchmark to load into ours through the real checkpoint loader, and
 says so with one JSON line on stdout. Then each request line `{"run": n}` runs n steps back to back and is
-answered `{"wall": s, "cpu": s, "loss": last step's loss, "peak_memory": CUDA bytes or null}`, timed in this process exactly as the benchmark
-times its in-process steps (`train_step.InProcessStep.run`). EOF ends it.
+answered `{"wall": s, "cpu": s, "loss": last step's loss, "peak_memory": CUDA bytes or null}`, timed in this
+process exactly as the benchmark times its in-process steps (`train_step.InProcessStep.run`). EOF ends it.
 
 The step is `train_step.TorchStep`, the transformers peer's: forward, open_clip's `ClipLoss` (symmetric
 InfoNCE), backward, `clip_grad_norm_(1.0)`, fused AdamW with weight decay 0.1 except on what our

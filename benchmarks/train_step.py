@@ -74,9 +74,9 @@ FLOPs and MFU: MFU uses model FLOPs, an analytic matmul (and convolution) count 
 PyTorch runs), for both implementations, so it compares pairs/s on one scale. Our executed FLOPs come from
 XLA's cost analysis of the compiled step (layers are unrolled, so it counts every layer), cross-checked against
 the analytic count of what our step computes (the analytic count is used if they differ by more than 10%);
-"ours executed GFLOP/s" is the rate our hardware work ran at. MFU divides by a matmul peak in the compute dtype measured in
-this run (2048^3 on CPU, 8192^3 on GPU; the best of JAX and torch, measured before every config, highest value
-kept). For rn50 the count is convolutions and matmuls: 3x the forward, the first convolution 2x (no input
+"ours executed GFLOP/s" is the rate our hardware work ran at. MFU divides by a matmul peak in the compute dtype
+measured in this run (2048^3 on CPU, 8192^3 on GPU; the best of JAX and torch, measured before every config,
+highest value kept). For rn50 the count is convolutions and matmuls: 3x the forward, the first convolution 2x (no input
 gradient); BatchNorm, pooling and the elementwise work are left out.
 
 Host memory: like run_hybrid_clip.py, this calls `medclip.training.host_memory.keep_host_memory_mapped`
@@ -827,10 +827,12 @@ def main(argv: list[str] | None = None) -> None:
         print("\n".join(format_table([result], max(peaks.values())).splitlines()[4:]), flush=True)
         for side_name, side in result["sides"].items():
             if (difference := side["first_loss_relative_difference"]) is not None:
-                verdict = "agree" if difference < tolerance else f"DISAGREE (same weights and batch: expected < {tolerance})"
+                verdict = ("agree" if difference < tolerance
+                           else f"DISAGREE (same weights and batch: expected < {tolerance})")
                 print(f"  first loss ours {result['sides']['ours']['first_loss']:.6f}, {result['peer']} {side_name} "
                       f"{side['first_loss']:.6f}: {verdict}, relative difference {difference:.1e}", flush=True)
-        windows = ", ".join(f"{n} {['%.2f' % t for t in side['window_seconds']]}" for n, side in result["sides"].items())
+        windows = ", ".join(f"{n} {['%.2f' % t for t in side['window_seconds']]}"
+                            for n, side in result["sides"].items())
         print(f"  windows (s): {windows}; compile {result['compile_seconds']:.1f} s; "
               f"executed FLOPs xla {result['flops_xla'] or 0:.3e}, analytic {result['flops_analytic_executed']:.3e}",
               flush=True)
