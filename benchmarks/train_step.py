@@ -76,8 +76,8 @@ XLA's cost analysis of the compiled step (layers are unrolled, so it counts ever
 the analytic count of what our step computes (the analytic count is used if they differ by more than 10%);
 "ours executed GFLOP/s" is the rate our hardware work ran at. MFU divides by a matmul peak in the compute dtype
 measured in this run (2048^3 on CPU, 8192^3 on GPU; the best of JAX and torch, measured before every config,
-highest value kept). For rn50 the count is convolutions and matmuls: 3x the forward, the first convolution 2x (no input
-gradient); BatchNorm, pooling and the elementwise work are left out.
+highest value kept). For rn50 the count is convolutions and matmuls: 3x the forward, the first convolution 2x
+(no input gradient); BatchNorm, pooling and the elementwise work are left out.
 
 Host memory: like run_hybrid_clip.py, this calls `medclip.training.host_memory.keep_host_memory_mapped`
 before JAX starts (glibc keeps XLA's per-step scratch memory mapped instead of page-faulting it in every
