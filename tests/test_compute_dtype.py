@@ -21,3 +21,4 @@ def test_auto_is_the_default_and_a_bad_name_is_one_line():
     assert ModelArguments().dtype == "auto"
     with pytest.raises(ConfigError, match="^--dtype must be auto, float32, bfloat16 or float16, not 'float64'$"):
         compute_dtype("float64", "cpu")
+

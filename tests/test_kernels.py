@@ -15,6 +15,8 @@ from medclip.models import BertConfig, CLIPVisionConfig, kernels
 from medclip.models.kernels import cpu
 from medclip.models.modified_resnet import ModifiedResNet, ModifiedResNetConfig
 from medclip.models.timm_resnet import TimmResNet, TimmResNetConfig
+from medclip.training.arguments import DataArguments, ModelArguments, TrainingArguments
+from medclip.training.config_check import ConfigError, validate
 from medclip.training.optim import OptimizerConfig, make_optimizer
 from medclip.training.step import StepConfig, init_state, make_train_step
 
@@ -147,3 +149,11 @@ def test_forced_mode_overrides_the_environment(monkeypatch):
     with pytest.raises(kernels.KernelModeError):
         with kernels.forced("gpu"):
             pass
+
+
+def test_a_bad_kernel_mode_is_a_configuration_error(monkeypatch, tmp_path):
+    """MEDCLIP_KERNELS (medclip.models.kernels) is checked with the flags, before the model is built."""
+    monkeypatch.setenv("MEDCLIP_KERNELS", "fast")
+    with pytest.raises(ConfigError, match="^MEDCLIP_KERNELS must be one of auto, cpu, plain, not 'fast'$"):
+        validate(ModelArguments(model_preset="demo"), DataArguments(),
+                 TrainingArguments(output_dir=str(tmp_path), do_train=True))

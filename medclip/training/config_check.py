@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from medclip.data.concepts import CONCEPT_SOURCES
+from medclip.models import kernels
 from medclip.training.arguments import DataArguments, ModelArguments, TrainingArguments
 from medclip.training.losses import FALSE_NEGATIVES, LOSSES
 from medclip.training.optim import SCHEDULES, WEIGHT_DECAY_TYPES
@@ -72,6 +73,10 @@ def validate(model: ModelArguments, data: DataArguments, train: TrainingArgument
     if not (train.do_train or train.do_eval):
         raise ConfigError("nothing to do: pass --do_train and/or --do_eval")
     _choice("--dtype", model.dtype, DTYPES)
+    try:
+        kernels.mode()  # MEDCLIP_KERNELS, read again when the step is traced: a typo fails here, before any work
+    except kernels.KernelModeError as error:
+        raise ConfigError(str(error)) from None
     _choice("--loss", train.loss, tuple(LOSSES))
     _choice("--lr_schedule", train.lr_schedule, SCHEDULES)
     _choice("--weight_decay_type", train.weight_decay_type, WEIGHT_DECAY_TYPES)
