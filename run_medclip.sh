@@ -8,7 +8,7 @@
 #   ./run_medclip.sh --recipe NAME ROCO_ROOT [flags...]      (or TRAIN VALIDATION) another recipe
 #   ./run_medclip.sh --recipe list                     the recipes: name, source, description
 #
-# Recipe flags come first, so extra flags win, e.g. --dtype bfloat16 on TPU/GPU, --output_dir (default
+# Recipe flags come first, so extra flags win, e.g. --dtype float32 (default auto: bf16 on TPU/GPU), --output_dir (default
 # outputs/RECIPE-roco, or $OUT_DIR), --push_to_hub --hub_model_id me/medclip-roco.
 if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi  # sh is dash on Debian: re-run under bash
 set -euo pipefail

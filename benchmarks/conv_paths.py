@@ -5,9 +5,10 @@ RN50 (ModifiedResNet) layer shape, forward + backward (input and kernel gradient
     .venv/bin/python benchmarks/conv_paths.py --batch 64 --rounds 3
 
 Why: in `benchmarks/train_step.py --configs rn50` XLA:CPU ran the RN50 tower's backward pass at well under half
-PyTorch's speed while its forward was level. Three forms in `medclip.models.conv` close that: a 1x1 convolution
-as one matmul, the kernel gradient of a convolution summed over slices of the batch (`conv2d`; on CPU only), and
-a non-overlapping average pool as a reshape + mean. Each row times `value_and_grad` of one layer in our form and in
+PyTorch's speed while its forward was level. Three forms in `medclip.models.conv` close that (the first two in
+`medclip.models.kernels.cpu`, used on CPU only): a 1x1 convolution as one matmul, the kernel gradient of a
+convolution summed over slices of the batch, and (`medclip.models.conv`) a non-overlapping average pool as a
+reshape + mean. Each row times `value_and_grad` of one layer in our form and in
 the plain `lax` form (and torch.nn when torch is installed), alternating round by round; ratios are medians over
 rounds of the other's time / ours (above 1: ours faster).
 """
@@ -47,6 +48,7 @@ def jax_pair(kind: str, shape, out: int, k: int, stride: int):
     import jax.numpy as jnp
 
     from medclip.models import conv
+    from medclip.models.kernels import cpu, plain
 
     x = jax.random.normal(jax.random.key(0), shape)
     kernel = jax.random.normal(jax.random.key(1), (k, k, shape[-1], out)) * 0.05
@@ -57,9 +59,7 @@ def jax_pair(kind: str, shape, out: int, k: int, stride: int):
     else:
         pad = ((k // 2, k // 2),) * 2
         spec = conv.ConvSpec((stride, stride), pad, (1, 1), 1)
-        ours = (lambda v, w: conv.pointwise(v, w, (stride, stride), jnp.float32)) if k == 1 else \
-            (lambda v, w: conv.conv2d(v, w, spec))
-        forms = (ours, lambda v, w: conv._conv(v, w, spec))
+        forms = (lambda v, w: cpu.conv2d(v, w, spec), lambda v, w: plain.conv2d(v, w, spec))
     return [jax.jit(jax.value_and_grad(lambda v, w, f=f: jnp.sum(f(v, w) ** 2), argnums=(0, 1))) for f in forms], \
         (x, kernel)
 

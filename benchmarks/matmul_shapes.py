@@ -6,7 +6,7 @@
 Why: matmuls are 80-88% of a CPU training step (profiles of `benchmarks/train_step.py`), so how XLA:CPU's
 GEMM (YNNPACK) compares with PyTorch's (MKL) on exactly these shapes bounds what the step can reach against
 PyTorch. Each shape runs in the three forms one dense layer needs, written as our layers write them
-(`medclip.models.layers.dense`): forward x @ W, input gradient dy @ W^T, kernel gradient as a plain
+(`medclip.models.kernels.cpu.dense`): forward x @ W, input gradient dy @ W^T, kernel gradient as a plain
 product with the narrower of x and dy transposed beforehand, as `_weight_grad` does on CPU.
 JAX and PyTorch alternate round by round; the ratio is the median over rounds of torch time / JAX time
 (above 1: JAX faster), so machine noise hits both alike.

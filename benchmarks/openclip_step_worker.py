@@ -5,7 +5,8 @@ It runs in a separate process with the reference venv's Python (.venv-ref, `make
 needs torchvision, which does not load against the main venv's torch build. Started by the benchmark, not by
 hand:
 
-    .venv-ref/bin/python benchmarks/openclip_step_worker.py FOLDER --threads N --device cpu --total-steps T
+    .venv-ref/bin/python benchmarks/openclip_step_worker.py FOLDER --threads N --device cpu --total-steps T \
+        [--autocast bfloat16] [--compile]
 
 FOLDER holds what the benchmark wrote: `spec.json` (`model_cfg`, an open_clip model config whose
 `text_cfg.hf_model_name` is a local folder with a BERT config.json; `seed`), `input_ids.npy` and
@@ -13,8 +14,8 @@ FOLDER holds what the benchmark wrote: `spec.json` (`model_cfg`, an open_clip mo
 dropout 0), writes them as an OpenCLIP hub folder (FOLDER/open_clip: open_clip_config.json +
 open_clip_model.safetensors) for the benchmark to load into ours through the real checkpoint loader, and
 says so with one JSON line on stdout. Then each request line `{"run": n}` runs n steps back to back and is
-answered `{"wall": s, "cpu": s, "loss": last step's loss}`, timed in this process exactly as the benchmark
-times its in-process steps (`train_step.InProcessStep.run`). EOF ends it.
+answered `{"wall": s, "cpu": s, "loss": last step's loss, "peak_memory": CUDA bytes or null}`, timed in this
+process exactly as the benchmark times its in-process steps (`train_step.InProcessStep.run`). EOF ends it.
 
 The step is `train_step.TorchStep`, the transformers peer's: forward, open_clip's `ClipLoss` (symmetric
 InfoNCE), backward, `clip_grad_norm_(1.0)`, fused AdamW with weight decay 0.1 except on what our
@@ -80,18 +81,23 @@ def no_decay_names(model: torch.nn.Module) -> set[str]:
     return names
 
 
-def make_step(model: torch.nn.Module, folder: Path, device: str, total_steps: int) -> TorchStep:
+def make_step(model: torch.nn.Module, folder: Path, device: str, total_steps: int, autocast: str | None = None,
+              compile_model: bool = False) -> TorchStep:
+    """`autocast`: forward and loss under torch.autocast in that dtype; `compile_model`: the forward through
+    torch.compile (the benchmark's GPU comparison)."""
     import open_clip
 
     pixels = torch.from_numpy(np.load(folder / "pixel_values.npy")).to(device)
     text = torch.from_numpy(np.load(folder / "input_ids.npy")).long().to(device)  # mask: ids != pad (0)
     clip_loss = open_clip.ClipLoss()
+    model = model.to(device)
+    forward = torch.compile(model) if compile_model else model
 
     def loss() -> torch.Tensor:
-        out = model(pixels, text)
+        out = forward(pixels, text)
         return clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
 
-    return TorchStep(model, loss, no_decay_names(model), device, total_steps)
+    return TorchStep(model, loss, no_decay_names(model), device, total_steps, autocast)
 
 
 def save_open_clip_folder(model: torch.nn.Module, model_cfg: dict, folder: Path) -> None:
@@ -106,8 +112,8 @@ def save_open_clip_folder(model: torch.nn.Module, model_cfg: dict, folder: Path)
 def serve(step: TorchStep, requests: IO[str], replies: IO[str]) -> None:
     for line in requests:
         n = int(json.loads(line)["run"])
-        wall, cpu, loss = step.run(n)
-        replies.write(json.dumps({"wall": wall, "cpu": cpu, "loss": loss}) + "\n")
+        times = step.run(n)
+        replies.write(json.dumps(times._asdict()) + "\n")
         replies.flush()
 
 
@@ -117,6 +123,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, required=True, help="torch threads (the benchmark's cores)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--total-steps", type=int, default=10_000, help="the linear schedule's length")
+    parser.add_argument("--autocast", choices=("bfloat16",), help="forward and loss under torch.autocast")
+    parser.add_argument("--compile", action="store_true", help="the forward through torch.compile")
     args = parser.parse_args()
     # The protocol owns the real stdout; anything a library prints goes to stderr instead.
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "w")
@@ -134,7 +142,7 @@ def main() -> None:
     spec = json.loads((args.folder / "spec.json").read_text())
     model = build_model(spec["model_cfg"], spec["seed"])
     save_open_clip_folder(model, spec["model_cfg"], args.folder / "open_clip")
-    step = make_step(model, args.folder, args.device, args.total_steps)
+    step = make_step(model, args.folder, args.device, args.total_steps, args.autocast, args.compile)
     replies.write(json.dumps({
         "ready": True, "torch": torch.__version__, "open_clip": open_clip.__version__,
         "threads": torch.get_num_threads(), "device": args.device, "host_memory_kept_mapped": host_memory_kept,

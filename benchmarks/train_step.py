@@ -6,7 +6,18 @@ and open_clip's `CustomTextCLIP` (ModifiedResNet + BERT, PMC-CLIP's architecture
     .venv/bin/python benchmarks/train_step.py --configs tiny --windows 9 --steps 4
     .venv/bin/python benchmarks/train_step.py --configs rn50 --windows 5   # against open_clip (needs .venv-ref)
     .venv/bin/python benchmarks/train_step.py --cores 1              # one core each: least sensitive to noise
-    .venv/bin/python benchmarks/train_step.py --device gpu           # JAX (and torch, if it has CUDA) on a GPU
+    .venv/bin/python benchmarks/train_step.py --device gpu --configs vitb16,rn50-b256   # what a GPU user compares
+
+On a GPU (`--device gpu`): bf16 compute (`--dtype auto`; ours: bf16 activations, fp32 parameters and optimizer, as
+`--dtype auto` trains) against PyTorch under `torch.autocast(bfloat16)` eager and `torch.compile`d
+(`--torch-modes`, default eager,compile on GPU), batch 256 (`vitb16`: ViT-B/16 + BERT-base against
+transformers; `rn50-b256`: RN50 + BERT-base against open_clip), pairs/s, MFU against the measured bf16 matmul
+peak, and peak memory: ours from XLA's memory analysis of the compiled step (arguments + outputs + temporaries,
+less what is donated) and `device.memory_stats()["peak_bytes_in_use"]` (the process's peak so far), PyTorch's
+`torch.cuda.max_memory_allocated()` over its timed steps. JAX does not preallocate here
+(XLA_PYTHON_CLIENT_PREALLOCATE=false, XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 unless set), so PyTorch in the same
+process and the open_clip workers find room on the device; at batch 256 an 80 GB GPU holds them, a smaller one
+needs `--batch`.
 
 What runs
   ours     the real step: `medclip.training.step.make_train_step` (forward, symmetric InfoNCE, backward,
@@ -16,8 +27,9 @@ What runs
   PyTorch  the same step: forward to the same symmetric InfoNCE (transformers' `return_loss=True`, open_clip's
            `ClipLoss`), backward, `clip_grad_norm_(1.0)`, AdamW (fused) with the same decay mask (checked: both
            sides' parameter and decayed element counts must agree) and a linear schedule.
-  Both fp32, dropout 0 (set in the configs); the PyTorch weights are loaded into ours through the real
-  checkpoint loader, so the first losses must agree (printed as a check).
+  Both fp32 on CPU (bf16 on GPU, above), dropout 0 (set in the configs); the PyTorch weights are loaded into
+  ours through the real checkpoint loader, so the first losses must agree (printed as a check; bf16 agrees to
+  about 1e-2, fp32 to 1e-4).
 
 The rn50 configs' peer runs in benchmarks/openclip_step_worker.py, a persistent subprocess of the reference
 venv's Python (`--ref-python`, default .venv-ref/bin/python, built by `make .venv-ref/.ref`, the venv of `make
@@ -29,7 +41,8 @@ and, asked for n steps in one message, runs and times them itself, the way ours 
 threads as this process may use cores (it inherits `--cores`' affinity mask) and the same glibc settings (see
 Host memory). `--no-torch` times ours alone without the reference venv.
 
-Configs (PERF_NOTES.md defines tiny and base; small sits in between). Heads are 64 wide, MLPs 4x hidden:
+Configs (README's training-step rows quote tiny, small, base and rn50 from benchmarks/results/train_step-cpu-*.md).
+Heads are 64 wide, MLPs 4x hidden:
   tiny       ViT 4 x 256 (128 px, patch 16: 65 tokens) + BERT 4 x 256 (64 tokens, vocab 30522), proj 256, batch 64
   small      ViT 6 x 512 (224 px, patch 32: 50 tokens) + BERT 6 x 512 (128 tokens), proj 512, batch 32
   base       ViT-B/32 (224 px) + BERT-base (128 tokens), proj 512, batch 16
@@ -40,6 +53,8 @@ Configs (PERF_NOTES.md defines tiny and base; small sits in between). Heads are 
              `hidden[:, 0] @ text_projection`), embed 768 (PMC-CLIP's; OpenAI RN50's is 1024), batch 16
   rn50-tiny  the same at toy sizes, to develop and smoke-test: layers 1, 1, 1, 1, width 8 (pool 256 wide,
              4 heads), 64 px + BERT 2 x 128 (32 tokens), embed 64, batch 8
+  vitb16     GPU: ViT-B/16 (224 px, 197 tokens) + BERT-base (77 tokens), proj 512, batch 256
+  rn50-b256  GPU: rn50 at batch 256
 
 Timing: both are compiled/warmed up first (`--warmup` steps each); then `--windows` windows, in each of which
 both implementations run `--steps` steps back to back, in alternating order, so machine noise hits both
@@ -59,10 +74,10 @@ FLOPs and MFU: MFU uses model FLOPs, an analytic matmul (and convolution) count 
 PyTorch runs), for both implementations, so it compares pairs/s on one scale. Our executed FLOPs come from
 XLA's cost analysis of the compiled step (layers are unrolled, so it counts every layer), cross-checked against
 the analytic count of what our step computes (the analytic count is used if they differ by more than 10%);
-"ours executed GFLOP/s" is the rate our hardware work ran at. MFU divides by an fp32 matmul peak measured in
-this run (2048^3 on CPU, 8192^3 on GPU; the best of JAX and torch, measured before every config, highest value
-kept). For rn50 the count is convolutions and matmuls: 3x the forward, the first convolution 2x (no input
-gradient); BatchNorm, pooling and the elementwise work are left out.
+"ours executed GFLOP/s" is the rate our hardware work ran at. MFU divides by a matmul peak in the compute dtype
+measured in this run (2048^3 on CPU, 8192^3 on GPU; the best of JAX and torch, measured before every config,
+highest value kept). For rn50 the count is convolutions and matmuls: 3x the forward, the first convolution 2x
+(no input gradient); BatchNorm, pooling and the elementwise work are left out.
 
 Host memory: like run_hybrid_clip.py, this calls `medclip.training.host_memory.keep_host_memory_mapped`
 before JAX starts (glibc keeps XLA's per-step scratch memory mapped instead of page-faulting it in every
@@ -179,6 +194,11 @@ CONFIGS: dict[str, BenchConfig | ResNetBenchConfig] = {
     "rn50-tiny": ResNetBenchConfig("rn50-tiny", batch=8, image_size=64, resnet_layers=(1, 1, 1, 1), resnet_width=8,
                                    text_layers=2, text_hidden=128, text_length=32, projection_dim=64,
                                    steps_per_window=3),
+    "vitb16": BenchConfig("vitb16", batch=256, image_size=224, patch_size=16, vision_layers=12, vision_hidden=768,
+                          text_layers=12, text_hidden=768, text_length=77, projection_dim=512),
+    "rn50-b256": ResNetBenchConfig("rn50-b256", batch=256, image_size=224, resnet_layers=(3, 4, 6, 3),
+                                   resnet_width=64, text_layers=12, text_hidden=768, text_length=77,
+                                   projection_dim=768),
 }
 
 
@@ -276,20 +296,20 @@ def best_seconds(run, sync, repeats: int) -> float:
     return min(times)
 
 
-def matmul_peak(jax_device, torch_device: str | None, repeats: int = 10) -> dict[str, float]:
-    """fp32 matmul FLOP/s of JAX (and torch) on this device: the yardstick for MFU."""
+def matmul_peak(jax_device, torch_device: str | None, dtype: str = "float32", repeats: int = 10
+                ) -> dict[str, float]:
+    """Matmul FLOP/s in `dtype` of JAX (and torch) on this device: the yardstick for MFU."""
     import jax
     import jax.numpy as jnp
 
     n = 2048 if jax_device.platform == "cpu" else 8192
-    a, b = (jax.device_put(jax.random.normal(jax.random.PRNGKey(i), (n, n), jnp.float32), jax_device)
-            for i in range(2))
+    a, b = (jax.device_put(jax.random.normal(jax.random.PRNGKey(i), (n, n), dtype), jax_device) for i in range(2))
     matmul = jax.jit(lambda x, y: x @ y)
     peaks = {"jax": 2 * n ** 3 / best_seconds(lambda: matmul(a, b), jax.block_until_ready, repeats)}
     if torch_device:
         import torch
 
-        ta, tb = torch.randn(n, n, device=torch_device), torch.randn(n, n, device=torch_device)
+        ta, tb = (torch.randn(n, n, device=torch_device, dtype=getattr(torch, dtype)) for _ in range(2))
         sync = (lambda _: torch.cuda.synchronize()) if torch_device == "cuda" else (lambda _: None)
         peaks["torch"] = 2 * n ** 3 / best_seconds(lambda: ta @ tb, sync, repeats)
     return peaks
@@ -344,8 +364,9 @@ def full_last_layer_class():
     return FullLastLayerCLIP
 
 
-def build_ours(cfg: BenchConfig, torch_model=None, full_last_layer: bool = False):
-    """Our model; with the PyTorch model's weights (through the real checkpoint loader) when there is one."""
+def build_ours(cfg: BenchConfig, torch_model=None, full_last_layer: bool = False, dtype: str = "float32"):
+    """Our model (compute in `dtype`, parameters fp32); with the PyTorch model's weights (through the real
+    checkpoint loader) when there is one."""
     import jax.numpy as jnp
 
     from medclip import FlaxHybridCLIP
@@ -355,20 +376,21 @@ def build_ours(cfg: BenchConfig, torch_model=None, full_last_layer: bool = False
     if torch_model is not None:
         with tempfile.TemporaryDirectory() as folder:
             torch_model.save_pretrained(folder)
-            return model_class.from_pretrained(folder, dtype=jnp.float32)
+            return model_class.from_pretrained(folder, dtype=jnp.dtype(dtype))
     vision = CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=4 * cfg.vision_hidden,
                               num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_hidden // 64,
                               image_size=cfg.image_size, patch_size=cfg.patch_size)
     text = BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.text_hidden, intermediate_size=4 * cfg.text_hidden,
                       num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_hidden // 64,
                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return model_class(HybridCLIPConfig(vision, text, projection_dim=cfg.projection_dim))
+    return model_class(HybridCLIPConfig(vision, text, projection_dim=cfg.projection_dim), dtype=jnp.dtype(dtype))
 
 
 class StepTimes(NamedTuple):
     wall: float  # seconds
     cpu: float  # process CPU seconds, every thread of the process that ran the steps
     loss: float  # the last step's
+    peak_memory: int | None = None  # device bytes (PyTorch on CUDA: max_memory_allocated since the first step)
 
 
 class InProcessStep:
@@ -381,12 +403,15 @@ class InProcessStep:
     def sync(self) -> float:
         raise NotImplementedError
 
+    def peak_memory(self) -> int | None:
+        return None
+
     def run(self, n: int) -> StepTimes:
         t, c = time.perf_counter(), time.process_time()
         for _ in range(n):
             self()
         loss = self.sync()
-        return StepTimes(time.perf_counter() - t, time.process_time() - c, loss)
+        return StepTimes(time.perf_counter() - t, time.process_time() - c, loss, self.peak_memory())
 
 
 class JaxStep(InProcessStep):
@@ -416,6 +441,15 @@ class JaxStep(InProcessStep):
         self.compiled = step.lower(self.state, self.batch).compile()
         self.compile_seconds = time.perf_counter() - t
         self.metrics = None
+        self.device = device
+        memory = self.compiled.memory_analysis()  # the step's own footprint, whatever ran before in the process
+        self.step_memory = None if memory is None else int(
+            memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+            - memory.alias_size_in_bytes)
+
+    def peak_memory(self) -> int | None:
+        stats = self.device.memory_stats() if self.device.platform != "cpu" else None
+        return None if not stats else stats.get("peak_bytes_in_use")
 
     def __call__(self) -> None:
         self.state, self.metrics = self.compiled(self.state, self.batch)
@@ -429,12 +463,14 @@ class TorchStep(InProcessStep):
     """A PyTorch training step: `loss()` (forward to the loss), backward, clip, AdamW, schedule. The
     transformers peer runs it here, the open_clip worker in its own process."""
 
-    def __init__(self, model, loss: Callable[[], Any], no_decay: set[str], device: str, total_steps: int):
+    def __init__(self, model, loss: Callable[[], Any], no_decay: set[str], device: str, total_steps: int,
+                 autocast: str | None = None):
         import torch
 
         self.torch = torch
         self.device = device
         self.loss = loss
+        self.autocast = None if autocast in (None, "float32") else getattr(torch, autocast)
         self.model = model.to(device).train()
         named = list(self.model.named_parameters())
         decayed = [p for n, p in named if n not in no_decay]
@@ -446,10 +482,15 @@ class TorchStep(InProcessStep):
         self.optimizer = torch.optim.AdamW(groups, lr=5e-5, betas=(0.9, 0.999), eps=1e-8, fused=True)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: max(0.0, 1 - s / total_steps))
         self.last_loss = None
+        self.peak_reset = False
 
     def __call__(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss()
+        if self.device == "cuda" and not self.peak_reset:  # from the first step on: weights, moments, activations
+            self.torch.cuda.reset_peak_memory_stats()
+            self.peak_reset = True
+        with self.torch.autocast(self.device, dtype=self.autocast, enabled=self.autocast is not None):
+            loss = self.loss()  # forward and loss under autocast, backward outside it (PyTorch's AMP recipe)
         loss.backward()
         self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
@@ -459,11 +500,16 @@ class TorchStep(InProcessStep):
     def sync(self) -> float:
         if self.device == "cuda":
             self.torch.cuda.synchronize()
-        return float(self.last_loss.detach())
+        return float(self.last_loss.detach().float())
+
+    def peak_memory(self) -> int | None:
+        return self.torch.cuda.max_memory_allocated() if self.device == "cuda" else None
 
 
-def hf_torch_step(model, batch: dict[str, np.ndarray], device: str, total_steps: int) -> TorchStep:
-    """transformers' dual encoder with its built-in CLIP loss (`return_loss=True`)."""
+def hf_torch_step(model, batch: dict[str, np.ndarray], device: str, total_steps: int, autocast: str | None = None,
+                  compile_model: bool = False) -> TorchStep:
+    """transformers' dual encoder with its built-in CLIP loss (`return_loss=True`); `compile_model`: the forward
+    through `torch.compile` (the optimizer step stays eager)."""
     import torch
 
     from medclip.training.optim import NO_DECAY
@@ -478,7 +524,9 @@ def hf_torch_step(model, batch: dict[str, np.ndarray], device: str, total_steps:
         "pixel_values": torch.tensor(batch["pixel_values"].transpose(0, 3, 1, 2).copy(), device=device),
     }
     exempt = {n for n, _ in model.named_parameters() if no_decay(n)}
-    return TorchStep(model, lambda: model(**inputs, return_loss=True).loss, exempt, device, total_steps)
+    model = model.to(device)
+    forward = torch.compile(model) if compile_model else model
+    return TorchStep(model, lambda: forward(**inputs, return_loss=True).loss, exempt, device, total_steps, autocast)
 
 
 class OpenCLIPWorker:
@@ -486,9 +534,11 @@ class OpenCLIPWorker:
     asks for n steps in one message and returns the worker's own wall and CPU seconds (the same
     `InProcessStep.run` as ours), so neither the pipe nor this process's CPU time is in them."""
 
-    def __init__(self, python: str, folder: Path, *, threads: int, device: str, total_steps: int):
+    def __init__(self, python: str, folder: Path, *, threads: int, device: str, total_steps: int,
+                 autocast: str | None = None, compile_model: bool = False):
         command = [python, str(WORKER), str(folder), "--threads", str(threads), "--device", device,
-                   "--total-steps", str(total_steps)]
+                   "--total-steps", str(total_steps), *(["--autocast", autocast] if autocast else []),
+                   *(["--compile"] if compile_model else [])]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.info = self._reply()
         self.parameter_elements = self.info["parameter_elements"]
@@ -522,21 +572,33 @@ class OpenCLIPWorker:
         self.close()
 
 
+def peer_name(mode: str) -> str:
+    return "torch" if mode == "eager" else f"torch-{mode}"
+
+
 def build_vit_pair(cfg: BenchConfig, args: argparse.Namespace, batch: dict[str, np.ndarray], jax_device,
-                   torch_device: str | None, plan, stack: contextlib.ExitStack) -> tuple[JaxStep, TorchStep | None]:
-    """Ours with transformers' weights (random ones without torch) and transformers' step."""
+                   torch_device: str | None, plan, stack: contextlib.ExitStack) -> tuple[JaxStep, dict[str, TorchStep]]:
+    """Ours with transformers' weights (random ones without torch) and transformers' step, one per torch mode
+    (each its own copy of the same initial weights)."""
+    import copy
+
     del stack
     torch_model = build_torch_model(cfg) if torch_device else None
-    ours = JaxStep(build_ours(cfg, torch_model, args.same_work), batch, jax_device, TOTAL_STEPS, plan)
-    peer = hf_torch_step(torch_model, batch, torch_device, TOTAL_STEPS) if torch_model is not None else None
-    return ours, peer
+    ours = JaxStep(build_ours(cfg, torch_model, args.same_work, args.dtype), batch, jax_device, TOTAL_STEPS, plan)
+    peers = {}
+    if torch_model is not None:
+        for mode in args.torch_modes:
+            peers[peer_name(mode)] = hf_torch_step(copy.deepcopy(torch_model), batch, torch_device, TOTAL_STEPS,
+                                                   args.dtype, compile_model=mode == "compile")
+    return ours, peers
 
 
 def build_resnet_pair(cfg: ResNetBenchConfig, args: argparse.Namespace, batch: dict[str, np.ndarray],
                       jax_device, torch_device: str | None, plan, stack: contextlib.ExitStack
-                      ) -> tuple[JaxStep, OpenCLIPWorker | None]:
+                      ) -> tuple[JaxStep, dict[str, OpenCLIPWorker]]:
     """Ours loaded from the OpenCLIP folder the open_clip worker wrote (random weights with --no-torch), and
-    the worker. The folder (with the BERT config both sides read) lives until `stack` closes."""
+    a worker per torch mode (the same seeded weights each). The folder (with the BERT config both sides read)
+    lives until `stack` closes."""
     del torch_device  # the worker has its own torch
     import jax.numpy as jnp
 
@@ -548,26 +610,30 @@ def build_resnet_pair(cfg: ResNetBenchConfig, args: argparse.Namespace, batch: d
     (folder / "bert" / "config.json").write_text(json.dumps(cfg.bert_config(), indent=2) + "\n")
     model_cfg = cfg.open_clip_model_cfg(folder / "bert")
     model_class = full_last_layer_class() if args.same_work else FlaxHybridCLIP
+    dtype = jnp.dtype(args.dtype)
     if args.no_torch:
-        return JaxStep(model_class(config_from_open_clip(model_cfg)), batch, jax_device, TOTAL_STEPS, plan), None
+        model = model_class(config_from_open_clip(model_cfg), dtype=dtype)
+        return JaxStep(model, batch, jax_device, TOTAL_STEPS, plan), {}
     (folder / "spec.json").write_text(json.dumps({"model_cfg": model_cfg, "seed": 0}) + "\n")
     np.save(folder / "input_ids.npy", batch["input_ids"])
     np.save(folder / "pixel_values.npy", batch["pixel_values"].transpose(0, 3, 1, 2))  # NCHW for torch
-    peer = stack.enter_context(OpenCLIPWorker(
+    peers = {peer_name(mode): stack.enter_context(OpenCLIPWorker(
         args.ref_python, folder, threads=len(os.sched_getaffinity(0)),
-        device="cuda" if jax_device.platform == "gpu" else "cpu", total_steps=TOTAL_STEPS))
-    model = model_class.from_pretrained(folder / "open_clip", dtype=jnp.float32)
-    return JaxStep(model, batch, jax_device, TOTAL_STEPS, plan), peer
+        device="cuda" if jax_device.platform == "gpu" else "cpu", total_steps=TOTAL_STEPS,
+        autocast=None if args.dtype == "float32" else args.dtype, compile_model=mode == "compile"))
+        for mode in args.torch_modes}  # each writes the same seeded weights; ours loads them after
+    model = model_class.from_pretrained(folder / "open_clip", dtype=dtype)
+    return JaxStep(model, batch, jax_device, TOTAL_STEPS, plan), peers
 
 
-def check_same_training(ours: JaxStep, peer) -> None:
+def check_same_training(ours: JaxStep, peers: dict) -> None:
     """Both sides must train the same parameters with the same weight decay, or the comparison is not of one
     step: a peer exempting other parameters than NO_DECAY would go unnoticed in the first loss."""
-    if peer is None:
-        return
-    mine, theirs = ((s.parameter_elements, s.decayed_elements) for s in (ours, peer))
-    if mine != theirs:
-        raise RuntimeError(f"(parameters, decayed parameters): ours {mine}, PyTorch's {theirs}")
+    mine = (ours.parameter_elements, ours.decayed_elements)
+    for name, peer in peers.items():
+        theirs = (peer.parameter_elements, peer.decayed_elements)
+        if mine != theirs:
+            raise RuntimeError(f"(parameters, decayed parameters): ours {mine}, {name}'s {theirs}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -589,6 +655,8 @@ def measure(steppers: dict, warmup: int, windows: int, steps: int
 
 def run_config(cfg: BenchConfig | ResNetBenchConfig, args: argparse.Namespace, jax_device,
                torch_device: str | None) -> dict:
+    if args.batch:
+        cfg = dataclasses.replace(cfg, batch=args.batch)
     batch = make_batch(cfg)
     steps = args.steps or cfg.steps_per_window * (10 if jax_device.platform != "cpu" else 1)
     from medclip.models.packing import plan_packing
@@ -596,69 +664,77 @@ def run_config(cfg: BenchConfig | ResNetBenchConfig, args: argparse.Namespace, j
     # The trainer's text packing (single device: one group, --text_packing_sizes default 8).
     plan = None if args.same_work else plan_packing(batch["attention_mask"], groups=1, sizes=8)
     build = build_resnet_pair if isinstance(cfg, ResNetBenchConfig) else build_vit_pair
-    with contextlib.ExitStack() as stack:  # the open_clip worker and its folder end with the config
-        ours, peer = build(cfg, args, batch, jax_device, torch_device, plan, stack)
-        check_same_training(ours, peer)
-        steppers = {"ours": ours, "torch": peer} if peer is not None else {"ours": ours}
-        first_loss, times = measure(steppers, args.warmup, args.windows, steps)
-    # Model FLOPs (MFU's numerator, both sides): the full model, as PyTorch runs it. Our executed FLOPs come
+    with contextlib.ExitStack() as stack:  # the open_clip workers and their folder end with the config
+        ours, peers = build(cfg, args, batch, jax_device, torch_device, plan, stack)
+        check_same_training(ours, peers)
+        first_loss, times = measure({"ours": ours, **peers}, args.warmup, args.windows, steps)
+        versions = next((p.info for p in peers.values() if hasattr(p, "info")), None)
+    # Model FLOPs (MFU's numerator, every side): the full model, as PyTorch runs it. Our executed FLOPs come
     # from XLA's cost analysis, checked against the analytic count of what our step computes.
     flops_model, flops_xla = cfg.model_flops(), xla_flops(ours.compiled)
     flops_ours = cfg.our_flops(args.same_work, plan and plan.tokens)
     agree = flops_xla is not None and abs(flops_xla / flops_ours - 1) < 0.10
 
     def summary(name: str) -> dict:
-        if name not in times:
-            return {"pairs_per_s": None, "cpu_seconds_per_step": None, "window_seconds": []}
+        peaks = [t.peak_memory for t in times[name] if t.peak_memory is not None]
         return {"pairs_per_s": statistics.median(cfg.batch * steps / t.wall for t in times[name]),
                 "cpu_seconds_per_step": statistics.median(t.cpu for t in times[name]) / steps,
-                "window_seconds": [t.wall for t in times[name]]}
+                "window_seconds": [t.wall for t in times[name]], "first_loss": first_loss[name],
+                "first_loss_relative_difference": (abs(first_loss[name] / first_loss["ours"] - 1)
+                                                   if name != "ours" else None),
+                "peak_memory_bytes": max(peaks) if peaks else None}
 
+    sides = {name: summary(name) for name in times}
+    sides["ours"]["step_memory_bytes"] = ours.step_memory
     resnet = isinstance(cfg, ResNetBenchConfig)
     return {
-        "config": cfg.name, "batch": cfg.batch, "steps_per_window": steps, "windows": args.windows,
-        "peer": ("open_clip" if resnet else "transformers") if peer is not None else None,
-        "peer_versions": getattr(peer, "info", None),
-        "ours": summary("ours"), "torch": summary("torch"),
+        "config": cfg.name, "batch": cfg.batch, "dtype": args.dtype, "steps_per_window": steps,
+        "windows": args.windows, "peer": ("open_clip" if resnet else "transformers") if peers else None,
+        "peer_versions": versions, "sides": sides,
         "flops_model": flops_model, "flops_executed": flops_xla if agree else flops_ours,
         "flops_executed_source": "xla" if agree else "analytic", "flops_xla": flops_xla,
         "flops_analytic_executed": flops_ours, "same_work": args.same_work,
         "parameter_elements": ours.parameter_elements, "decayed_elements": ours.decayed_elements,
         "real_text_tokens": int(batch["attention_mask"].sum()), "packed_text_tokens": plan and plan.tokens,
-        "first_loss_ours": first_loss["ours"], "first_loss_torch": first_loss.get("torch"),
-        "first_loss_relative_difference": (abs(first_loss["ours"] / first_loss["torch"] - 1)
-                                           if "torch" in first_loss else None),
         "compile_seconds": ours.compile_seconds, "bench_config": dataclasses.asdict(cfg),
     }
 
 
 def add_rates(result: dict, peak: float) -> None:
-    ours, torch = result["ours"]["pairs_per_s"], result["torch"]["pairs_per_s"]
     model_per_pair, executed_per_pair = (result[k] / result["batch"] for k in ("flops_model", "flops_executed"))
-    result["ratio"] = ours / torch if torch else None
+    ours = result["sides"]["ours"]["pairs_per_s"]
     result["ours_gflops"] = executed_per_pair * ours / 1e9
-    result["ours_mfu"] = model_per_pair * ours / peak
-    result["torch_mfu"] = model_per_pair * torch / peak if torch else None
+    for side in result["sides"].values():
+        side["mfu"] = model_per_pair * side["pairs_per_s"] / peak
+        side["ours_over_this"] = ours / side["pairs_per_s"]
 
 
 def format_table(results: list[dict], peak: float) -> str:
     def f(x, spec):
         return "-" if x is None else format(x, spec)
 
-    lines = [f"fp32 matmul peak (best measured in this run): {peak / 1e9:.1f} GFLOP/s", "",
-             "| config | batch | PyTorch peer | ours pairs/s | PyTorch pairs/s | ours/PyTorch | model GFLOP/step "
-             "| ours executed GFLOP/step | ours executed GFLOP/s | ours MFU | PyTorch MFU "
-             "| CPU s/step ours / PyTorch | first loss ours / PyTorch |",
+    def gib(x):
+        return "-" if x is None else f"{x / 2 ** 30:.2f}"
+
+    dtype = results[0]["dtype"] if results else "float32"
+    lines = [f"{dtype} matmul peak (best measured in this run): {peak / 1e9:.1f} GFLOP/s", "",
+             "| config | batch | dtype | side | pairs/s | ours / side | MFU | model GFLOP/step "
+             "| executed GFLOP/step (ours) | executed GFLOP/s (ours) | peak memory GiB | CPU s/step | first loss |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(
-            f"| {r['config']} | {r['batch']} | {r['peer'] or '-'} | {r['ours']['pairs_per_s']:.2f} "
-            f"| {f(r['torch']['pairs_per_s'], '.2f')} "
-            f"| {f(r['ratio'], '.3f')} | {r['flops_model'] / 1e9:.1f} "
-            f"| {r['flops_executed'] / 1e9:.1f} ({r['flops_executed_source']}) "
-            f"| {r['ours_gflops']:.1f} | {r['ours_mfu']:.1%} | {f(r['torch_mfu'], '.1%')} "
-            f"| {r['ours']['cpu_seconds_per_step']:.2f} / {f(r['torch']['cpu_seconds_per_step'], '.2f')} "
-            f"| {r['first_loss_ours']:.4f} / {f(r['first_loss_torch'], '.4f')} |")
+        for name, side in r["sides"].items():
+            label = name if name == "ours" else f"{r['peer']} {name.replace('torch', 'PyTorch')}"
+            ours = name == "ours"
+            memory = gib(side["peak_memory_bytes"])
+            if ours and side.get("step_memory_bytes") is not None:
+                memory = f"{gib(side['step_memory_bytes'])} step (XLA), {memory} device peak"
+            lines.append(
+                f"| {r['config']} | {r['batch']} | {r['dtype']} | {label} | {side['pairs_per_s']:.2f} "
+                f"| {side['ours_over_this']:.3f} | {side['mfu']:.1%} | {r['flops_model'] / 1e9:.1f} "
+                f"| {(r['flops_executed'] / 1e9 if ours else r['flops_model'] / 1e9):.1f}"
+                f"{' (' + r['flops_executed_source'] + ')' if ours else ''} "
+                f"| {f(r['ours_gflops'] if ours else None, '.1f')} | {memory} "
+                f"| {side['cpu_seconds_per_step']:.2f} | {side['first_loss']:.4f} |")
     return "\n".join(lines)
 
 
@@ -676,6 +752,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="ours does PyTorch's work: text padded, every token in the last layers")
     parser.add_argument("--ref-python", default=str(ROOT / ".venv-ref" / "bin" / "python"),
                         help="the reference venv's Python, with open_clip, for the rn50 configs' PyTorch peer")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="compute dtype: ours (parameters fp32) and PyTorch's autocast; auto: bfloat16 on GPU, "
+                             "float32 on CPU (what --dtype auto trains with)")
+    parser.add_argument("--torch-modes", default="auto",
+                        help="PyTorch peers, comma-separated: eager, compile (torch.compile); auto: eager on CPU, "
+                             "eager,compile on GPU")
+    parser.add_argument("--batch", type=int, default=0, help="override every config's batch (0: the config's)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.configs.split(",")]
@@ -693,6 +776,9 @@ def main(argv: list[str] | None = None) -> None:
     from medclip.training.host_memory import keep_host_memory_mapped
 
     host_memory_kept = keep_host_memory_mapped()  # before JAX starts, as run_hybrid_clip.py does
+    # On a GPU, JAX takes memory as it needs it, up to 45%, leaving the rest to PyTorch (no effect on CPU).
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
 
     import jax
 
@@ -700,6 +786,12 @@ def main(argv: list[str] | None = None) -> None:
     if platform_name == "auto":
         platform_name = "gpu" if any(d.platform == "gpu" for d in jax.devices()) else "cpu"
     jax_device = jax.devices(platform_name)[0]
+    if args.dtype == "auto":
+        args.dtype = "float32" if platform_name == "cpu" else "bfloat16"
+    modes = ("eager" if platform_name == "cpu" else "eager,compile") if args.torch_modes == "auto" else args.torch_modes
+    args.torch_modes = [m.strip() for m in modes.split(",") if m.strip()]
+    if bad := [m for m in args.torch_modes if m not in ("eager", "compile")]:
+        parser.error(f"--torch-modes: unknown {bad}; choose from eager, compile")
     torch_device = None
     if not args.no_torch:
         try:
@@ -716,28 +808,32 @@ def main(argv: list[str] | None = None) -> None:
                 print("torch has no CUDA here: timing ours only")
         except ImportError:
             print("torch is not installed: timing ours only")
-    if platform_name == "gpu":
+    if platform_name == "gpu" and args.dtype == "float32":
         jax.config.update("jax_default_matmul_precision", "highest")  # true fp32, no TF32, like torch above
 
     load_before = os.getloadavg()
-    peaks = matmul_peak(jax_device, torch_device)
+    peaks = matmul_peak(jax_device, torch_device, args.dtype)
     print(f"device: {jax_device.device_kind} ({platform_name}); cores: {cores}; load average {load_before[0]:.1f}; "
-          f"fp32 matmul GFLOP/s: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in peaks.items()), flush=True)
+          f"{args.dtype} matmul GFLOP/s: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in peaks.items()), flush=True)
 
     results = []
+    tolerance = 1e-4 if args.dtype == "float32" else 2e-2  # bf16 rounds every activation
     for name in names:
         result = run_config(CONFIGS[name], args, jax_device, torch_device)
-        for k, v in matmul_peak(jax_device, torch_device).items():  # the machine may be quieter now
+        for k, v in matmul_peak(jax_device, torch_device, args.dtype).items():  # the machine may be quieter now
             peaks[k] = max(peaks[k], v)
         add_rates(result, max(peaks.values()))
         results.append(result)
-        print(format_table([result], max(peaks.values())).splitlines()[-1], flush=True)
-        if (difference := result["first_loss_relative_difference"]) is not None:
-            verdict = "agree" if difference < 1e-4 else "DISAGREE (same weights and batch: expected < 1e-4)"
-            print(f"  first loss ours {result['first_loss_ours']:.6f}, {result['peer']} "
-                  f"{result['first_loss_torch']:.6f}: {verdict}, relative difference {difference:.1e}", flush=True)
-        print(f"  windows (s): ours {['%.2f' % t for t in result['ours']['window_seconds']]}, "
-              f"torch {['%.2f' % t for t in result['torch']['window_seconds']]}; compile {result['compile_seconds']:.1f} s; "
+        print("\n".join(format_table([result], max(peaks.values())).splitlines()[4:]), flush=True)
+        for side_name, side in result["sides"].items():
+            if (difference := side["first_loss_relative_difference"]) is not None:
+                verdict = ("agree" if difference < tolerance
+                           else f"DISAGREE (same weights and batch: expected < {tolerance})")
+                print(f"  first loss ours {result['sides']['ours']['first_loss']:.6f}, {result['peer']} {side_name} "
+                      f"{side['first_loss']:.6f}: {verdict}, relative difference {difference:.1e}", flush=True)
+        windows = ", ".join(f"{n} {['%.2f' % t for t in side['window_seconds']]}"
+                            for n, side in result["sides"].items())
+        print(f"  windows (s): {windows}; compile {result['compile_seconds']:.1f} s; "
               f"executed FLOPs xla {result['flops_xla'] or 0:.3e}, analytic {result['flops_analytic_executed']:.3e}",
               flush=True)
     peak = max(peaks.values())

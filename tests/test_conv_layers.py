@@ -1,4 +1,4 @@
-"""The convolution building blocks' fast forms against the plain XLA operations they replace: a 1x1 convolution as
+"""The convolution building blocks' fast CPU forms (`medclip.models.kernels.cpu`) against the plain XLA operations they replace: a 1x1 convolution as
 a matmul, the CPU kernel gradient summed over batch slices, non-overlapping average pooling as a reshape. Same
 values and gradients (fp32), on the shapes where the forms differ: strides, odd sizes, "same" padding, groups,
 dilation, batches that do not divide evenly."""
@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from medclip.models import conv
+from medclip.models.kernels import cpu
 
 
 def _plain_conv(x, kernel, stride, padding, dilation=(1, 1), groups=1):
@@ -34,12 +35,12 @@ def _grads(fn, x, kernel):
 ])
 def test_conv2d_kernel_gradient_in_batch_slices_equals_xla(monkeypatch, batch, size, cin, cout, k, stride, pad,
                                                             dilation, groups):
-    monkeypatch.setattr(conv, "_CPU_SLICE_ELEMENTS", 1)  # as small as it goes: as many slices as allowed
+    monkeypatch.setattr(cpu, "SLICE_ELEMENTS", 1)  # as small as it goes: as many slices as allowed
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(batch, size, size, cin)), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(k, k, cin // groups, cout)), jnp.float32)
     spec = conv.ConvSpec((stride, stride), ((pad, pad), (pad, pad)), (dilation, dilation), groups)
-    ours = _grads(lambda x, w: conv.conv2d(x, w, spec), x, kernel)
+    ours = _grads(lambda x, w: cpu.conv2d(x, w, spec), x, kernel)
     plain = _grads(lambda x, w: _plain_conv(x, w, spec.stride, spec.padding, spec.dilation, groups), x, kernel)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(plain)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
@@ -47,10 +48,10 @@ def test_conv2d_kernel_gradient_in_batch_slices_equals_xla(monkeypatch, batch, s
 
 def test_slices_are_bounded_for_a_large_batch(monkeypatch):
     """A batch of 64 with the smallest slice budget is cut into at most 16 slices of 4 (unrolled, not 64)."""
-    monkeypatch.setattr(conv, "_CPU_SLICE_ELEMENTS", 1)
+    monkeypatch.setattr(cpu, "SLICE_ELEMENTS", 1)
     x, kernel = jnp.ones((64, 4, 4, 2)), jnp.ones((3, 3, 2, 2))
     spec = conv.ConvSpec((1, 1), ((1, 1), (1, 1)), (1, 1), 1)
-    jaxpr = jax.make_jaxpr(lambda x, dy: conv._kernel_grad_in_slices(x, kernel, dy, spec))(x, x)
+    jaxpr = jax.make_jaxpr(lambda x, dy: cpu.kernel_grad_in_slices(x, kernel, dy, spec))(x, x)
     convs = [e for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
     grads = [e for e in convs if e.outvars[0].aval.shape != (4, 4, 4, 2)]  # vjp also traces each slice's forward
     assert len(grads) == 16 and {e.invars[0].aval.shape for e in grads} == {(4, 4, 4, 2)}
@@ -64,7 +65,7 @@ def test_pointwise_conv_is_the_convolution(stride, size, padding):
     pad = [conv.same_padding(size, 1, stride)] * 2 if padding == "same" else [(0, 0), (0, 0)]
     expected = _plain_conv(x, layer.kernel[...], (stride, stride), pad) + layer.bias[...]
     np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(expected), rtol=1e-5, atol=1e-5)
-    ours = _grads(lambda x, w: conv.pointwise(x, w, (stride, stride), jnp.float32), x, layer.kernel[...])
+    ours = _grads(lambda x, w: cpu.pointwise(x, w, (stride, stride)), x, layer.kernel[...])
     plain = _grads(lambda x, w: _plain_conv(x, w, (stride, stride), pad), x, layer.kernel[...])
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(plain)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)

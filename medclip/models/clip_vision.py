@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from medclip.models.config_base import VisionTowerConfig
-from medclip.models.layers import Encoder, PreNormLayer, dense
+from medclip.models.kernels import dense
+from medclip.models.layers import Encoder, PreNormLayer
 from medclip.models.preprocess import CLIP_PREPROCESS, Preprocess
 from medclip.models.registry import register
 from medclip.models.tower_contract import TowerSpec

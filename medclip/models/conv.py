@@ -1,5 +1,5 @@
 """Convolutional building blocks in NHWC with PyTorch's semantics: convolutions (symmetric or TensorFlow "same"
-padding), BatchNorm with running statistics, pooling.
+padding; computed by `medclip.models.kernels`), BatchNorm with running statistics, pooling.
 
 BatchNorm's running statistics are `nnx.BatchStat` variables next to the parameters: the trainer carries them in
 its state (replicated on the mesh, in orbax checkpoints), the converters load and save them under PyTorch's
@@ -9,13 +9,14 @@ variance from the unbiased batch variance, momentum 0.1), so a step here and in 
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from medclip.models import kernels
+from medclip.models.kernels import ConvSpec
 
 Array = jax.Array
 
@@ -49,96 +50,15 @@ class Conv2d(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         kh, kw = self.kernel.shape[:2]
-        if (kh, kw) == (1, 1) and self.groups == 1 and self.padding in (0, "same"):
-            y = pointwise(x, self.kernel[...], self.stride, self.dtype)
-            return y if self.bias is None else y + self.bias[...].astype(self.dtype)
         if self.padding == "same":
-            pad = [same_padding(x.shape[1], kh, self.stride[0], self.dilation[0]),
-                   same_padding(x.shape[2], kw, self.stride[1], self.dilation[1])]
+            pad = (same_padding(x.shape[1], kh, self.stride[0], self.dilation[0]),
+                   same_padding(x.shape[2], kw, self.stride[1], self.dilation[1]))
         else:
             p = _pair(self.padding)
-            pad = [(p[0], p[0]), (p[1], p[1])]
-        spec = ConvSpec(self.stride, tuple(pad), self.dilation, self.groups)
-        y = conv2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype), spec).astype(self.dtype)
+            pad = ((p[0], p[0]), (p[1], p[1]))
+        spec = ConvSpec(self.stride, pad, self.dilation, self.groups)
+        y = kernels.conv2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype), spec)
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
-
-
-class ConvSpec(NamedTuple):
-    stride: tuple[int, int]
-    padding: tuple[tuple[int, int], tuple[int, int]]
-    dilation: tuple[int, int]
-    groups: int
-
-
-def _conv(x: Array, kernel: Array, spec: ConvSpec) -> Array:
-    return jax.lax.conv_general_dilated(
-        x, kernel, window_strides=spec.stride, padding=spec.padding, rhs_dilation=spec.dilation,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=spec.groups,
-        preferred_element_type=jnp.float32)
-
-
-# Elements of input plus output gradient per slice of the batch in the kernel gradient on CPU: about what stays in
-# cache (benchmarks/conv_paths.py measured 2^19..2^20 best across RN50's shapes), and at most this many slices,
-# so that a large per-device batch does not unroll into hundreds of convolutions.
-_CPU_SLICE_ELEMENTS = 2 ** 20
-_CPU_MAX_SLICES = 16
-
-
-def _kernel_grad_in_slices(x: Array, kernel: Array, dy: Array, spec: ConvSpec) -> Array:
-    """The kernel gradient summed over slices of the batch. XLA:CPU computes it as one convolution whose kernel is
-    the whole output gradient; over the whole batch at 56x56 or 112x112 that runs several times slower than over
-    a few examples at a time. The slices take every k-th example (a reshape, then an index on the new unsharded
-    axis), so a batch sharded over a mesh is sliced on each device without moving data."""
-    n = x.shape[0]
-    per_example = math.prod(x.shape[1:]) + math.prod(dy.shape[1:])
-    size = max(1, min(n, _CPU_SLICE_ELEMENTS // per_example), -(-n // _CPU_MAX_SLICES))
-    while n % size:
-        size -= 1
-    slices = n // size
-    if slices == 1:
-        return jax.vjp(lambda k: _conv(x, k, spec), kernel)[1](dy)[0]
-    xs, dys = x.reshape(size, slices, *x.shape[1:]), dy.reshape(size, slices, *dy.shape[1:])
-    grad = None
-    for i in range(slices):
-        g = jax.vjp(lambda k: _conv(xs[:, i], k, spec), kernel)[1](dys[:, i])[0].astype(jnp.float32)
-        grad = g if grad is None else grad + g
-    return grad.astype(kernel.dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv2d(x: Array, kernel: Array, spec: ConvSpec) -> Array:
-    """`lax.conv_general_dilated` (NHWC, HWIO, fp32 accumulation) whose kernel gradient on CPU is computed over
-    slices of the batch (`_kernel_grad_in_slices`); elsewhere, and for the input gradient, XLA's own."""
-    return _conv(x, kernel, spec)
-
-
-def _conv2d_fwd(x, kernel, spec):
-    return _conv(x, kernel, spec), (x, kernel)
-
-
-def _conv2d_bwd(spec, residuals, dy):
-    x, kernel = residuals
-    dy = dy.astype(jnp.float32)
-    dx = jax.vjp(lambda v: _conv(v, kernel, spec), x)[1](dy)[0]
-    dk = jax.lax.platform_dependent(
-        x, kernel, dy, cpu=functools.partial(_kernel_grad_in_slices, spec=spec),
-        default=lambda x, k, d: jax.vjp(lambda v: _conv(x, v, spec), k)[1](d)[0])
-    return dx, dk
-
-
-conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
-
-
-def pointwise(x: Array, kernel: Array, stride: tuple[int, int], dtype) -> Array:
-    """A 1x1 convolution as one (pixels, in) @ (in, out) matmul (a strided one reads every stride-th pixel, which
-    is what the convolution computes, and "same" padding adds nothing to a 1x1 kernel). XLA:CPU runs this form's
-    backward pass several times faster than the convolution's (`benchmarks/conv_paths.py`)."""
-    if stride != (1, 1):
-        x = x[:, ::stride[0], ::stride[1]]
-    n, h, w, c = x.shape
-    y = jnp.matmul(x.astype(dtype).reshape(n * h * w, c), kernel[0, 0].astype(dtype),
-                   preferred_element_type=jnp.float32)
-    return y.reshape(n, h, w, -1).astype(dtype)
 
 
 class BatchNorm(nnx.Module):

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from medclip.models import kernels
 from medclip.models.packing import Packing
 
 Array = jax.Array
@@ -22,18 +23,9 @@ def _quick_gelu(x: Array) -> Array:
     return x * jax.nn.sigmoid(1.702 * x)
 
 
-def _gelu(x: Array) -> Array:
-    """Exact GELU in PyTorch's form, 0.5 x (1 + erf(x / sqrt 2)).
-
-    `jax.nn.gelu(approximate=False)` computes the same function through erfc, whose XLA:CPU expansion is
-    2.6x slower (forward of a 4096x1024 block: 6.5 ms against 2.5 ms; a tiny-config training step 3.5% faster).
-    """
-    return 0.5 * x * (1.0 + jax.lax.erf(x * 0.7071067811865476))
-
-
 # Names as Hugging Face configs spell them (`hidden_act` / DistilBERT's `activation`).
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "gelu": _gelu,
+    "gelu": kernels.gelu,
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
@@ -52,100 +44,11 @@ def activation(name: str) -> Callable[[Array], Array]:
         raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}") from None
 
 
-def _weight_grad(x: Array, dy: Array) -> Array:
-    """x^T dy for x (tokens, in) and dy (tokens, out): a dense layer's kernel gradient.
-
-    XLA:CPU hands a dot to YNNPACK only if its lhs contracts the minor dimension; x^T dy contracts the token
-    dimension of both operands, so XLA runs it on its Eigen fallback at half speed (one core, 4096 tokens,
-    256 -> 1024: 45 against 83 GFLOP/s; 2048 tokens, 768 -> 3072: 46 against 91). Transposing the narrower
-    operand first keeps the dot on YNNPACK; `optimization_barrier` stops XLA folding the transpose back into
-    the dot (and, on the dy side, the transpose of the result). Other backends take x^T dy as it is.
-    """
-    if jax.default_backend() != "cpu":
-        return x.T @ dy
-    barrier = jax.lax.optimization_barrier
-    if x.shape[1] <= dy.shape[1]:
-        return barrier(x.T) @ dy
-    return barrier(barrier(dy.T) @ x).T
-
-
-@jax.custom_vjp
-def dense(x: Array, kernel: Array, bias: Array | None = None) -> Array:
-    """x @ kernel (+ bias) over the last axis of x, with a kernel gradient that runs at full speed on CPU."""
-    y = x @ kernel
-    return y if bias is None else y + bias
-
-
-def _dense_fwd(x, kernel, bias):
-    return dense(x, kernel, bias), (x, kernel, bias is None)
-
-
-def _dense_bwd(residuals, dy):
-    x, kernel, no_bias = residuals
-    x2d, dy2d = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-    bias_grad = None if no_bias else dy2d.sum(axis=0)
-    return dy @ kernel.T, _weight_grad(x2d, dy2d), bias_grad
-
-
-dense.defvjp(_dense_fwd, _dense_bwd)
-
-
 def linear(layer: nnx.Linear, x: Array) -> Array:
-    """Applies an `nnx.Linear` through `dense`; the module keeps its parameters (and checkpoint names)."""
+    """Applies an `nnx.Linear` through `kernels.dense`; the module keeps its parameters (and checkpoint names)."""
     dtype = layer.dtype or x.dtype
     bias = layer.bias[...].astype(dtype) if layer.bias is not None else None
-    return dense(x.astype(dtype), layer.kernel[...].astype(dtype), bias)
-
-
-@jax.custom_vjp
-def attention(q: Array, k: Array, v: Array, bias: Array | None) -> Array:
-    """softmax(q k^T + bias) v for q, k, v (batch, heads, length, head_dim); q comes pre-scaled.
-
-    Scores and softmax are fp32 whatever the compute dtype. The hand-written backward keeps only the
-    probabilities and the output, and gets softmax's row term from rowsum(dO * O) (d wide) rather than
-    rowsum(dP * P) (length wide), as FlashAttention does: one-core training step 1.3% (tiny) and 1.8%
-    (small, 128 tokens) faster than autodiff through the same einsums.
-    """
-    return _attention_fwd(q, k, v, bias)[0]
-
-
-def _attention_probs(q: Array, k: Array, bias: Array | None) -> Array:
-    """softmax(q k^T + bias) in fp32, (batch, heads, q, k)."""
-    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-    return jax.nn.softmax(scores if bias is None else scores + bias, axis=-1)
-
-
-def _attention_fwd(q, k, v, bias):
-    probs = _attention_probs(q, k, bias)
-    out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
-    return out, (q, k, v, probs, out)
-
-
-def _attention_bwd(residuals, d_out):
-    q, k, v, probs, out = residuals
-    d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_out, v, preferred_element_type=jnp.float32)
-    d_v = _keys_grad(probs.astype(d_out.dtype), d_out)
-    row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    d_scores = (probs * (d_probs - row)).astype(q.dtype)
-    d_q = jnp.einsum("bhqk,bhkd->bhqd", d_scores, k)
-    d_k = _keys_grad(d_scores, q)
-    return d_q, d_k, d_v, None  # the bias comes from the padding mask: no gradient
-
-
-def _keys_grad(a: Array, b: Array) -> Array:
-    """a^T b per head for a (batch, heads, q, k) and b (batch, heads, q, d): the gradients of k and v.
-
-    Like `_weight_grad`: this contracts the query axis, which is not a's minor one, so XLA:CPU would run it
-    on its Eigen fallback (about 20 GFLOP/s per core at 65 tokens). A materialised a^T (64 KB per head at 128
-    tokens) puts it on YNNPACK: a tiny-config training step 1.4-3.3% faster (three interleaved A/B runs).
-    """
-    if jax.default_backend() != "cpu":
-        return jnp.einsum("bhqk,bhqd->bhkd", a, b)
-    a_t = jax.lax.optimization_barrier(jnp.swapaxes(a, -1, -2))
-    return jnp.einsum("bhkq,bhqd->bhkd", a_t, b)
-
-
-attention.defvjp(_attention_fwd, _attention_bwd)
+    return kernels.dense(x.astype(dtype), layer.kernel[...].astype(dtype), bias)
 
 
 def dropout(x: Array, rate: float, rng: Array | None) -> Array:
@@ -214,12 +117,14 @@ class SelfAttention(nnx.Module):
             (q,) = self._heads(self._project(take_rows(x, rows, packing), "q"))
             k, v = self._heads(padded(self._project(x, "kv")))
         if rng is None or self.dropout_rate == 0.0:
-            context = attention(q, k, v, bias)
+            context = kernels.attention(q, k, v, bias)
         else:  # dropout on the probabilities: plain autodiff
-            probs = dropout(_attention_probs(q, k, bias), self.dropout_rate, rng)
-            context = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
-        batch, _, queries, _ = q.shape
-        context = context.transpose(0, 2, 1, 3).reshape(batch, queries, -1)
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+            probs = jax.nn.softmax(scores if bias is None else scores + bias, axis=-1)
+            probs = dropout(probs, self.dropout_rate, rng)
+            context = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+        batch, queries = q.shape[:2]
+        context = context.reshape(batch, queries, -1)
         if rows is None and packing is not None:
             context = packing.pack(context)
         return linear(self.out_proj, context)
@@ -233,13 +138,13 @@ class SelfAttention(nnx.Module):
         projections = [(getattr(self, f"{name}_proj"), scale if name == "q" else 1.0) for name in which]
         kernel = jnp.concatenate([p.kernel[...] * s for p, s in projections], axis=1)
         bias = jnp.concatenate([p.bias[...] * s for p, s in projections])
-        return dense(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
+        return kernels.dense(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
 
     def _heads(self, projected: Array) -> list[Array]:
-        """(batch, length, n * hidden) -> n arrays (batch, heads, length, head_dim)."""
+        """(batch, length, n * hidden) -> n arrays (batch, length, heads, head_dim)."""
         batch, length, width = projected.shape
         n = width // (self.num_heads * self.head_dim)
-        return list(projected.reshape(batch, length, n, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4))
+        return list(jnp.moveaxis(projected.reshape(batch, length, n, self.num_heads, self.head_dim), 2, 0))
 
 
 class MLP(nnx.Module):
@@ -293,8 +198,8 @@ class PostNormLayer(nnx.Module):
 class Encoder(nnx.Module):
     """A stack of layers run as a Python loop (unrolled), optionally rematerialised layer by layer.
 
-    Unrolled layers measured faster than `lax.scan` on CPU (../shared/PERF_NOTES.md); remat trades
-    compute for activation memory on large towers.
+    Unrolled, XLA sees every layer and schedules across them, and its cost analysis counts every layer
+    (`benchmarks/train_step.py` reads it); remat trades compute for activation memory on large towers.
     """
 
     def __init__(self, layers: list[nnx.Module], remat: bool = False):

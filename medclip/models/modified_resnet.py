@@ -18,7 +18,8 @@ from flax import nnx
 
 from medclip.models.config_base import VisionTowerConfig
 from medclip.models.conv import BatchNorm, Conv2d, avg_pool
-from medclip.models.layers import attention, linear
+from medclip.models.kernels import attention
+from medclip.models.layers import linear
 from medclip.models.preprocess import CLIP_PREPROCESS, Preprocess
 from medclip.models.registry import register
 from medclip.models.tower_contract import TowerSpec
@@ -116,12 +117,12 @@ class AttentionPool2d(nnx.Module):
         tokens = tokens + self.positional_embedding[...].astype(tokens.dtype)[None]
         head_dim = width // self.heads
 
-        def split(y):  # (batch, length, width) -> (batch, heads, length, head_dim)
-            return y.reshape(batch, -1, self.heads, head_dim).transpose(0, 2, 1, 3)
+        def split(y):  # (batch, length, width) -> (batch, length, heads, head_dim)
+            return y.reshape(batch, -1, self.heads, head_dim)
 
         q = split(linear(self.q_proj, tokens[:, :1]) / math.sqrt(head_dim))
         k, v = split(linear(self.k_proj, tokens)), split(linear(self.v_proj, tokens))
-        context = attention(q, k, v, None).transpose(0, 2, 1, 3).reshape(batch, width)
+        context = attention(q, k, v, None).reshape(batch, width)
         return linear(self.c_proj, context)
 
 

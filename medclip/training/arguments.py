@@ -39,7 +39,9 @@ class ModelArguments:
     model_preset: str | None = field(default=None, metadata={
         "help": "Build towers from a preset instead of checkpoints: 'demo' (tiny, for the embedded demo)."})
     tokenizer_name: str | None = field(default=None, metadata={"help": "Defaults to the text model's."})
-    dtype: str = field(default="float32", metadata={"help": "Compute dtype: float32, bfloat16 or float16."})
+    dtype: str = field(default="auto", metadata={
+        "help": "Compute dtype (parameters stay float32): auto (bfloat16 on TPU/GPU, float32 on CPU), float32, "
+                "bfloat16 or float16."})
     projection_dim: int = 512
     vision_head: str = field(default="linear", metadata={
         "help": "Models built from towers: the image projection, linear or none (towers whose pooled output is "

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from medclip.data.concepts import CONCEPT_SOURCES
 from medclip.evaluation.retrieval import MRR_KS, RECALL_KS
+from medclip.models import kernels
 from medclip.training.arguments import DataArguments, ModelArguments, TrainingArguments
 from medclip.training.arguments import csv_delimiter
 from medclip.training.errors import ConfigError, DataError  # noqa: F401 (DataError re-exported)
@@ -18,7 +19,7 @@ from medclip.training.mlm import MASKINGS
 from medclip.training.optim import SCHEDULES, WEIGHT_DECAY_MASKS, WEIGHT_DECAY_TYPES
 from medclip.training.tower_configs import parse_tower_config
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 CACHE_MODES = ("auto", "on", "off")  # --cache_locked_text / --cache_locked_image
 
 
@@ -65,6 +66,10 @@ def validate(model: ModelArguments, data: DataArguments, train: TrainingArgument
     if not (train.do_train or train.do_eval):
         raise ConfigError("nothing to do: pass --do_train and/or --do_eval")
     _choice("--dtype", model.dtype, DTYPES)
+    try:
+        kernels.mode()  # MEDCLIP_KERNELS, read again when the step is traced: a typo fails here, before any work
+    except kernels.KernelModeError as error:
+        raise ConfigError(str(error)) from None
     _choice("--loss", train.loss, tuple(LOSSES))
     _choice("--lr_schedule", train.lr_schedule, SCHEDULES)
     _choice("--weight_decay_type", train.weight_decay_type, WEIGHT_DECAY_TYPES)

@@ -33,7 +33,7 @@ from medclip.training.mlm import MaskingConfig, word_starts
 from medclip.training.image_cache import pooled_image_features
 from medclip.training.image_cache import why_not_cacheable as why_not_image_cacheable
 from medclip.training.text_cache import pooled_text_features, why_not_cacheable
-from medclip.training.model_setup import build_model_and_tokenizer
+from medclip.training.model_setup import build_model_and_tokenizer, compute_dtype
 from medclip.training.optim import OptimizerConfig, make_optimizer, set_lr_scale
 from medclip.training.plateau import Plateau, PlateauConfig, mode_for
 from medclip.training.step import (StepConfig, TrainState, init_state, make_embed_step, make_eval_loss,
@@ -80,13 +80,6 @@ def _prepare_output_dir(args: TrainingArguments) -> Path:
     return out
 
 
-def _dtype(name: str):
-    try:
-        return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
-    except KeyError:
-        raise ConfigError(f"--dtype must be float32, bfloat16 or float16, not {name!r}") from None
-
-
 def _may_cache(tower: str, mode: str, reason: str | None, frozen: bool) -> bool:
     """--cache_locked_{tower} auto / on, given why the locked tower cannot be cached (None: it can): an error for
     `on`, a log line for `auto` when the tower is frozen but not cacheable."""
@@ -106,7 +99,11 @@ class Trainer:
         self.model_args, self.data_args, self.args = model_args, data_args, train_args
         self.output_dir = _prepare_output_dir(train_args)
         self.mesh = mesh_lib.make_mesh()
-        self.model, self.tokenizer = build_model_and_tokenizer(model_args, data_args, _dtype(model_args.dtype),
+        platform = self.mesh.devices.flat[0].platform
+        self.compute_dtype = compute_dtype(model_args.dtype, platform)
+        logger.info("compute dtype %s (--dtype %s on %s), parameters float32", jnp.dtype(self.compute_dtype).name,
+                    model_args.dtype, platform)
+        self.model, self.tokenizer = build_model_and_tokenizer(model_args, data_args, self.compute_dtype,
                                                                train_args.seed, self.output_dir, mlm=train_args.mlm)
         if train_args.loss == "sigmoid" and self.model.logit_bias is None:  # a Hub model: known only now
             raise ConfigError(f"--loss sigmoid needs a learned logit bias, and {model_args.model_name_or_path} "
@@ -432,7 +429,7 @@ class Trainer:
                     "schedule": f"{a.lr_schedule}, warmup {a.warmup_steps}"
                                 + (f", ReduceLROnPlateau on {a.plateau_metric}" if a.reduce_lr_on_plateau else ""),
                     "weight decay": f"{a.weight_decay} ({a.weight_decay_type})", "loss": a.loss, "max_seq_length": d.max_seq_length,
-                    "compute dtype": m.dtype}
+                    "compute dtype": jnp.dtype(self.compute_dtype).name}
         bases = tuple(x for x in (m.vision_model_name_or_path, m.text_model_name_or_path, m.model_name_or_path) if x)
         metrics = {k[5:]: v for k, v in (eval_metrics or {}).items() if k.startswith("eval_") and isinstance(v, float)}
         return render_model_card(self.model.config, training=training, eval_metrics=metrics, dataset=source,
