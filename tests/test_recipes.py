@@ -292,10 +292,10 @@ def test_clip_tf_report_recipes_state_the_reports_values(name):
 # The test checks that each stated value is the recipe's and that each flagged deviation really differs;
 # README's deviation list is this table.
 # Precision: every source trained on GPUs in fp32 (PubMedCLIP, CLIP-TF, flax-community medclip) or PyTorch AMP
-# (PMC-CLIP, --precision amp); every recipe computes in float32 (--dtype float32); --dtype bfloat16 on
-# accelerators is the user's deviation (bf16 matmuls, fp32 parameters, optimizer state and loss).
-PRECISION = (None, "fp32 (PMC-CLIP: torch AMP, fp16 autocast)", "float32",
-             "--dtype bfloat16 on accelerators deviates from every source (bf16 matmuls, fp32 params and loss)")
+# (PMC-CLIP, --precision amp); every recipe runs --dtype auto: float32 on CPU (as the sources), bfloat16 compute
+# with fp32 parameters, optimizer state and loss on TPU/GPU (the deviation); --dtype float32 follows them exactly.
+PRECISION = ("dtype", "fp32 (PMC-CLIP: torch AMP, fp16 autocast)", "auto",
+             "bf16 compute on TPU/GPU (fp32 on CPU); --dtype float32 follows the sources exactly")
 
 SOURCES = {
     "medclip": {
