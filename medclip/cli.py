@@ -10,6 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+from medclip import storage
+
 # transformers advises at import that PyTorch is missing ("Models won't be available"): this is a JAX tool and
 # needs none of them. Only advisories are silenced (real warnings still print); set it to "" to see them.
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -48,7 +50,7 @@ def cmd_evaluate(args) -> int:
     print(f"dropped while loading: {counter.dropped} {dict(counter.summary()['dropped_by_reason'])}"
           + (f"; changed: {dict(counter.changes)}" if counter.changes else ""))
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        storage.write_text(args.out, json.dumps(results, indent=2) + "\n")
         print(f"wrote {args.out}")
     return 0
 
@@ -68,16 +70,15 @@ def cmd_embed(args) -> int:
         paths = [r.image for r in items if isinstance(r.image, str)]
         captions = {r.image: r.captions[0] for r in items if isinstance(r.image, str)}
     else:
-        folder = Path(args.images)
-        if not folder.is_dir():
-            raise SystemExit(f"{folder} is not a folder of images")
-        paths = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in
-                       (".jpg", ".jpeg", ".png", ".gif", ".bmp"))
+        if not storage.as_path(args.images).is_dir():
+            raise SystemExit(f"{args.images} is not a folder of images")
+        paths = [p for p in storage.files_under(args.images) if p.lower().endswith(
+                 (".jpg", ".jpeg", ".png", ".gif", ".bmp"))]
     if not paths:
         raise SystemExit("no images to embed")
     embeds, kept, skipped = embedder.embed_image_files(paths)
     index = EmbeddingIndex(embeds, kept, [captions.get(p, "") for p in kept], embedder.fingerprint,
-                           str(embedder.model_dir))
+                           embedder.location)
     index.save(args.out)
     print(f"indexed {len(kept)} images into {args.out}" +
           (f"; skipped {sum(map(len, skipped.values()))}: " + json.dumps({k: len(v) for k, v in skipped.items()})
@@ -242,10 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from medclip.inference.embedder import ImageError
     from medclip.inference.index import IndexMismatchError
+    from medclip.storage import StorageError
 
     try:
         return args.func(args)
-    except (ImageError, IndexMismatchError, FileNotFoundError, ValueError) as error:
+    except (ImageError, IndexMismatchError, StorageError, FileNotFoundError, ValueError) as error:
         print(f"medclip {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from medclip import storage
 from medclip.checkpoints.hub import resolve_model_dir
 from medclip.checkpoints.tokenizers import tokenizer_for_model
 from medclip.data.image_checks import inspect_image, rgb_image
@@ -49,6 +50,8 @@ def model_fingerprint(folder: Path) -> str:
 
 class Embedder:
     def __init__(self, model_dir: str | os.PathLike, *, batch_size: int = 32, max_seq_length: int = 77):
+        self.location = str(model_dir)  # as given: a bucket folder is served from a local copy (`model_dir`)
+        model_dir = storage.local_mirror(model_dir)
         path = Path(str(model_dir).removeprefix("hf-hub:")).expanduser()
         if path.is_file():  # a bare checkpoint (PMC-CLIP's checkpoint.pt): its tokenizer sits beside it
             self.model = FlaxHybridCLIP.from_pretrained(path)
@@ -129,7 +132,8 @@ class Embedder:
                 name = image if isinstance(image, str) else f"<{len(image)} uploaded bytes>"
                 raise ImageError(f"{name}: cannot use this image ({problem[0]}: {problem[1]})")
         images = [rgb_image(image) for image in images]  # CMYK JPEGs converted to RGB by PIL
-        contents = [tf.io.read_file(i) if isinstance(i, str) else tf.constant(i) for i in images]
+        contents = [tf.constant(storage.read_bytes(i)) if storage.is_url(i) else tf.io.read_file(i)
+                    if isinstance(i, str) else tf.constant(i) for i in images]
         try:
             return np.stack([eval_image(c, self.image_size, self.image_preprocess).numpy() for c in contents])
         except tf.errors.InvalidArgumentError as error:
@@ -156,6 +160,8 @@ class Embedder:
                 kept.append(path)
                 if is_cmyk or isinstance(path, bytes):  # TF would read a plain CMYK JPEG as Adobe-inverted
                     in_memory[len(kept) - 1] = rgb_image(path)
+                elif storage.is_url(path):  # an object in a bucket: fetched when read, by medclip.storage
+                    in_memory[len(kept) - 1] = path
             else:
                 skipped.setdefault(problem[0], []).append(path)
         n = max(len(kept), 1)
@@ -164,7 +170,8 @@ class Embedder:
 
         def read(index, path):
             def from_memory():
-                contents = tf.numpy_function(lambda i: in_memory[int(i)], [index], tf.string, stateful=False)
+                contents = tf.numpy_function(lambda i: _contents(in_memory[int(i)]), [index], tf.string,
+                                             stateful=False)
                 contents.set_shape([])
                 return contents
 
@@ -193,3 +200,8 @@ class Embedder:
                 chunk = [np.concatenate([c, np.repeat(c[-1:], size - real, axis=0)]) for c in chunk]
             out.append(np.asarray(fn(*[jnp.asarray(c) for c in chunk]))[:real])
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+
+def _contents(image: str | bytes) -> bytes:
+    """Encoded bytes held in memory, or an object in a bucket fetched now."""
+    return storage.read_bytes(image) if isinstance(image, str) else image
