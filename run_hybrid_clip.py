@@ -64,7 +64,7 @@ def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArgum
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    for noisy in ("absl", "jax._src", "orbax", "tensorflow", "transformers"):
+    for noisy in ("absl", "jax._src", "orbax", "tensorflow", "transformers", "fsspec", "gcsfs"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if argv[:2] == ["--recipe", "list"] or argv[:1] == ["--recipe=list"]:
         print(recipes.listing())

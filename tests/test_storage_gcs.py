@@ -10,6 +10,7 @@ import json
 import os
 import random
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -243,3 +244,20 @@ def test_no_credentials_for_real_gcs_is_one_line_before_training(tmp_path, capsy
     assert err.strip().count("\n") == 0 and "Traceback" not in err, err
     assert "gs://medclip-private/run" in err and "no Google Cloud credentials" in err
     assert not list(tmp_path.glob("gs*"))
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("gs://bucket/roco",), "--data_dir gs://bucket/roco"),
+    (("gs://bucket/train.jsonl", "s3://bucket/valid.csv"),
+     "--train_file gs://bucket/train.jsonl --validation_file s3://bucket/valid.csv"),
+    (("gs://bucket/train.jsonl",), None),  # one file and no validation file: the usage error, as for local files
+])
+def test_run_medclip_sh_lets_bucket_urls_through(args, expected):
+    """PYTHON=echo prints the run_hybrid_clip.py command line the script would run (under sh, as users call it)."""
+    proc = subprocess.run(["sh", "run_medclip.sh", *args, "--max_steps", "1"], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "PYTHON": "echo"}, timeout=60)
+    if expected is None:
+        assert proc.returncode == 2 and proc.stderr.startswith("usage: run_medclip.sh"), proc.stderr
+        return
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith(f"{expected} --max_steps 1"), proc.stdout

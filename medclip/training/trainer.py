@@ -91,6 +91,7 @@ class Trainer:
         check_locations(model_args, data_args, train_args)
         self.output_dir = prepare_output_dir(train_args)
         self.mesh = mesh_lib.make_mesh()
+        logger.info("devices: %s", mesh_lib.describe(self.mesh))
         self.model, self.tokenizer = build_model_and_tokenizer(model_args, data_args, _dtype(model_args.dtype),
                                                                train_args.seed, self.output_dir, mlm=train_args.mlm)
         if train_args.loss == "sigmoid" and self.model.logit_bias is None:  # a Hub model: known only now
