@@ -35,25 +35,6 @@ def bucket():
         yield url
 
 
-def _tiny_model(folder: Path) -> Path:
-    from flax import nnx
-
-    from medclip import FlaxHybridCLIP, HybridCLIPConfig
-    from medclip.data.synthetic import write_synthetic_tokenizer
-    from medclip.models import BertConfig, HeadConfig
-    from medclip.models.modified_resnet import ModifiedResNetConfig
-
-    tokenizer = write_synthetic_tokenizer(folder / "tokenizer")
-    config = HybridCLIPConfig(vision_config=ModifiedResNetConfig(layers=(1, 1, 1, 1), width=8, heads=4,
-                                                                 output_dim=32, image_size=32),
-                              text_config=BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
-                                                     num_attention_heads=4, intermediate_size=64,
-                                                     max_position_embeddings=32),
-                              projection_dim=32, vision_head=HeadConfig(type="none"))
-    FlaxHybridCLIP(config, rngs=nnx.Rngs(0)).save_pretrained(folder / "rn", tokenizer=tokenizer)
-    return folder / "rn"
-
-
 def _upload(local: Path, url: str) -> str:
     from medclip import storage
 
@@ -80,7 +61,7 @@ def test_train_in_bucket_sigkill_resume_equals_local_run_and_loads_from_bucket(t
     from medclip import FlaxHybridCLIP
     from medclip.data.synthetic import write_synthetic_dataset
 
-    model = _tiny_model(tmp_path)
+    model = killable_run.tiny_model(tmp_path)
     data = tmp_path / "data"
     write_synthetic_dataset(data, 96, seed=0, image_size=32, name="train")
     write_synthetic_dataset(data, 32, seed=1, image_size=32, name="validation")
@@ -146,7 +127,7 @@ def test_save_and_load_on_a_bucket_equal_the_local_model(tmp_path, bucket):
     from medclip import FlaxHybridCLIP
     from medclip.checkpoints.openclip import config_from_open_clip
 
-    hybrid = FlaxHybridCLIP.from_pretrained(_tiny_model(tmp_path))
+    hybrid = FlaxHybridCLIP.from_pretrained(killable_run.tiny_model(tmp_path))
     open_clip = FlaxHybridCLIP(config_from_open_clip({  # OpenCLIP's layout needs OpenCLIP's towers
         "embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
         "text_cfg": {"context_length": 16, "vocab_size": 99, "width": 32, "heads": 4, "layers": 1}}),
@@ -184,7 +165,7 @@ def _write_roco(root: Path, n: int = 24) -> Path:
 def test_evaluate_embed_search_on_a_bucket_give_the_local_figures(tmp_path, bucket, capsys):
     from medclip import cli, storage
 
-    model = _tiny_model(tmp_path)
+    model = killable_run.tiny_model(tmp_path)
     roco = _write_roco(tmp_path)
     remote_model, remote_roco = _upload(model, f"{bucket}/eval/rn"), _upload(roco, f"{bucket}/eval/roco")
 
@@ -261,3 +242,15 @@ def test_run_medclip_sh_lets_bucket_urls_through(args, expected):
         return
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith(f"{expected} --max_steps 1"), proc.stdout
+
+
+@pytest.mark.parametrize("what", ["data", "model"])
+def test_evaluate_with_a_missing_bucket_is_one_line(tmp_path, bucket, capsys, what):
+    from medclip import cli
+
+    model, data = str(killable_run.tiny_model(tmp_path)), str(_write_roco(tmp_path, n=4))
+    missing = "gs://medclip-no-such-bucket/thing"
+    argv = ["evaluate", missing if what == "model" else model, missing if what == "data" else data]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and missing in err and "does not exist" in err, err

@@ -51,6 +51,7 @@ def model_fingerprint(folder: Path) -> str:
 class Embedder:
     def __init__(self, model_dir: str | os.PathLike, *, batch_size: int = 32, max_seq_length: int = 77):
         self.location = str(model_dir)  # as given: a bucket folder is served from a local copy (`model_dir`)
+        storage.check_readable(model_dir, "model")
         model_dir = storage.local_mirror(model_dir)
         path = Path(str(model_dir).removeprefix("hf-hub:")).expanduser()
         if path.is_file():  # a bare checkpoint (PMC-CLIP's checkpoint.pt): its tokenizer sits beside it
