@@ -49,7 +49,7 @@ def is_url(path: Any) -> bool:
 
 def as_path(path: PathLike) -> AnyPath:
     """`pathlib.Path` for a local path, `epath.Path` for a URL; both support `/`, `open`, `is_file`, `iterdir`..."""
-    if isinstance(path, (Path, epath.Path)) and not (isinstance(path, Path) and is_url(str(path))):
+    if isinstance(path, (Path, epath.Path)):
         return path
     text = os.fspath(path)
     return epath.Path(text) if is_url(text) else Path(text)
