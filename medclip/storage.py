@@ -7,8 +7,9 @@ writer) can all be pointed at a local emulator, `tf.io.gfile` cannot, and one cl
 checkpoints means one set of credentials and one kind of error. Code that takes a path calls `as_path` instead
 of `Path`; a URL is never wrapped in `pathlib.Path` (which would turn `gs://b/x` into the local `gs:/b/x`).
 
-Emulator: `STORAGE_EMULATOR_HOST=http://127.0.0.1:PORT` points gcsfs at it; importing this module points
-tensorstore there too (`TENSORSTORE_GCS_HTTP_URL`, with a dummy token), unless those are set already.
+Emulator: `STORAGE_EMULATOR_HOST=http://127.0.0.1:PORT` points gcsfs at it; importing this module with it set
+points tensorstore there too (`TENSORSTORE_GCS_HTTP_URL`, with a dummy token) and turns off gcsfs's gRPC
+bucket-type probe and GCE metadata probe (neither answers locally), unless those are set already.
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ from etils import epath
 
 # epath picks tf.io.gfile for gs:// whenever TensorFlow is importable; medclip reads and writes through fsspec.
 os.environ.setdefault("EPATH_USE_TF", "false")
-if os.environ.get("STORAGE_EMULATOR_HOST"):
+if os.environ.get("STORAGE_EMULATOR_HOST"):  # a local GCS emulator: every client goes there, none probes Google
     _emulator = os.environ["STORAGE_EMULATOR_HOST"]
     os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", _emulator if "://" in _emulator else f"http://{_emulator}")
     os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # read when gcsfs is imported (lazily)
+    os.environ.setdefault("NO_GCE_CHECK", "true")
 
 AnyPath = Union[Path, epath.Path]
 PathLike = Union[str, os.PathLike]
