@@ -50,9 +50,9 @@ def model_fingerprint(folder: Path) -> str:
 
 class Embedder:
     def __init__(self, model_dir: str | os.PathLike, *, batch_size: int = 32, max_seq_length: int = 77):
-        self.location = str(model_dir)  # as given: a bucket folder is served from a local copy (`model_dir`)
         storage.check_readable(model_dir, "model")
-        model_dir = storage.local_mirror(model_dir)
+        url = str(model_dir) if storage.is_url(model_dir) else None
+        model_dir = storage.local_mirror(model_dir)  # a bucket folder is served from a local copy
         path = Path(str(model_dir).removeprefix("hf-hub:")).expanduser()
         if path.is_file():  # a bare checkpoint (PMC-CLIP's checkpoint.pt): its tokenizer sits beside it
             self.model = FlaxHybridCLIP.from_pretrained(path)
@@ -60,6 +60,7 @@ class Embedder:
         else:
             self.model_dir = resolve_model_dir(model_dir)
             self.model = FlaxHybridCLIP.from_pretrained(self.model_dir)
+        self.location = url or str(self.model_dir)  # what an index records: the bucket URL, not the local copy
         self.tokenizer = tokenizer_for_model(self.model_dir, self.model.config)
         self.fingerprint = model_fingerprint(path if path.is_file() else self.model_dir)
         self.batch_size = batch_size
