@@ -172,8 +172,8 @@ _MIRRORS: dict[str, Path] = {}
 
 @contextlib.contextmanager
 def staged_folder(path: Any) -> Iterator[Any]:
-    """A folder to write into: `path` itself, unchanged, when local; for a URL, a temporary one whose files are uploaded to `path` on success
-    (for writers that take only local paths: safetensors, tokenizers, matplotlib)."""
+    """A folder to write into: `path` itself, unchanged, when local; for a URL, a temporary one whose files are
+    uploaded to `path` on success (for writers that take only local paths: safetensors, tokenizers)."""
     if not is_url(path):
         yield path
         return

@@ -1,7 +1,8 @@
 """An embedding index: image embeddings with their files (and captions), tied to the model that made them.
 
-Stored as one `.npz`, a local file or an object in a bucket (medclip.storage). Searching with another model's embeddings would return confident nonsense, so
-the index records the model's fingerprint and embedding size and refuses a mismatch.
+Stored as one `.npz`, a local file or an object in a bucket (medclip.storage). Searching with another model's
+embeddings would return confident nonsense, so the index records the model's fingerprint and embedding size and
+refuses a mismatch.
 """
 
 from __future__ import annotations
