@@ -1,4 +1,4 @@
-"""One path layer for local folders and cloud buckets (`gs://`, `s3://`, any `scheme://` that fsspec serves).
+"""One path layer for local folders and cloud buckets (`gs://`; `s3://`, `az://`, `hf://` with their fsspec packages).
 
 A local path stays a `pathlib.Path` and behaves exactly as before; a URL becomes an etils `epath.Path`, the
 pathlib-shaped object orbax already takes for checkpoints, with its fsspec backend (gcsfs for `gs://`, s3fs for
@@ -39,6 +39,8 @@ AnyPath = Union[Path, epath.Path]
 PathLike = Union[str, os.PathLike]
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+://")
+# The schemes etils epath serves through fsspec: gs (gcsfs, a dependency), s3 (s3fs), az (adlfs), hf (huggingface_hub).
+SCHEMES = ("gs", "s3", "az", "hf")
 
 
 class StorageError(OSError):
@@ -55,7 +57,17 @@ def as_path(path: PathLike) -> AnyPath:
     if isinstance(path, (Path, epath.Path)):
         return path
     text = os.fspath(path)
-    return epath.Path(text) if is_url(text) else Path(text)
+    if not is_url(text):
+        return Path(text)
+    _check_scheme(text)
+    return epath.Path(text)
+
+
+def _check_scheme(url: str, what: str = "") -> None:
+    scheme = url.split("://", 1)[0]
+    if scheme not in SCHEMES:
+        raise StorageError(f"{what + ' ' if what else ''}{url}: unsupported scheme {scheme}:// (medclip reads and "
+                           f"writes {', '.join(f'{s}://' for s in SCHEMES)} and local paths)")
 
 
 def join(base: PathLike, *parts: str) -> str:
@@ -202,6 +214,7 @@ def check_readable(path: PathLike | None, what: str, *, folder: bool | None = No
     paths are left to the code that reads them, as before. Call before anything is built."""
     if path is None or not is_url(path):
         return
+    _check_scheme(os.fspath(path), what)
     target = as_path(path)
     with _translated(path, what):
         _check_bucket(path, what)
@@ -216,6 +229,7 @@ def check_writable(path: PathLike | None, what: str) -> None:
     first checkpoint)."""
     if path is None or not is_url(path):
         return
+    _check_scheme(os.fspath(path), what)
     probe = as_path(path) / ".medclip-write-check"
     with _translated(path, what):
         _check_bucket(path, what)
@@ -259,6 +273,8 @@ def _translated(path: PathLike, what: str = "") -> Iterator[None]:
         raise StorageError(f"{label}: not found") from None
     except PermissionError as error:
         raise StorageError(f"{label}: permission denied ({_first_line(error)})") from None
+    except ImportError as error:  # the scheme's fsspec package (s3fs, adlfs) is not installed
+        raise StorageError(f"{label}: {_first_line(error)}") from None
     except Exception as error:
         if type(error).__module__.split(".")[0] in ("gcsfs", "google", "aiohttp", "s3fs", "botocore", "fsspec"):
             raise StorageError(f"{label}: {type(error).__name__}: {_first_line(error)}") from None

@@ -254,3 +254,13 @@ def test_evaluate_with_a_missing_bucket_is_one_line(tmp_path, bucket, capsys, wh
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and missing in err and "does not exist" in err, err
+
+
+def test_an_unsupported_scheme_is_a_storage_error_and_a_counted_missing_image():
+    from medclip import storage
+    from medclip.data.image_checks import image_problem
+
+    with pytest.raises(storage.StorageError, match=r"^--train_file http://host/train.jsonl: unsupported scheme http://"):
+        storage.check_readable("http://host/train.jsonl", "--train_file")
+    assert image_problem("ftp://host/a.jpg")[0] == "missing_file"  # an image path: counted, not raised
+    assert storage.as_path("relative/dir") == Path("relative/dir")  # local paths stay pathlib
