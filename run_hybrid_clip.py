@@ -5,7 +5,8 @@ Flags follow the original flax-community script (`--output_dir --text_model_name
 JSON file argument is read as the flag values. `--recipe NAME` starts from a named recipe in configs/ (later
 flags win); `--recipe list` lists them. All logic lives in `medclip.training`.
 
-Exit codes: 0 done, 2 a configuration error (the message names the flag), 3 a data error.
+Exit codes: 0 done, 2 a configuration error (the message names the flag, or the bucket URL that cannot be
+reached), 3 a data error.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from medclip.quiet_imports import quiet_tensorflow_start_up  # noqa: E402
 from medclip.training import recipes  # noqa: E402
 from medclip.training.arguments import (DataArguments, FlagError, FlagParser, ModelArguments,  # noqa: E402
                                        TrainingArguments)
+from medclip.storage import StorageError  # noqa: E402
 from medclip.training.config_check import ConfigError, DataError, validate  # noqa: E402
 
 EXIT_CONFIG, EXIT_DATA, EXIT_MODEL = 2, 3, 4
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     quiet_tensorflow_start_up()
-    for noisy in ("absl", "jax._src", "orbax", "tensorflow", "transformers"):
+    for noisy in ("absl", "jax._src", "orbax", "tensorflow", "transformers", "fsspec", "gcsfs"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if argv[:2] == ["--recipe", "list"] or argv[:1] == ["--recipe=list"]:
         print(recipes.listing())
@@ -81,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as error:
         print(f"run_hybrid_clip.py: data error: {error}", file=sys.stderr)
         return EXIT_DATA
+    except StorageError as error:  # a bucket, object or credentials that are not there: a bad flag value
+        print(f"run_hybrid_clip.py: storage error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
     except _model_errors() as error:
         print(f"run_hybrid_clip.py: cannot load the model: {error}", file=sys.stderr)
         return EXIT_MODEL

@@ -5,6 +5,7 @@
 #                                                      CPU, a few minutes; trains, evaluates, plots, builds an index
 #   ./run_medclip.sh ROCO_ROOT [flags...]              the medclip recipe on ROCO (ROCO_ROOT/data/{train,validation})
 #   ./run_medclip.sh TRAIN VALIDATION [flags...]       the medclip recipe on JSON lines / CSV files
+#                                                      (local paths or bucket URLs: gs://bucket/roco, OUT_DIR=gs://...)
 #   ./run_medclip.sh --recipe NAME ROCO_ROOT [flags...]      (or TRAIN VALIDATION) another recipe
 #   ./run_medclip.sh --recipe list                     the recipes: name, source, description
 #
@@ -53,9 +54,18 @@ PY
   exit 0
 fi
 
-if [ -d "$1" ]; then
+# A bucket URL (gs://, s3://, any scheme://) cannot be tested with [ -d ] / [ -f ] here: it goes through, a file
+# when it names a .jsonl/.json/.csv/.tsv object, else a folder, and run_hybrid_clip.py checks that it exists.
+is_url() { case "$1" in [A-Za-z]*://*) return 0 ;; *) return 1 ;; esac; }
+is_data_file() {
+  if is_url "$1"; then case "$1" in *.jsonl | *.json | *.csv | *.tsv) return 0 ;; *) return 1 ;; esac; fi
+  [ -f "$1" ]
+}
+is_data_dir() { if is_url "$1"; then ! is_data_file "$1"; else [ -d "$1" ]; fi; }
+
+if is_data_dir "$1"; then
   DATA=(--data_dir "$1"); shift
-elif [ $# -ge 2 ] && [ -f "$1" ] && [ -f "$2" ]; then
+elif [ $# -ge 2 ] && is_data_file "$1" && is_data_file "$2"; then
   DATA=(--train_file "$1" --validation_file "$2"); shift 2
 else
   echo "$USAGE" >&2

@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+from medclip import storage
+
 # transformers advises at import that PyTorch is missing ("Models won't be available"): this is a JAX tool and
 # needs none of them. Only advisories are silenced (real warnings still print); set it to "" to see them.
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -86,7 +88,7 @@ def cmd_evaluate(args) -> int:
     print(f"dropped while loading: {counter.dropped} {dict(counter.summary()['dropped_by_reason'])}"
           + (f"; changed: {dict(counter.changes)}" if counter.changes else ""))
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        storage.write_text(args.out, json.dumps(results, indent=2) + "\n")
         print(f"wrote {args.out}")
     return 0
 
@@ -110,11 +112,10 @@ def cmd_embed(args) -> int:
             dropped = f"; dropped while loading {args.data}: {counter.dropped} " + json.dumps(
                 dict(counter.summary()["dropped_by_reason"]))
     else:
-        folder = Path(args.images)
-        if not folder.is_dir():
-            raise UsageError(f"--images {folder} is not a folder")
-        paths = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in
-                       (".jpg", ".jpeg", ".png", ".gif", ".bmp"))
+        if not storage.as_path(args.images).is_dir():
+            raise UsageError(f"--images {args.images} is not a folder")
+        paths = sorted(p for p in storage.files_under(args.images) if p.lower().endswith(
+                       (".jpg", ".jpeg", ".png", ".gif", ".bmp")))
     if not paths:
         raise Failed(f"no images to embed in {args.images or args.data}{dropped}")
     embeds, kept, skipped = embedder.embed_image_files(paths, progress=sys.stderr.isatty())
@@ -123,7 +124,7 @@ def cmd_embed(args) -> int:
     if not kept:
         raise Failed(f"none of the {len(paths)} images could be read, nothing indexed{skipped_text}{dropped}")
     index = EmbeddingIndex(embeds, kept, [captions.get(p, "") for p in kept], embedder.fingerprint,
-                           str(embedder.model_dir))
+                           embedder.location)
     index.save(args.out)
     print(f"indexed {len(kept)} images into {args.out}{skipped_text}{dropped}")
     return 0
@@ -316,13 +317,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from medclip.inference.embedder import ImageError
     from medclip.inference.index import IndexMismatchError
+    from medclip.storage import StorageError
 
     try:
         return args.func(args)
     except Failed as error:
         print(f"medclip {args.command}: error: {error}", file=sys.stderr)
         return EXIT_FAILED
-    except (ImageError, IndexMismatchError, FileNotFoundError, NotADirectoryError, ValueError) as error:
+    except (ImageError, IndexMismatchError, StorageError, FileNotFoundError, NotADirectoryError, ValueError) as error:
         print(f"medclip {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
 

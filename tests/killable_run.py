@@ -13,7 +13,28 @@ from safetensors.numpy import load_file
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start(output_dir: Path, log: Path, args: list[str]) -> subprocess.Popen:
+def tiny_model(folder: Path) -> Path:
+    """A saved tiny ModifiedResNet + BERT model with its tokenizer (folder/rn): seconds to train a few steps, and
+    it carries BatchNorm running statistics, which resume must restore too."""
+    from flax import nnx
+
+    from medclip import FlaxHybridCLIP, HybridCLIPConfig
+    from medclip.data.synthetic import write_synthetic_tokenizer
+    from medclip.models import BertConfig, HeadConfig
+    from medclip.models.modified_resnet import ModifiedResNetConfig
+
+    tokenizer = write_synthetic_tokenizer(folder / "tokenizer")
+    config = HybridCLIPConfig(vision_config=ModifiedResNetConfig(layers=(1, 1, 1, 1), width=8, heads=4,
+                                                                 output_dim=32, image_size=32),
+                              text_config=BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=4, intermediate_size=64,
+                                                     max_position_embeddings=32),
+                              projection_dim=32, vision_head=HeadConfig(type="none"))
+    FlaxHybridCLIP(config, rngs=nnx.Rngs(0)).save_pretrained(folder / "rn", tokenizer=tokenizer)
+    return folder / "rn"
+
+
+def start(output_dir: Path | str, log: Path, args: list[str]) -> subprocess.Popen:
     with log.open("a") as f:
         return subprocess.Popen([sys.executable, "run_hybrid_clip.py", "--output_dir", str(output_dir), *args],
                                 cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})

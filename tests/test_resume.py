@@ -33,22 +33,7 @@ ARGS = ["--synthetic_train_samples", "96", "--synthetic_validation_samples", "32
 
 @pytest.fixture
 def run_args(tmp_path) -> list[str]:
-    from flax import nnx
-
-    from medclip import FlaxHybridCLIP, HybridCLIPConfig
-    from medclip.data.synthetic import write_synthetic_tokenizer
-    from medclip.models import BertConfig, HeadConfig
-    from medclip.models.modified_resnet import ModifiedResNetConfig
-
-    tokenizer = write_synthetic_tokenizer(tmp_path / "tokenizer")
-    config = HybridCLIPConfig(vision_config=ModifiedResNetConfig(layers=(1, 1, 1, 1), width=8, heads=4,
-                                                                 output_dim=32, image_size=32),
-                              text_config=BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
-                                                     num_attention_heads=4, intermediate_size=64,
-                                                     max_position_embeddings=32),
-                              projection_dim=32, vision_head=HeadConfig(type="none"))
-    FlaxHybridCLIP(config, rngs=nnx.Rngs(0)).save_pretrained(tmp_path / "rn", tokenizer=tokenizer)
-    return ["--model_name_or_path", str(tmp_path / "rn"), *ARGS]
+    return ["--model_name_or_path", str(killable_run.tiny_model(tmp_path)), *ARGS]
 
 
 def _learning_rates(output_dir: Path) -> list[tuple[int, float]]:

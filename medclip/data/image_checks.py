@@ -28,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 
 from medclip.data import records
 from medclip.data.records import DropCounter, Record
+from medclip.storage import is_url, read_bytes
 
 DEFAULT_MAX_PIXELS = 8192 * 8192  # ROCO's largest images are a few megapixels
 SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP")  # what TF decodes in the graph
@@ -79,6 +80,7 @@ def rgb_image(image: str | bytes) -> str | bytes:
 
 def cmyk_to_rgb_png(image: str | bytes) -> bytes:
     """PIL's CMYK -> RGB (Adobe-inverted or plain, as the file's APP14 marker says), losslessly as PNG."""
+    image = read_bytes(image) if is_url(image) else image
     with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
         rgb = opened.convert("RGB")
     buffer = io.BytesIO()
@@ -87,6 +89,11 @@ def cmyk_to_rgb_png(image: str | bytes) -> bytes:
 
 
 def _inspect(image: str | bytes, max_pixels: int) -> tuple[tuple[str, str] | None, str | None]:
+    if isinstance(image, str) and is_url(image):  # an object in a bucket: fetched once, then checked as bytes
+        try:
+            image = read_bytes(image)
+        except OSError as error:
+            return (records.MISSING_FILE, str(error)), None
     if isinstance(image, str) and not os.path.isfile(image):
         return (records.MISSING_FILE, "no such file"), None
     try:
@@ -184,7 +191,7 @@ def image_contents(items: list[Record]):
     """A tf.data.Dataset of the encoded bytes of each record's image, in order (files are read lazily)."""
     import tensorflow as tf
 
-    if all(isinstance(record.image, str) for record in items):
+    if all(isinstance(record.image, str) and not is_url(record.image) for record in items):
         paths = tf.data.Dataset.from_tensor_slices(tf.constant([record.image for record in items], tf.string))
         return paths.map(tf.io.read_file, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return tf.data.Dataset.from_generator(
@@ -197,8 +204,7 @@ def _read(image: str | bytes) -> bytes:
     if isinstance(image, bytes):
         return image
     try:
-        with open(image, "rb") as f:
-            return f.read()
+        return read_bytes(image)
     except OSError:
         return b""
 

@@ -42,6 +42,7 @@ from medclip.data import images, records
 from medclip.data.concepts import ConceptFields, ConceptVocabulary, concept_fields
 from medclip.data.records import DropCounter, Record
 from medclip.models.preprocess import Preprocess
+from medclip.storage import is_url, read_bytes
 
 _INFINITE_EPOCHS = 2**40
 
@@ -185,15 +186,17 @@ def epoch_order(seed: int, epoch: int, layout: Layout) -> np.ndarray:
 
 
 def _image_reader(items: list[Record]) -> Callable[[tf.Tensor], tf.Tensor]:
-    """record index -> encoded image bytes, inside the graph. Files are read by TF; records holding bytes (images
-    from a dataset, CMYK JPEGs converted to RGB by the image checks) are served from memory through Python."""
-    in_memory = np.array([isinstance(record.image, bytes) for record in items], bool)
+    """record index -> encoded image bytes, inside the graph. Local files are read by TF; records holding bytes
+    (images from a dataset, CMYK JPEGs converted to RGB by the image checks) are served from memory, and objects in
+    a bucket fetched by medclip.storage, through Python."""
+    in_memory = np.array([isinstance(record.image, bytes) or is_url(record.image) for record in items], bool)
     paths = tf.constant(["" if held else record.image for record, held in zip(items, in_memory)], tf.string)
     if not in_memory.any():
         return lambda index: tf.io.read_file(tf.gather(paths, index))
 
     def lookup(index):
-        return items[int(index)].image
+        image = items[int(index)].image
+        return image if isinstance(image, bytes) else _fetch(image)
 
     def from_memory(index):
         contents = tf.numpy_function(lookup, [index], tf.string, stateful=False)
@@ -205,6 +208,14 @@ def _image_reader(items: list[Record]) -> Callable[[tf.Tensor], tf.Tensor]:
     held = tf.constant(in_memory)
     return lambda index: tf.cond(tf.gather(held, index), lambda: from_memory(index),
                                  lambda: tf.io.read_file(tf.gather(paths, index)))
+
+
+def _fetch(url: str) -> bytes:
+    """An object's bytes; b"" when it cannot be read, so that it fails to decode and is counted like a bad file."""
+    try:
+        return read_bytes(url)
+    except OSError:
+        return b""
 
 
 def _options(threads: int | None = None) -> tf.data.Options:

@@ -8,6 +8,8 @@ import json
 import os
 from pathlib import Path
 
+from medclip.storage import is_url, write_text
+
 
 @dataclasses.dataclass
 class Record:
@@ -38,8 +40,11 @@ class Record:
         """
         if isinstance(self.image, bytes):
             raise TypeError(f"record {self.id} holds image bytes; write them to a file before exporting to JSON lines")
-        image_path = str(Path(self.image).resolve())
-        if relative_to is not None:
+        if is_url(self.image):  # an object in a bucket: its URL is already absolute
+            image_path = self.image
+        else:
+            image_path = str(Path(self.image).resolve())
+        if relative_to is not None and not is_url(image_path) and not is_url(relative_to):
             folder = str(Path(relative_to).resolve())
             if os.path.commonpath([image_path, folder]) != os.path.abspath(os.sep):
                 image_path = os.path.relpath(image_path, folder)
@@ -138,8 +143,7 @@ class DropCounter:
         return "\n".join(lines)
 
     def write_json(self, path: str | Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(self.summary(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_text(path, json.dumps(self.summary(), indent=2, ensure_ascii=False) + "\n")
 
 
 def drop_duplicate_ids(records: list[Record], counter: DropCounter) -> list[Record]:

@@ -6,6 +6,7 @@ backend is switched for the rest of the process, and plotting is safe from worke
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import textwrap
@@ -13,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from medclip.storage import AnyPath, as_path, open_file, read_bytes, write_bytes
 
 try:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -28,9 +31,9 @@ _DPI = 100
 
 def read_metrics_jsonl(path: str | Path) -> list[dict]:
     """One dict per non-empty line of a JSON-lines metrics log."""
-    path = Path(path)
+    path = as_path(path)
     records = []
-    with path.open(encoding="utf-8") as f:
+    with open_file(path, "r", encoding="utf-8") as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -216,10 +219,10 @@ def _load_image(image: ImageLike) -> np.ndarray:
     if isinstance(image, str | Path):
         from PIL import Image
 
-        path = Path(image)
+        path = as_path(image)
         if not path.is_file():
             raise FileNotFoundError(f"retrieval grid image not found: {path}")
-        with Image.open(path) as img:
+        with Image.open(path if isinstance(path, Path) else io.BytesIO(read_bytes(path))) as img:
             img.thumbnail((512, 512))
             return np.asarray(img if img.mode in ("L", "RGB") else img.convert("RGB"))
     array = np.asarray(image)
@@ -245,9 +248,15 @@ def _show(ax, image: np.ndarray, title: str, color: str | None) -> None:
             spine.set_linewidth(4)
 
 
-def _save(fig: Figure, out_png: str | Path) -> Path:
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
+def _save(fig: Figure, out_png: str | Path) -> AnyPath:
+    """Writes the PNG to a local file or, through medclip.storage, to a bucket object."""
+    out_png = as_path(out_png)
     FigureCanvasAgg(fig)
-    fig.savefig(out_png, format="png")
+    if isinstance(out_png, Path):
+        out_png.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out_png, format="png")
+        return out_png
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    write_bytes(out_png, buffer.getvalue())
     return out_png

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from medclip import storage
 from medclip.checkpoints.hub import resolve_model_dir, resolve_model_name
 from medclip.checkpoints.tokenizers import tokenizer_for_model
 from medclip.data.image_checks import inspect_image, rgb_image
@@ -55,13 +56,18 @@ class Embedder:
 
     def __init__(self, model_dir: str | os.PathLike, *, batch_size: int = 32, max_seq_length: int | None = None,
                  resample: str | None = None):
-        path = Path(resolve_model_name(model_dir).removeprefix("hf-hub:")).expanduser()
+        model_dir = resolve_model_name(model_dir)  # PMC_CLIP:beta -> its cached checkpoint.pt
+        storage.check_readable(model_dir, "model")
+        url = str(model_dir) if storage.is_url(model_dir) else None
+        model_dir = storage.local_mirror(model_dir)  # a bucket folder is served from a local copy
+        path = Path(str(model_dir).removeprefix("hf-hub:")).expanduser()
         if path.is_file():  # a bare checkpoint (PMC-CLIP's checkpoint.pt): its tokenizer sits beside it
             self.model = FlaxHybridCLIP.from_pretrained(path)
             self.model_dir = path.parent
         else:
             self.model_dir = resolve_model_dir(model_dir)
             self.model = FlaxHybridCLIP.from_pretrained(self.model_dir)
+        self.location = url or str(self.model_dir)  # what an index records: the bucket URL, not the local copy
         self.tokenizer = tokenizer_for_model(self.model_dir, self.model.config)
         self.fingerprint = model_fingerprint(path if path.is_file() else self.model_dir)
         self.batch_size = batch_size
@@ -144,7 +150,8 @@ class Embedder:
                 raise ImageError(f"{name}: cannot use this image ({problem[0]}: {problem[1]})")
         if not self._pil_path:  # TF reads a plain CMYK JPEG as Adobe-inverted: converted to RGB by PIL first
             images = [rgb_image(image) for image in images]
-        contents = [tf.io.read_file(i) if isinstance(i, str) else tf.constant(i) for i in images]
+        contents = [tf.constant(storage.read_bytes(i)) if storage.is_url(i) else tf.io.read_file(i)
+                    if isinstance(i, str) else tf.constant(i) for i in images]
         try:
             return np.stack([eval_image(c, self.image_size, self.image_preprocess).numpy() for c in contents])
         except tf.errors.InvalidArgumentError as error:
@@ -176,6 +183,8 @@ class Embedder:
                 kept.append(path)
                 if isinstance(path, bytes) or (is_cmyk and not self._pil_path):  # TF: CMYK read Adobe-inverted
                     in_memory[len(kept) - 1] = path if self._pil_path else rgb_image(path)
+                elif storage.is_url(path):  # an object in a bucket: fetched when read, by medclip.storage
+                    in_memory[len(kept) - 1] = path
             else:
                 skipped.setdefault(problem[0], []).append(path)
         n = max(len(kept), 1)
@@ -184,7 +193,8 @@ class Embedder:
 
         def read(index, path):
             def from_memory():
-                contents = tf.numpy_function(lambda i: in_memory[int(i)], [index], tf.string, stateful=False)
+                contents = tf.numpy_function(lambda i: _contents(in_memory[int(i)]), [index], tf.string,
+                                             stateful=False)
                 contents.set_shape([])
                 return contents
 
@@ -213,3 +223,8 @@ class Embedder:
                 chunk = [np.concatenate([c, np.repeat(c[-1:], size - real, axis=0)]) for c in chunk]
             out.append(np.asarray(fn(*[jnp.asarray(c) for c in chunk]))[:real])
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+
+def _contents(image: str | bytes) -> bytes:
+    """Encoded bytes held in memory, or an object in a bucket fetched now."""
+    return storage.read_bytes(image) if isinstance(image, str) else image

@@ -1,7 +1,8 @@
 """An embedding index: image embeddings with their files (and captions), tied to the model that made them.
 
-Stored as one `.npz`. Searching with another model's embeddings would return confident nonsense, so
-the index records the model's fingerprint and embedding size and refuses a mismatch.
+Stored as one `.npz`, a local file or an object in a bucket (medclip.storage). Searching with another model's
+embeddings would return confident nonsense, so the index records the model's fingerprint and embedding size and
+refuses a mismatch.
 """
 
 from __future__ import annotations
@@ -11,7 +12,11 @@ import json
 import os
 from pathlib import Path
 
+import io
+
 import numpy as np
+
+from medclip import storage
 
 
 class IndexMismatchError(ValueError):
@@ -33,27 +38,27 @@ class EmbeddingIndex:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def save(self, path: str | os.PathLike) -> storage.AnyPath:
+        path = storage.as_path(path)
         meta = {"model_fingerprint": self.model_fingerprint, "model_dir": _relative(self.model_dir, path.parent),
                 "dim": self.dim}
         stored = [_relative(p, path.parent) for p in self.paths]  # the index moves with its images
-        with path.open("wb") as f:  # a file object keeps numpy from appending ".npz"
-            np.savez(f, embeddings=self.embeddings.astype(np.float32), paths=np.array(stored, dtype=str),
-                     captions=np.array(self.captions, dtype=str), meta=np.array(json.dumps(meta)))
+        buffer = io.BytesIO()  # a file object keeps numpy from appending ".npz"
+        np.savez(buffer, embeddings=self.embeddings.astype(np.float32), paths=np.array(stored, dtype=str),
+                 captions=np.array(self.captions, dtype=str), meta=np.array(json.dumps(meta)))
+        storage.write_bytes(path, buffer.getvalue())
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "EmbeddingIndex":
-        path = Path(path)
+        path = storage.as_path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no embedding index at {path}; build one with `medclip embed`")
         with path.open("rb") as f:
             if f.read(4) != b"PK\x03\x04":  # an .npz is a zip archive; numpy's own message talks of pickles
                 raise ValueError(f"{path} is not a medclip embedding index (an .npz file from `medclip embed`)")
         try:
-            with np.load(path, allow_pickle=False) as data:
+            with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
                 index = cls(embeddings=data["embeddings"],
                             paths=[_resolve(p, path.parent) for p in data["paths"].tolist()],
@@ -96,13 +101,18 @@ class EmbeddingIndex:
         return results
 
 
-def _relative(path: str, folder: Path) -> str:
-    if not path:
+def _relative(path: str, folder: storage.AnyPath) -> str:
+    """Relative to the index's folder when both are local; a URL (image, model or index in a bucket) stays whole."""
+    if not path or storage.is_url(path):
         return path
+    if not isinstance(folder, Path):  # a local file named by an index in a bucket
+        return str(Path(path).absolute())
     return os.path.relpath(Path(path).absolute(), folder.absolute())
 
 
-def _resolve(path: str, folder: Path) -> str:
-    if not path or os.path.isabs(path):
+def _resolve(path: str, folder: storage.AnyPath) -> str:
+    if not path or os.path.isabs(path) or storage.is_url(path):
         return path
+    if not isinstance(folder, Path):
+        return storage.join(folder, path)
     return os.path.normpath(folder.absolute() / path)

@@ -1,7 +1,8 @@
 """Orbax checkpoints of the whole training state plus the data position, for exact resume.
 
-Orbax writes each step to a temporary folder and renames it when complete, so a process killed during
-a save leaves the previous checkpoint intact; the unfinished one is ignored on restore.
+Orbax writes each step to a temporary folder and renames it when complete (on GCS, where there is no rename, it
+writes a commit marker last), so a process killed during a save leaves the previous checkpoint intact; the
+unfinished one is ignored on restore. The folder may be local or a bucket URL (medclip.storage).
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from medclip.storage import AnyPath, as_path
+
 logger = logging.getLogger(__name__)
 
 
 class Checkpointer:
     def __init__(self, directory: str | Path, *, max_to_keep: int = 3):
-        self.directory = Path(directory).absolute()
+        path = as_path(directory)
+        self.directory: AnyPath = path.absolute() if isinstance(path, Path) else path
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from medclip import storage
 from medclip.data.concepts import ConceptVocabulary, caption_group_ids
 from medclip.data.pipeline import (EvalDataset, TrainIterator, epoch_order, make_eval_dataset, make_train_dataset,
                                    second_texts)
@@ -42,8 +43,9 @@ def load_split(args: DataArguments, split: str, output_dir: Path, seed: int) -> 
         folder = output_dir / "synthetic" / split
         source = folder / f"{split}.jsonl"
         if jax.process_index() == 0:  # one writer; the other processes read it after the barrier
-            write_synthetic_dataset(folder, n, seed=seed + (0 if split == "train" else 1),
-                                    image_size=args.synthetic_image_size, name=split)
+            with storage.staged_folder(folder) as local:  # a bucket output_dir: written locally, uploaded
+                write_synthetic_dataset(local, n, seed=seed + (0 if split == "train" else 1),
+                                        image_size=args.synthetic_image_size, name=split)
         barrier(f"synthetic {split}")
     else:
         source = file or args.data_dir or args.dataset_name
@@ -217,4 +219,4 @@ def write_data_report(feed: DataFeed, output_dir: Path) -> None:
         logger.info("data: %s", json.dumps(summary))
         feed.logged_summary = summary
     if jax.process_index() == 0:
-        (output_dir / "data_report.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        storage.write_text(output_dir / "data_report.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")

@@ -21,6 +21,18 @@ def make_mesh(devices: list | None = None) -> Mesh:
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
+def describe(mesh: Mesh) -> str:
+    """What the run trains on, logged at start so a TPU/GPU user sees the accelerator was found:
+    `8 x TPU v5 lite (tpu), 1 process` (CPU: `1 x cpu (cpu), 1 process`)."""
+    kinds: dict[str, int] = {}
+    for device in mesh.devices.flat:
+        name = f"{device.device_kind} ({device.platform})"
+        kinds[name] = kinds.get(name, 0) + 1
+    processes = jax.process_count()
+    return ", ".join(f"{n} x {kind}" for kind, n in kinds.items()) + f", {processes} process" + (
+        "es" if processes > 1 else "")
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 

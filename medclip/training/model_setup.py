@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from medclip import storage
 from medclip.checkpoints import pretrained
 from medclip.checkpoints.hub import resolve_model_dir
 from medclip.checkpoints.tokenizers import load_tokenizer, tokenizer_for_model
@@ -63,14 +64,15 @@ def demo_config(vocab_size: int, image_size: int, max_seq_length: int, **changes
 
 
 def _saved_model(model_args: ModelArguments, dtype) -> tuple[FlaxHybridCLIP, Any]:
-    model = FlaxHybridCLIP.from_pretrained(model_args.model_name_or_path, dtype=dtype, remat=model_args.remat,
-                                           open_clip_model=model_args.open_clip_model)
-    if model_args.tokenizer_name:
-        return model, load_tokenizer(model_args.tokenizer_name)
-    source = str(model_args.model_name_or_path).removeprefix("hf-hub:")
-    if Path(source).is_file():  # a bare state dict: its folder may hold the tokenizer
-        source = str(Path(source).parent)
-    return model, tokenizer_for_model(source, model.config)
+    with storage.local_copy(model_args.model_name_or_path) as local:  # a bucket folder: fetched once, for both
+        model = FlaxHybridCLIP.from_pretrained(local, dtype=dtype, remat=model_args.remat,
+                                               open_clip_model=model_args.open_clip_model)
+        if model_args.tokenizer_name:
+            return model, load_tokenizer(model_args.tokenizer_name)
+        source = str(local).removeprefix("hf-hub:")
+        if Path(source).is_file():  # a bare state dict: its folder may hold the tokenizer
+            source = str(Path(source).parent)
+        return model, tokenizer_for_model(source, model.config)
 
 
 def _tower_config(model_args: ModelArguments, kind: str) -> tuple[Any, Any, str | None]:
@@ -130,9 +132,11 @@ def build_model_and_tokenizer(model_args: ModelArguments, data_args: DataArgumen
             tokenizer = load_tokenizer(model_args.tokenizer_name)
         else:
             if jax.process_index() == 0:  # one writer; the other processes read it after the barrier
-                write_synthetic_tokenizer(output_dir / "demo_tokenizer")
+                with storage.staged_folder(output_dir / "demo_tokenizer") as folder:
+                    write_synthetic_tokenizer(folder)
             barrier("demo tokenizer")
-            tokenizer = load_tokenizer(output_dir / "demo_tokenizer")
+            with storage.local_copy(output_dir / "demo_tokenizer") as folder:
+                tokenizer = load_tokenizer(folder)
         image_size = model_args.image_size or data_args.synthetic_image_size
         config = demo_config(len(tokenizer), image_size, data_args.max_seq_length or DEMO_CONTEXT_LENGTH, **new)
         config = config.replace(**{name: head(getattr(config, name)) for name, head in heads.items()})

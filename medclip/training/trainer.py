@@ -9,7 +9,6 @@ import json
 import logging
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -19,14 +18,17 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
+from medclip import storage
 from medclip.hybrid_clip import FlaxHybridCLIP
 from medclip.models.packing import PackingPlan, plan_packing
 from medclip.training import mesh as mesh_lib
 from medclip.training.distributed import barrier
 from medclip.training.arguments import DataArguments, ModelArguments, TrainingArguments
 from medclip.training.checkpointing import Checkpointer
+from medclip.training import export
 from medclip.training.config_check import ConfigError, metric_key, validate
 from medclip.training.data_feed import DataFeed, build_data, write_data_report
+from medclip.training.locations import check_locations, prepare_output_dir
 from medclip.training.logger import MetricsLogger, truncate_jsonl
 from medclip.training.losses import alpha_param, split_params
 from medclip.training.mlm import MaskingConfig, word_starts
@@ -63,21 +65,6 @@ def _is_better(metric: str, value: float, best: float | None) -> bool:
     return value < best if mode_for(metric) == "min" else value > best
 
 
-def _prepare_output_dir(args: TrainingArguments) -> Path:
-    out = Path(args.output_dir)
-    has_checkpoint = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite_output_dir and not (args.resume and has_checkpoint):
-        raise ConfigError(f"--output_dir {out} exists and is not empty; use --overwrite_output_dir, "
-                          "or keep --resume to continue its checkpoint")
-    barrier("output_dir checked")  # every process looked before anyone deletes
-    if jax.process_index() == 0:
-        if args.overwrite_output_dir and out.is_dir():
-            import shutil
-
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-    barrier("output_dir ready")
-    return out
 
 
 def _may_cache(tower: str, mode: str, reason: str | None, frozen: bool) -> bool:
@@ -97,10 +84,12 @@ class Trainer:
 
     def __init__(self, model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments):
         self.model_args, self.data_args, self.args = model_args, data_args, train_args
-        self.output_dir = _prepare_output_dir(train_args)
+        check_locations(model_args, data_args, train_args)
+        self.output_dir = prepare_output_dir(train_args)
         self.mesh = mesh_lib.make_mesh()
         platform = self.mesh.devices.flat[0].platform
         self.compute_dtype = compute_dtype(model_args.dtype, platform)
+        logger.info("devices: %s", mesh_lib.describe(self.mesh))
         logger.info("compute dtype %s (--dtype %s on %s), parameters float32", jnp.dtype(self.compute_dtype).name,
                     model_args.dtype, platform)
         self.model, self.tokenizer = build_model_and_tokenizer(model_args, data_args, self.compute_dtype,
@@ -335,9 +324,8 @@ class Trainer:
                 "dropped": self.data.drop_summary}
 
     def _log_data_order(self, step: int, ids: list[str]) -> None:
-        path = self.output_dir / f"data_order.process{jax.process_index()}.jsonl"
-        with path.open("a") as f:
-            f.write(json.dumps({"step": step, "ids": ids}) + "\n")
+        storage.append_text(self.output_dir / f"data_order.process{jax.process_index()}.jsonl",
+                            json.dumps({"step": step, "ids": ids}) + "\n")
 
     def _log_train(self, step: int, epoch: int, metrics: dict, rate: float) -> dict[str, float]:
         fetched = {f"train_{k}": float(v) for k, v in jax.device_get(metrics).items()}
@@ -410,7 +398,7 @@ class Trainer:
             progress.best_metric, progress.best_epoch, progress.epochs_without_improvement = value, epoch, 0
             model = self._model(state)
             if jax.process_index() == 0:
-                model.save_pretrained(self.output_dir / "best", tokenizer=self.tokenizer)
+                export.save_best(model, self.output_dir, self.tokenizer)
             return
         progress.epochs_without_improvement += 1
         patience = self.args.early_stopping_patience
@@ -419,47 +407,16 @@ class Trainer:
             progress.stopped_early = True
 
     def _model_card(self, eval_metrics: dict[str, float] | None) -> str:
-        from medclip.checkpoints.model_card import render_model_card
-
-        m, d, a = self.model_args, self.data_args, self.args
-        source = d.data_dir or d.train_file or d.dataset_name or (
-            f"{d.synthetic_train_samples} synthetic radiology-like pairs (medclip demo)" if d.synthetic_train_samples else "")
-        training = {"steps": self.total_steps, "global batch": self.data.global_train_batch_size,
-                    "learning rate": a.learning_rate,
-                    "schedule": f"{a.lr_schedule}, warmup {a.warmup_steps}"
-                                + (f", ReduceLROnPlateau on {a.plateau_metric}" if a.reduce_lr_on_plateau else ""),
-                    "weight decay": f"{a.weight_decay} ({a.weight_decay_type})", "loss": a.loss, "max_seq_length": d.max_seq_length,
-                    "compute dtype": jnp.dtype(self.compute_dtype).name}
-        bases = tuple(x for x in (m.vision_model_name_or_path, m.text_model_name_or_path, m.model_name_or_path) if x)
-        metrics = {k[5:]: v for k, v in (eval_metrics or {}).items() if k.startswith("eval_") and isinstance(v, float)}
-        return render_model_card(self.model.config, training=training, eval_metrics=metrics, dataset=source,
-                                 base_models=bases)
+        return export.model_card(self.model, self.model_args, self.data_args, self.args,
+                                 total_steps=self.total_steps, global_batch=self.data.global_train_batch_size,
+                                 eval_metrics=eval_metrics, compute_dtype=jnp.dtype(self.compute_dtype).name)
 
     def _export_final(self, state: TrainState, eval_metrics: dict[str, float] | None) -> dict[str, Any]:
         """Final model (and its card, curves) in output_dir; best model in output_dir/best; optional push."""
         final = self._model(state)
         if jax.process_index() != 0:
             return {}
-        from medclip.evaluation.plots import plot_training_curves
-
-        card = self._model_card(eval_metrics)
-        final.save_pretrained(self.output_dir, tokenizer=self.tokenizer)
-        (self.output_dir / "README.md").write_text(card)
-        best = self.output_dir / "best"
-        if best.is_dir():
-            (best / "README.md").write_text(card)
-        plot_training_curves(self.output_dir / "metrics.jsonl", self.output_dir / "training_curves.png")
-        exported = {"model_dir": str(self.output_dir), "training_curves": str(self.output_dir / "training_curves.png")}
-        if self.args.push_to_hub:
-            from medclip.checkpoints.hub import push_model_to_hub
-
-            repo_id = self.args.hub_model_id or self.output_dir.name
-            model = FlaxHybridCLIP.from_pretrained(best) if best.is_dir() else final
-            exported["hub_commit"] = push_model_to_hub(
-                model, repo_id, tokenizer=self.tokenizer, private=self.args.hub_private_repo, model_card=card,
-                extra_files={"metrics.jsonl": self.output_dir / "metrics.jsonl",
-                             "training_curves.png": self.output_dir / "training_curves.png"})
-        return exported
+        return export.export_final(final, self.output_dir, self.tokenizer, self._model_card(eval_metrics), self.args)
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from medclip.data.records import DropCounter, Record
+from medclip.storage import as_path, check_readable
 
 
 def load_records(source: str | Path, split: str = "train", *, counter: DropCounter, min_caption_length: int = 10,
@@ -15,8 +16,9 @@ def load_records(source: str | Path, split: str = "train", *, counter: DropCount
     `<split>_captions.csv`, JSON lines, CSV/TSV, or a Hugging Face dataset (folder or id). `options` are
     `medclip.data.sources.base.LoadOptions` (min_mean_intensity, text_cleaning, ...). `delimiter`: a CSV/TSV
     file's field delimiter (default: tab for .tsv, comma for .csv)."""
+    check_readable(source, "data")  # a bucket URL that is not there: one StorageError naming it
     common = dict(counter=counter, min_caption_length=min_caption_length, **options)
-    path = Path(source)
+    path = as_path(source)
     name = str(source)
     if name.endswith((".jsonl", ".json")):
         from medclip.data.sources.jsonl import load_jsonl

@@ -12,6 +12,7 @@ from medclip.data import captions as caption_cleaning
 from medclip.data import image_checks, records
 from medclip.data.text_cleaning import TextCleaning, clean_records
 from medclip.data.records import DropCounter, Record
+from medclip.storage import open_file
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ def read_lines(path: str | Path, counter: DropCounter | None) -> Iterator[tuple[
     A line that is not valid UTF-8 is counted as `invalid_utf8` and skipped when `counter` is given; without a
     counter (auxiliary files such as keywords.txt) undecodable bytes become U+FFFD and the line is kept.
     """
-    with open(path, "rb") as f:
+    with open_file(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             raw = raw.rstrip(b"\r\n")
             if not raw.strip():

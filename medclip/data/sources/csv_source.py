@@ -15,6 +15,7 @@ from medclip.data import captions as caption_cleaning
 from medclip.data import records
 from medclip.data.records import DropCounter, Record
 from medclip.data.sources import base
+from medclip.storage import as_path, is_url, open_file
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def read_concepts(path: str | Path, id_column: str = "ID", concepts_column: str 
                   separator: str = ";", delimiter: str = ",") -> dict[str, list[str]]:
     """id -> concepts from a concepts CSV (ROCOv2: `ID,CUIs` with CUIs joined by ";")."""
     table = {}
-    for _, row in _rows(Path(path), None, delimiter):
+    for _, row in _rows(as_path(path), None, delimiter):
         value = row.get(concepts_column) or ""
         table[(row.get(id_column) or "").strip()] = [c.strip() for c in value.split(separator) if c.strip()]
     return table
@@ -70,8 +71,8 @@ def read_csv(
 ) -> list[Record]:
     """Parses a CSV file. The image is `image_dir / (row[image_column] + image_suffix)`; `image_dir` defaults to
     the CSV's folder. The id is `row[id_column]`, or the image column's value."""
-    path = Path(path)
-    image_dir = Path(image_dir) if image_dir is not None else path.parent
+    path = as_path(path)
+    image_dir = as_path(image_dir) if image_dir is not None else path.parent
     concepts = concepts or {}
     items = []
     for where, row in _rows(path, counter, delimiter):
@@ -90,7 +91,8 @@ def read_csv(
         image = Path(image_name + image_suffix)
         items.append(Record(
             id=record_id,
-            image=str(image if image.is_absolute() else image_dir / image),
+            image=(image_name + image_suffix if is_url(image_name) else
+                   str(image if image.is_absolute() else image_dir / image)),
             captions=cleaned,
             concepts=concepts.get(record_id, []),
             source=where,
@@ -135,20 +137,20 @@ ROCOV2_SPLITS = {"train": "train", "validation": "valid", "valid": "valid", "tes
 def rocov2_split_name(root: str | Path, split: str) -> str:
     """ROCOv2's name of a split: "validation" is "valid" there (ROCO's raw layout says "validation")."""
     name = ROCOV2_SPLITS.get(split, split)
-    return split if (Path(root) / f"{split}_captions.csv").is_file() else name
+    return split if (as_path(root) / f"{split}_captions.csv").is_file() else name
 
 
 def is_rocov2_root(path: str | Path) -> bool:
     """A folder holding ROCOv2's `{train,valid,test}_captions.csv`."""
-    return any((Path(path) / f"{name}_captions.csv").is_file() for name in ("train", "valid", "test"))
+    return any((as_path(path) / f"{name}_captions.csv").is_file() for name in ("train", "valid", "test"))
 
 
 def is_rocov2_captions(path: str | Path) -> bool:
     """A `<split>_captions.csv` whose header has ROCOv2's `ID` and `Caption` columns."""
-    path = Path(path)
+    path = as_path(path)
     if not (path.name.endswith("_captions.csv") and path.is_file()):
         return False
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
+    with open_file(path, "r", encoding="utf-8-sig", errors="replace") as f:
         header = next(csv.reader([f.readline()]), [])
     return {"ID", "Caption"} <= {column.strip() for column in header}
 
@@ -193,7 +195,7 @@ def load_rocov2(root: str | Path, split: str = "train", **kwargs) -> list[Record
     """ROCOv2: `root/{split}_captions.csv` (ID,Caption), `root/{split}_concepts.csv` (ID,CUIs) when present,
     images in whichever of `ROCOV2_IMAGE_LAYOUTS` holds them (logged). `split` may be ROCO's "validation" (ROCOv2's "valid"). Other keyword arguments
     go to `load_csv`."""
-    root = Path(root)
+    root = as_path(root)
     split = rocov2_split_name(root, split)
     captions_path = root / f"{split}_captions.csv"
     if not captions_path.is_file():
@@ -220,5 +222,5 @@ def load_rocov2(root: str | Path, split: str = "train", **kwargs) -> list[Record
 
 def load_rocov2_file(captions_path: str | Path, **kwargs) -> list[Record]:
     """One ROCOv2 `<split>_captions.csv`: its images and concepts CSV are found beside it."""
-    captions_path = Path(captions_path)
+    captions_path = as_path(captions_path)
     return load_rocov2(captions_path.parent, captions_path.name.removesuffix("_captions.csv"), **kwargs)

@@ -16,6 +16,7 @@ from medclip.data import captions as caption_cleaning
 from medclip.data import records
 from medclip.data.records import DropCounter, Record
 from medclip.data.sources import base
+from medclip.storage import as_path, is_url
 
 
 def _parse(obj, where: str, resolve, counter: DropCounter, min_caption_length: int) -> Record | None:
@@ -55,10 +56,12 @@ def read_jsonl(
     min_caption_length: int = caption_cleaning.DEFAULT_MIN_CAPTION_LENGTH,
 ) -> list[Record]:
     """Parses the file; lines that are not UTF-8, not JSON or not a record are counted and skipped."""
-    path = Path(path)
-    base_dir = Path(base_dir) if base_dir is not None else path.parent
+    path = as_path(path)
+    base_dir = as_path(base_dir) if base_dir is not None else path.parent
 
     def resolve(image_path: str) -> str:
+        if is_url(image_path):
+            return image_path
         image_path = Path(image_path)
         return str(image_path if image_path.is_absolute() else base_dir / image_path)
 

@@ -21,6 +21,7 @@ from medclip.data import captions as caption_cleaning
 from medclip.data import records
 from medclip.data.records import DropCounter, Record
 from medclip.data.sources import base
+from medclip.storage import as_path
 
 SPLITS = ("train", "validation", "test")
 _SEMTYPE = re.compile(r"T\d{3}")
@@ -29,7 +30,7 @@ SUBSETS = ("radiology", "non-radiology")
 
 def subset_dir(root: str | Path, split: str, subset: str) -> Path:
     """Finds `{split}/{subset}` under `root`, which may be the repository, its `data/` folder or the subset itself."""
-    root = Path(root)
+    root = as_path(root)
     for candidate in (root / "data" / split / subset, root / split / subset, root):
         if (candidate / "captions.txt").is_file():
             return candidate
@@ -41,7 +42,7 @@ def subset_dir(root: str | Path, split: str, subset: str) -> Path:
 
 def available_splits(root: str | Path, subsets=("radiology",)) -> list[str]:
     """The splits under `root` (the repository or its `data/` folder) that have every subset."""
-    root = Path(root)
+    root = as_path(root)
     data = root / "data" if (root / "data").is_dir() else root
     return [split for split in SPLITS if all((data / split / subset / "captions.txt").is_file() for subset in subsets)]
 

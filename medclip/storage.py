@@ -1,0 +1,286 @@
+"""One path layer for local folders and cloud buckets (`gs://`; `s3://`, `az://`, `hf://` with their fsspec packages).
+
+A local path stays a `pathlib.Path` and behaves exactly as before; a URL becomes an etils `epath.Path`, the
+pathlib-shaped object orbax already takes for checkpoints, with its fsspec backend (gcsfs for `gs://`, s3fs for
+`s3://`) instead of TensorFlow's `tf.io.gfile`: gcsfs, google-cloud-storage and tensorstore (orbax's array
+writer) can all be pointed at a local emulator, `tf.io.gfile` cannot, and one client for data, outputs and
+checkpoints means one set of credentials and one kind of error. Code that takes a path calls `as_path` instead
+of `Path`; a URL is never wrapped in `pathlib.Path` (which would turn `gs://b/x` into the local `gs:/b/x`).
+
+Emulator: `STORAGE_EMULATOR_HOST=http://127.0.0.1:PORT` points gcsfs at it; importing this module with it set
+points tensorstore there too (`TENSORSTORE_GCS_HTTP_URL`, with a dummy token) and turns off gcsfs's gRPC
+bucket-type probe and GCE metadata probe (neither answers locally), unless those are set already.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any, Union
+
+from etils import epath
+
+# epath picks tf.io.gfile for gs:// whenever TensorFlow is importable; medclip reads and writes through fsspec.
+os.environ.setdefault("EPATH_USE_TF", "false")
+if os.environ.get("STORAGE_EMULATOR_HOST"):  # a local GCS emulator: every client goes there, none probes Google
+    _emulator = os.environ["STORAGE_EMULATOR_HOST"]
+    os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", _emulator if "://" in _emulator else f"http://{_emulator}")
+    os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # read when gcsfs is imported (lazily)
+    os.environ.setdefault("NO_GCE_CHECK", "true")
+
+AnyPath = Union[Path, epath.Path]
+PathLike = Union[str, os.PathLike]
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+://")
+# The schemes etils epath serves through fsspec: gs (gcsfs, a dependency), s3 (s3fs), az (adlfs), hf (huggingface_hub).
+SCHEMES = ("gs", "s3", "az", "hf")
+
+
+class StorageError(OSError):
+    """A bucket, object or folder that cannot be reached, in one line that names the URL."""
+
+
+def is_url(path: Any) -> bool:
+    """`scheme://...` (a bucket or other remote store), as opposed to a local path (or anything else)."""
+    return isinstance(path, (str, os.PathLike)) and bool(_URL.match(str(os.fspath(path))))
+
+
+def as_path(path: PathLike) -> AnyPath:
+    """`pathlib.Path` for a local path, `epath.Path` for a URL; both support `/`, `open`, `is_file`, `iterdir`..."""
+    if isinstance(path, (Path, epath.Path)):
+        return path
+    text = os.fspath(path)
+    if not is_url(text):
+        return Path(text)
+    _check_scheme(text)
+    return epath.Path(text)
+
+
+def _check_scheme(url: str, what: str = "") -> None:
+    scheme = url.split("://", 1)[0]
+    if scheme not in SCHEMES:
+        raise StorageError(f"{what + ' ' if what else ''}{url}: unsupported scheme {scheme}:// (medclip reads and "
+                           f"writes {', '.join(f'{s}://' for s in SCHEMES)} and local paths)")
+
+
+def join(base: PathLike, *parts: str) -> str:
+    """`base/part/...` as a string, for APIs that take strings (TensorFlow, orbax, stored image paths)."""
+    return str(as_path(base).joinpath(*parts))
+
+
+def read_bytes(path: PathLike) -> bytes:
+    if not is_url(path):
+        with open(path, "rb") as f:
+            return f.read()
+    with _translated(path):
+        return as_path(path).read_bytes()
+
+
+def write_bytes(path: PathLike, data: bytes) -> None:
+    """Writes the whole file, creating local parent folders."""
+    target = as_path(path)
+    if isinstance(target, Path):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        return
+    with _translated(path):
+        target.write_bytes(data)
+
+
+def write_text(path: PathLike, text: str) -> None:
+    """Writes the whole file (an object store has no partial writes), creating local parent folders."""
+    target = as_path(path)
+    if isinstance(target, Path):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, encoding="utf-8")
+        return
+    with _translated(path):
+        target.write_text(text, encoding="utf-8")
+
+
+def append_text(path: PathLike, text: str) -> None:
+    """Appends to a local file; an object is rewritten whole (logs are small, and objects cannot grow in place)."""
+    target = as_path(path)
+    if isinstance(target, Path):
+        with target.open("a", encoding="utf-8") as f:
+            f.write(text)
+        return
+    with _translated(path):
+        before = target.read_text(encoding="utf-8") if target.exists() else ""
+        target.write_text(before + text, encoding="utf-8")
+
+
+def open_file(path: PathLike, mode: str = "rb", **kwargs: Any) -> IO:
+    if not is_url(path):
+        return open(path, mode, **kwargs)
+    with _translated(path):
+        return as_path(path).open(mode, **kwargs)
+
+
+def remove_tree(path: PathLike) -> None:
+    target = as_path(path)
+    if isinstance(target, Path):
+        shutil.rmtree(target)
+    else:
+        with _translated(path):
+            target.rmtree(missing_ok=True)
+
+
+def files_under(folder: PathLike) -> list[str]:
+    """Every file below `folder` (recursively), as paths or URLs, sorted."""
+    root = as_path(folder)
+    if isinstance(root, Path):
+        return sorted(str(p) for p in root.rglob("*") if p.is_file())
+    with _translated(folder):
+        scheme = os.fspath(folder).split("://", 1)[0]
+        found = (f"{str(top).rstrip('/')}/{name}" for top, _, names in root.walk() for name in names)
+        return sorted(url if is_url(url) else f"{scheme}://{url}" for url in found)
+
+
+@contextlib.contextmanager
+def local_copy(path: Any) -> Iterator[Any]:
+    """A local file or folder with the contents of `path`: `path` itself, unchanged, when it is not a URL (a local
+    path, a Hub id, None), else a temporary download (for readers that need a real file: memory maps, zip
+    archives, tokenizers)."""
+    if not is_url(path):
+        yield path
+        return
+    source = as_path(path)
+    with tempfile.TemporaryDirectory(prefix="medclip-") as tmp:
+        target = Path(tmp) / (source.name or "download")
+        with _translated(path):
+            if source.is_dir():
+                for url in files_under(path):
+                    local = target / url[len(str(source)):].lstrip("/")
+                    local.parent.mkdir(parents=True, exist_ok=True)
+                    local.write_bytes(as_path(url).read_bytes())
+            else:
+                target.write_bytes(source.read_bytes())
+        yield target
+
+
+def local_mirror(path: Any) -> Any:
+    """Like `local_copy`, for objects used for the rest of the process (a model an embedder serves): downloaded
+    once per URL, removed at exit."""
+    if not is_url(path):
+        return path
+    key = os.fspath(path)
+    if key not in _MIRRORS:
+        stack = contextlib.ExitStack()
+        _MIRRORS[key] = stack.enter_context(local_copy(key))
+        atexit.register(stack.close)
+    return _MIRRORS[key]
+
+
+_MIRRORS: dict[str, Path] = {}
+
+
+@contextlib.contextmanager
+def staged_folder(path: Any) -> Iterator[Any]:
+    """A folder to write into: `path` itself, unchanged, when local; for a URL, a temporary one whose files are
+    uploaded to `path` on success (for writers that take only local paths: safetensors, tokenizers)."""
+    if not is_url(path):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="medclip-") as tmp:
+        yield Path(tmp)
+        upload_folder(tmp, path)
+
+
+def upload_folder(local: PathLike, url: PathLike) -> None:
+    """Copies every file under the local folder to the same relative names under `url`."""
+    target = as_path(url)
+    with _translated(url):
+        for file in sorted(Path(local).rglob("*")):
+            if file.is_file():
+                target.joinpath(*file.relative_to(local).parts).write_bytes(file.read_bytes())
+
+
+def bucket_of(url: PathLike) -> str:
+    """`gs://bucket` for `gs://bucket/a/b`."""
+    scheme, rest = os.fspath(url).split("://", 1)
+    return f"{scheme}://{rest.split('/', 1)[0]}"
+
+
+def check_readable(path: PathLike | None, what: str, *, folder: bool | None = None) -> None:
+    """Raises StorageError (one line, naming the URL) unless the URL exists (as a folder, when `folder`); local
+    paths are left to the code that reads them, as before. Call before anything is built."""
+    if path is None or not is_url(path):
+        return
+    _check_scheme(os.fspath(path), what)
+    target = as_path(path)
+    with _translated(path, what):
+        _check_bucket(path, what)
+        found = target.is_dir() if folder else target.exists() if folder is None else target.is_file()
+    if not found:
+        kind = "folder" if folder else "object"
+        raise StorageError(f"{what} {path}: no such {kind} in bucket {bucket_of(path)}")
+
+
+def check_writable(path: PathLike | None, what: str) -> None:
+    """Raises StorageError unless the URL's bucket exists and takes a write (so credentials fail now, not at the
+    first checkpoint)."""
+    if path is None or not is_url(path):
+        return
+    _check_scheme(os.fspath(path), what)
+    probe = as_path(path) / ".medclip-write-check"
+    with _translated(path, what):
+        _check_bucket(path, what)
+        probe.write_bytes(b"")
+        probe.unlink(missing_ok=True)
+
+
+def _check_bucket(path: PathLike, what: str) -> None:
+    _check_credentials(path, what)
+    bucket = bucket_of(path)
+    if not as_path(bucket).exists():
+        raise StorageError(f"{what} {path}: bucket {bucket} does not exist (or these credentials cannot see it)")
+
+
+def _check_credentials(path: PathLike, what: str) -> None:
+    """Real GCS (no emulator) needs Application Default Credentials; gcsfs would otherwise fall back to anonymous
+    access and fail later with a 401 on the first private object."""
+    if not os.fspath(path).startswith("gs://") or os.environ.get("STORAGE_EMULATOR_HOST"):
+        return
+    import google.auth
+    from google.auth.exceptions import DefaultCredentialsError
+
+    try:
+        google.auth.default()
+    except DefaultCredentialsError as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise StorageError(f"{what} {path}: no Google Cloud credentials ({first}); run `gcloud auth "
+                           "application-default login` or set GOOGLE_APPLICATION_CREDENTIALS") from None
+
+
+@contextlib.contextmanager
+def _translated(path: PathLike, what: str = "") -> Iterator[None]:
+    """Client errors (gcsfs HttpError, google.auth errors, FileNotFoundError with an API path) as one StorageError
+    that names the URL."""
+    label = f"{what} {path}" if what else str(path)
+    try:
+        yield
+    except StorageError:
+        raise
+    except FileNotFoundError:
+        raise StorageError(f"{label}: not found") from None
+    except PermissionError as error:
+        raise StorageError(f"{label}: permission denied ({_first_line(error)})") from None
+    except ImportError as error:  # the scheme's fsspec package (s3fs, adlfs) is not installed
+        raise StorageError(f"{label}: {_first_line(error)}") from None
+    except Exception as error:
+        if type(error).__module__.split(".")[0] in ("gcsfs", "google", "aiohttp", "s3fs", "botocore", "fsspec"):
+            raise StorageError(f"{label}: {type(error).__name__}: {_first_line(error)}") from None
+        raise
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
