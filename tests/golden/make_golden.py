@@ -444,6 +444,8 @@ def main():
               "open_clip ModifiedResNet as in OpenAI RN50 (vision tower only, keys without 'visual.'); "
               "image_features = its output incl. attnpool.", rn50_cfg)
     save_json(GOLDEN / "param_counts.json", param_counts())
+    import make_e2e  # real image files and caption strings through the references' own loaders and transforms
+    make_e2e.make_all(100)
 
 
 if __name__ == "__main__":
