@@ -120,8 +120,8 @@ def make_openclip_family(name: str, seed: int, model_cfg: dict, files, captions,
             mg.kaiming_convs_(model.visual, seed)
         mg.perturb_(model, seed, skip_prefix="text.transformer." if hf else None)
     model.eval()
+    from open_clip.model import set_model_preprocess_cfg
     with tempfile.TemporaryDirectory() as tmp:
-        from open_clip.model import set_model_preprocess_cfg
         set_model_preprocess_cfg(model, preprocess_cfg)
         mg.save_config_for_hf(model, Path(tmp) / "open_clip_config.json", model_config=build_cfg)
         safetensors.torch.save_file(model.state_dict(), Path(tmp) / "open_clip_model.safetensors")
@@ -142,8 +142,8 @@ def make_openclip_family(name: str, seed: int, model_cfg: dict, files, captions,
     stored = {k: v for k, v in state.items() if not k.startswith("text.transformer.")}
     if numpy_gain is None:
         mg.write_openclip_hub(folder, model, stored_cfg, state_dict=stored)
-    if numpy_gain is not None:  # config only: the weights are regenerated from keys.json
-        mg.save_config_for_hf(model, folder / "open_clip_config.json", model_config=stored_cfg)
+    set_model_preprocess_cfg(model, preprocess_cfg)  # write_openclip_hub sets the default one
+    mg.save_config_for_hf(model, folder / "open_clip_config.json", model_config=stored_cfg)
     mg.save_npz(folder / "io.npz", outputs)
     extra = {}
     if hf:
