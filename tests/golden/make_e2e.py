@@ -193,6 +193,12 @@ def make_all(seed: int):
     hf_text = lambda pooler, proj, context=32: {  # noqa: E731
         "hf_model_name": MINILM_HUB, "hf_tokenizer_name": MINILM_HUB, "hf_pooler_type": pooler,
         "hf_proj_type": proj, "context_length": context}
+    def timm_cfg(name: str, pool: str, proj: str, text_cfg: dict, embed_dim: int = 8) -> dict:
+        return {"embed_dim": embed_dim,
+                "vision_cfg": {"timm_model_name": name, "timm_model_pretrained": False, "timm_pool": pool,
+                               "timm_proj": proj, "image_size": 32},
+                "text_cfg": text_cfg}
+
     vit_tiny = {"depth": 1, "embed_dim": 32, "num_heads": 4, "patch_size": 8, "img_size": 32}
     resnet_tiny = {"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64]}
     effnet_tiny = {"channel_multiplier": 0.125, "depth_multiplier": 0.25}
@@ -212,41 +218,30 @@ def make_all(seed: int):
             "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 4, "head_width": 32},
             "text_cfg": dict(CLIP_TEXT)},
          "open_clip CLIP, ModifiedResNet (OpenAI RN50 family) + builtin text, QuickGELU"),
-        ("e2e_timm_resnet_avg_linear", dict(timm_kwargs=resnet_tiny), {
-            "embed_dim": 8, "vision_cfg": {"timm_model_name": "resnet50", "timm_model_pretrained": False,
-                                           "timm_pool": "avg", "timm_proj": "linear", "image_size": 32},
-            "text_cfg": hf_text("cls_pooler", "linear", 32)},
+        ("e2e_timm_resnet_avg_linear", dict(timm_kwargs=resnet_tiny),
+         timm_cfg("resnet50", "avg", "linear", hf_text("cls_pooler", "linear", 32)),
          "timm resnet50 trunk (shrunk), timm_pool avg, timm_proj linear; MiniLM text, cls_pooler, linear"),
-        ("e2e_timm_resnet_none_mlp", dict(timm_kwargs=resnet_tiny), {
-            "embed_dim": 8, "vision_cfg": {"timm_model_name": "resnet50", "timm_model_pretrained": False,
-                                           "timm_pool": "", "timm_proj": "mlp", "image_size": 32},
-            "text_cfg": hf_text("cls_last_hidden_state_pooler", "mlp", 16)},
+        ("e2e_timm_resnet_none_mlp", dict(timm_kwargs=resnet_tiny),
+         timm_cfg("resnet50", "", "mlp", hf_text("cls_last_hidden_state_pooler", "mlp", 16)),
          "timm resnet50 trunk (shrunk), timm_pool '' (trunk default), timm_proj mlp; MiniLM text, "
          "cls_last_hidden_state_pooler, mlp, context 16"),
         ("e2e_timm_effnetv2_avg_linear", dict(timm_kwargs=effnet_tiny,
                                                preprocess_cfg={"mean": [0.5] * 3, "std": [0.5] * 3,
-                                                               "resize_mode": "squash"}), {
-            "embed_dim": 384, "vision_cfg": {"timm_model_name": "tf_efficientnetv2_s", "timm_model_pretrained": False,
-                                             "timm_pool": "avg", "timm_proj": "linear", "image_size": 32},
-            "text_cfg": hf_text("mean_pooler", None, 32)},
+                                                               "resize_mode": "squash"}),
+         timm_cfg("tf_efficientnetv2_s", "avg", "linear", hf_text("mean_pooler", None, 32),
+                  embed_dim=384),
          "timm tf_efficientnetv2_s trunk (channel 1/8, depth 1/4), timm_pool avg, timm_proj linear, inception "
          "mean/std, resize_mode squash; MiniLM text, mean_pooler, no projection (hf_proj_type null, width 384 = "
          "embed_dim)"),
-        ("e2e_timm_effnetv2_none_mlp", dict(timm_kwargs=effnet_tiny), {
-            "embed_dim": 8, "vision_cfg": {"timm_model_name": "tf_efficientnetv2_s", "timm_model_pretrained": False,
-                                           "timm_pool": "", "timm_proj": "mlp", "image_size": 32},
-            "text_cfg": hf_text("cls_pooler", "mlp", 32)},
+        ("e2e_timm_effnetv2_none_mlp", dict(timm_kwargs=effnet_tiny),
+         timm_cfg("tf_efficientnetv2_s", "", "mlp", hf_text("cls_pooler", "mlp", 32)),
          "timm tf_efficientnetv2_s trunk (shrunk), timm_pool '', timm_proj mlp; MiniLM text, cls_pooler, mlp"),
-        ("e2e_timm_vit_none_linear", dict(timm_kwargs=vit_tiny), {
-            "embed_dim": 8, "vision_cfg": {"timm_model_name": "vit_base_patch16_224", "timm_model_pretrained": False,
-                                           "timm_pool": "", "timm_proj": "linear", "image_size": 32},
-            "text_cfg": hf_text("cls_last_hidden_state_pooler", "linear", 32)},
+        ("e2e_timm_vit_none_linear", dict(timm_kwargs=vit_tiny),
+         timm_cfg("vit_base_patch16_224", "", "linear", hf_text("cls_last_hidden_state_pooler", "linear", 32)),
          "timm ViT trunk (BiomedCLIP's family, shrunk), timm_pool '' (class token), timm_proj linear; MiniLM "
          "text, cls_last_hidden_state_pooler, linear"),
-        ("e2e_timm_vit_none_mlp", dict(timm_kwargs=vit_tiny), {
-            "embed_dim": 8, "vision_cfg": {"timm_model_name": "vit_base_patch16_224", "timm_model_pretrained": False,
-                                           "timm_pool": "", "timm_proj": "mlp", "image_size": 32},
-            "text_cfg": hf_text("cls_last_hidden_state_pooler", "mlp", 77)},
+        ("e2e_timm_vit_none_mlp", dict(timm_kwargs=vit_tiny),
+         timm_cfg("vit_base_patch16_224", "", "mlp", hf_text("cls_last_hidden_state_pooler", "mlp", 77)),
          "timm ViT trunk (shrunk), timm_pool '', timm_proj mlp (BiomedCLIP's head); MiniLM text, "
          "cls_last_hidden_state_pooler, mlp, context 77"),
     ]
@@ -331,7 +326,8 @@ def make_pmc_clip(seed: int, files, captions):
 
         def build():
             pmc.AutoTokenizer = types.SimpleNamespace(from_pretrained=from_pretrained)
-            pmc.AutoModel = types.SimpleNamespace(from_pretrained=lambda name, **kw: transformers.BertModel(bert_config))
+            pmc.AutoModel = types.SimpleNamespace(
+                from_pretrained=lambda name, **kw: transformers.BertModel(bert_config))
             cfg = {k: v for k, v in model_cfg.items() if k != "clip_model"}
             model = pmc.PMC_CLIP(args, **cfg)
             model.cls_id = 101  # hard-coded 2 is PubMedBERT's [CLS]; MiniLM's is 101
