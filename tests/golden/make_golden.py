@@ -12,6 +12,8 @@ Weights are random but not trivial: every parameter gets `randn * 0.05` added (s
 BatchNorm gets running_mean ~ N(0, 0.1), running_var ~ U(0.5, 1.5). The `*_full` fixtures store no weights: their
 weights come from numpy_weights.py (pure NumPy), so the JAX tests can regenerate them. Each folder has `io.npz`
 (inputs and reference outputs) and `meta.json` (versions, seed, description, model config); README.md lists them.
+make_e2e.py (run last) writes the end-to-end fixtures: real image files and caption strings through each reference's
+own loader, transforms and tokenizer.
 """
 
 import copy
@@ -444,6 +446,8 @@ def main():
               "open_clip ModifiedResNet as in OpenAI RN50 (vision tower only, keys without 'visual.'); "
               "image_features = its output incl. attnpool.", rn50_cfg)
     save_json(GOLDEN / "param_counts.json", param_counts())
+    import make_e2e  # real image files and caption strings through the references' own loaders and transforms
+    make_e2e.make_all(100)
 
 
 if __name__ == "__main__":

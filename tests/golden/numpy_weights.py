@@ -32,16 +32,16 @@ def generate_weights(keys: dict[str, dict], seed: int, gain: float) -> dict[str,
         if role == "bn_num_batches_tracked":
             weights[name] = np.zeros(shape, dtype=np.int64)
             continue
-        z = np.random.default_rng([seed, index]).standard_normal(shape).astype(np.float32)
+        z = np.asarray(np.random.default_rng([seed, index]).standard_normal(shape), np.float32)  # 0-d too
         if role == "param" and len(shape) >= 2:
-            weights[name] = (z * np.float32(np.sqrt(gain / np.prod(shape[1:])))).astype(spec["dtype"])
+            weights[name] = np.asarray(z * np.float32(np.sqrt(gain / np.prod(shape[1:]))), spec["dtype"])
             continue
         r = z * np.float32(SCALE)
         if role == "bn_weight":
             r = np.float32(1.0) + r
         elif role == "bn_running_var":
             r = np.float32(1.0) + np.abs(r)
-        weights[name] = r.astype(spec["dtype"])
+        weights[name] = np.asarray(r, spec["dtype"])
     return weights
 
 
