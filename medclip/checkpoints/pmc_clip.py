@@ -34,7 +34,7 @@ from medclip.models.fusion import FusionConfig, fusion_rules
 from medclip.models.heads import HeadConfig
 from medclip.models.hybrid import HybridCLIPConfig
 from medclip.models.modified_resnet import config_from_open_clip as resnet_config
-from medclip.models.preprocess import PMC_CLIP_TEXT, Preprocess
+from medclip.models.preprocess import PMC_CLIP_TEXT, Preprocess, pil_resample
 from medclip.models.weights import Rule
 
 logger = logging.getLogger(__name__)
@@ -79,8 +79,11 @@ def config_from_pmc_clip(model_cfg: dict[str, Any], tensors: dict[str, np.ndarra
         text = text.replace(add_pooling_layer=False)
     mlm = "mlm_projection" in tensors and any(k.startswith("fusion_module.") for k in tensors)
     fusion = FusionConfig(num_layers=text_cfg.get("fusion_layers", 1), num_heads=text_cfg.get("heads", 8)) if mlm else None
+    vision = resnet_config(vision_cfg, embed_dim)
     return HybridCLIPConfig(
-        vision_config=resnet_config(vision_cfg, embed_dim), text_config=text, projection_dim=embed_dim,
+        vision_config=vision, text_config=text, projection_dim=embed_dim,
+        # its transforms (open_clip's): PIL bicubic resize of the shorter side, torchvision's rounded centre crop
+        preprocess=vision.default_preprocess.replace(resample="pil_bicubic", crop_rounding="round"),
         vision_head=HeadConfig(type="none"),
         # the [CLS] hidden state (PMC-CLIP finds it by PubMedBERT's [CLS] id, at position 0) @ text_projection
         text_head=HeadConfig(type="linear", bias=False, pooler="cls"), fusion=fusion,
@@ -102,7 +105,9 @@ def load_tensors(cls, tensors: dict[str, np.ndarray], spec: str | os.PathLike | 
     model_cfg = pmc_model_config(spec)
     config = config_from_pmc_clip(model_cfg, tensors, source)
     if preprocess_cfg:
-        config = config.replace(preprocess=Preprocess.from_dict(preprocess_cfg))
+        resample = pil_resample(preprocess_cfg.get("interpolation", "bicubic"))
+        config = config.replace(preprocess=Preprocess.from_dict(preprocess_cfg).replace(resample=resample,
+                                                                                       crop_rounding="round"))
     skipped = sorted(k for k in tensors if _UNREAD.match(k))
     ignored = _UNREAD
     if config.fusion is None:
