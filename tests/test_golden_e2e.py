@@ -144,14 +144,18 @@ def test_eval_and_training_pipelines_read_the_files_as_the_embedder(tmp_models):
     indices, pixels = next(decoded_eval_images(records, image_size=size, batch_size=9,
                                                preprocess=config.image_preprocess))
     np.testing.assert_array_equal(indices, np.arange(9))
-    np.testing.assert_allclose(pixels, expected, atol=1e-5)
+    # The CMYK file (row 8): the loaders' PIL conversion to RGB PNG and the embedder's PIL conversion of the JPEG
+    # itself may round one channel of a pixel differently, i.e. one uint8 level (1/255 over the std).
+    one_level = 1 / 255 / min(config.image_preprocess.std) + 1e-5
+    atol = np.array([1e-5] * 8 + [one_level]).reshape(9, 1, 1, 1)
+    assert (np.abs(pixels - expected) <= atol).all(), np.abs(pixels - expected).reshape(9, -1).max(1)
     tp = config.text_preprocess
     batch = next(make_train_dataset(records, embedder.tokenizer, image_size=size, max_seq_length=tp.context_length,
                                     global_batch_size=9, seed=0, process_index=0, process_count=1,
                                     preprocess=config.image_preprocess, train_crop="center"))
     order = [int(np.argmin(np.abs(expected - p).reshape(9, -1).max(1))) for p in batch["pixel_values"]]
     assert sorted(order) == list(range(9))
-    np.testing.assert_allclose(batch["pixel_values"], expected[order], atol=1e-5)
+    assert (np.abs(batch["pixel_values"] - expected[order]) <= atol[order]).all()
     np.testing.assert_array_equal(batch["input_ids"], g.io(name)["input_ids"][order])
 
 

@@ -44,11 +44,12 @@ def _padded_ids(length: int = 16) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_text_and_image_preprocess_are_saved_and_read_back(tmp_path):
-    model = _tiny_model(TextPreprocess(context_length=32, padding="max_length", mask_padding=False),
+    model = _tiny_model(TextPreprocess(context_length=32, padding="max_length", mask_padding=False, clean="openclip"),
                         preprocess=Preprocess(resample="pil_bicubic", crop_rounding="floor"))
     model.save_pretrained(tmp_path / "m")
     saved = json.loads((tmp_path / "m" / "config.json").read_text())["medclip"]
-    assert saved["text_preprocess"] == {"context_length": 32, "padding": "max_length", "mask_padding": False}
+    assert saved["text_preprocess"] == {"context_length": 32, "padding": "max_length", "mask_padding": False,
+                                        "clean": "openclip"}
     assert saved["preprocess"]["resample"] == "pil_bicubic" and saved["preprocess"]["crop_rounding"] == "floor"
     loaded = FlaxHybridCLIP.from_pretrained(tmp_path / "m")
     assert loaded.config.text_preprocess == model.config.text_preprocess and loaded.config.context_length == 32
@@ -285,3 +286,21 @@ def test_crop_rounding_follows_torchvision_or_transformers():
     decoded = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.float32)
     np.testing.assert_array_equal(pil_resize_crop(data, 32, crop_rounding="round"), decoded[4:36])
     np.testing.assert_array_equal(pil_resize_crop(data, 32, crop_rounding="floor"), decoded[3:35])
+
+
+def test_openclip_caption_cleaning_is_what_open_clip_tokenizes():
+    """open_clip's HF tokenizer cleans captions first (ftfy, HTML entities, whitespace): the model's tokenizer
+    wrapper sends the same text, and a model without cleaning sends the caption unchanged."""
+    from medclip.checkpoints.tokenizers import CleaningTokenizer, for_model_text
+    from medclip.models.preprocess import clean_caption
+
+    caption = "Axial CT\u2019s  image &amp;amp; a   \u201clesion\u201d\n"
+    assert clean_caption(caption, "openclip") == "Axial CT's image & a \"lesion\""
+    assert clean_caption(caption, "none") == caption
+    seen = []
+    wrapped = for_model_text(lambda texts, **kw: seen.append(texts) or len(texts), TextPreprocess(clean="openclip"))
+    assert isinstance(wrapped, CleaningTokenizer) and wrapped([caption, "a  b"]) == 2
+    assert seen == [["Axial CT's image & a \"lesion\"", "a b"]]
+    plain = object()
+    assert for_model_text(plain, TextPreprocess()) is plain
+    assert for_model_text(wrapped, TextPreprocess()) is wrapped.tokenizer

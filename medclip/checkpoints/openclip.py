@@ -166,7 +166,8 @@ def open_clip_inputs(config: HybridCLIPConfig, model_cfg: dict[str, Any],
     except ValueError as error:
         raise OpenCLIPConfigError(f"preprocess_cfg: {error}") from None
     return config.replace(preprocess=config.preprocess.replace(resample=resample),
-                          text_preprocess=TextPreprocess(context_length=model_cfg["text_cfg"].get("context_length", 77)))
+                          text_preprocess=TextPreprocess(context_length=model_cfg["text_cfg"].get("context_length", 77),
+                                                         clean="openclip"))
 
 
 # -- the state dict's layout ---------------------------------------------------------------------------------

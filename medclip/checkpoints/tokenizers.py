@@ -10,6 +10,7 @@ from typing import Any
 
 from medclip.checkpoints.hub import TOKENIZER_FILES, resolve_model_dir
 from medclip.checkpoints.openclip_config import text_tokenizer_name
+from medclip.models.preprocess import clean_caption
 
 logger = logging.getLogger(__name__)
 
@@ -52,3 +53,31 @@ def tokenizer_for_model(model_dir: str | os.PathLike, config: Any = None) -> Any
                                  f"available ({e}); pass a tokenizer folder (--tokenizer_name)") from None
     raise TokenizerError(f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); pass one with "
                          "--tokenizer_name (for OpenAI CLIP text towers, e.g. openai/clip-vit-base-patch32's)")
+
+
+class CleaningTokenizer:
+    """A tokenizer that first cleans captions as the model's own tokenizer did (`TextPreprocess.clean`: open_clip
+    runs ftfy and unescapes HTML before tokenising), so every caller (training, evaluation, the tools) sends the
+    model the token ids it was trained on. Everything else is the wrapped tokenizer's."""
+
+    def __init__(self, tokenizer: Any, clean: str):
+        self.tokenizer, self.clean = tokenizer, clean
+
+    def __call__(self, text: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(text, str):
+            text = clean_caption(text, self.clean)
+        elif isinstance(text, (list, tuple)):
+            text = [clean_caption(t, self.clean) if isinstance(t, str) else t for t in text]
+        return self.tokenizer(text, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tokenizer, name)
+
+    def __len__(self) -> int:
+        return len(self.tokenizer)
+
+
+def for_model_text(tokenizer: Any, text_preprocess: Any) -> Any:
+    """The tokenizer, cleaning captions first where the model's text preprocessing says so."""
+    base = tokenizer.tokenizer if isinstance(tokenizer, CleaningTokenizer) else tokenizer
+    return base if text_preprocess.clean == "none" else CleaningTokenizer(base, text_preprocess.clean)

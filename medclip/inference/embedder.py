@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from medclip import storage
 from medclip.checkpoints.hub import resolve_model_dir, resolve_model_name
-from medclip.checkpoints.tokenizers import tokenizer_for_model
+from medclip.checkpoints.tokenizers import for_model_text, tokenizer_for_model
 from medclip.data.image_checks import inspect_image, rgb_image
 from medclip.hybrid_clip import FlaxHybridCLIP
 from medclip.models.hybrid import l2_normalize
@@ -68,7 +68,8 @@ class Embedder:
             self.model_dir = resolve_model_dir(model_dir)
             self.model = FlaxHybridCLIP.from_pretrained(self.model_dir)
         self.location = url or str(self.model_dir)  # what an index records: the bucket URL, not the local copy
-        self.tokenizer = tokenizer_for_model(self.model_dir, self.model.config)
+        self.tokenizer = for_model_text(tokenizer_for_model(self.model_dir, self.model.config),
+                                        self.model.config.text_preprocess)
         self.fingerprint = model_fingerprint(path if path.is_file() else self.model_dir)
         self.batch_size = batch_size
         config = self.model.config

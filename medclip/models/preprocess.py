@@ -25,6 +25,9 @@ RESAMPLE_MODES = ("tf_bilinear", "pil_bicubic", "pil_bilinear")
 # CLIP; Python's round, half to even) or floor (transformers' CLIPImageProcessor). One pixel of shift, up to 127/255.
 CROP_ROUNDING = ("round", "floor")
 PADDING_MODES = ("longest", "max_length")
+# Caption cleaning before tokenising: none, or open_clip's tokenizers' (ftfy's fix_text, HTML entities unescaped
+# twice, whitespace runs collapsed: `basic_clean` + `whitespace_clean`), which every OpenCLIP model was trained with.
+CLEANING = ("none", "openclip")
 DEFAULT_CONTEXT_LENGTH = 77  # CLIP's, and what every tool used before models carried their own
 
 
@@ -84,6 +87,7 @@ class TextPreprocess:
     context_length: int | None = None  # None: the text tower's limit, at most DEFAULT_CONTEXT_LENGTH
     padding: str = "longest"  # PADDING_MODES; longest: any padding works, since it is masked
     mask_padding: bool = True
+    clean: str = "none"  # CLEANING
 
     def __post_init__(self):
         if self.context_length is not None and (isinstance(self.context_length, bool)
@@ -92,6 +96,8 @@ class TextPreprocess:
             raise ValueError(f"context_length must be an integer of at least 2 (or None), not {self.context_length!r}")
         if self.padding not in PADDING_MODES:
             raise ValueError(f"padding {self.padding!r} is not supported; supported: {PADDING_MODES}")
+        if self.clean not in CLEANING:
+            raise ValueError(f"clean {self.clean!r} is not supported; supported: {CLEANING}")
         if not isinstance(self.mask_padding, bool):
             raise ValueError(f"mask_padding must be true or false, not {self.mask_padding!r}")
         if not self.mask_padding and self.padding != "max_length":
@@ -123,3 +129,18 @@ PMC_CLIP_TEXT = TextPreprocess(context_length=77, padding="max_length", mask_pad
 
 CLIP_PREPROCESS = Preprocess()
 IMAGENET_PREPROCESS = Preprocess(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def clean_caption(text: str, mode: str) -> str:
+    """A caption as the model's own tokenizer saw it in training (`TextPreprocess.clean`)."""
+    if mode == "none":
+        return text
+    if mode != "openclip":
+        raise ValueError(f"clean {mode!r} is not supported; supported: {CLEANING}")
+    import html
+    import re
+
+    import ftfy
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return re.sub(r"\s+", " ", text).strip()

@@ -16,7 +16,7 @@ from flax import nnx
 from medclip import storage
 from medclip.checkpoints import pretrained
 from medclip.checkpoints.hub import resolve_model_dir
-from medclip.checkpoints.tokenizers import load_tokenizer, tokenizer_for_model
+from medclip.checkpoints.tokenizers import for_model_text, load_tokenizer, tokenizer_for_model
 from medclip.hybrid_clip import FlaxHybridCLIP
 from medclip.models import BertConfig, CLIPVisionConfig, HybridCLIPConfig
 from medclip.models.fusion import FusionConfig, MLMFusion
@@ -159,6 +159,7 @@ def build_model_and_tokenizer(model_args: ModelArguments, data_args: DataArgumen
             text_head=heads["text_head"](HeadConfig(pooler=model_args.text_pooler)), **new)
         tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.text_model_name_or_path)
     _set_text_preprocess(model, model_args, data_args, tokenizer)
+    tokenizer = for_model_text(tokenizer, model.config.text_preprocess)  # e.g. open_clip models: ftfy first
     if mlm and getattr(tokenizer, "mask_token_id", None) is None:
         raise ModelSetupError("--mlm needs a tokenizer with a mask token ([MASK]); this text tower's tokenizer "
                               f"({type(tokenizer).__name__}) has none: use a BERT-family text tower, or drop --mlm")
