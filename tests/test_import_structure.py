@@ -16,6 +16,7 @@ PACKAGE = "medclip"
 LAYERS = {
     "flag_parsing": 0,  # the scripts' flag parser: imports nothing of medclip
     "quiet_imports": 0,  # the scripts' TensorFlow start-up filter: likewise
+    "storage": 0,  # local paths and bucket URLs (etils epath): imports nothing of medclip
     "models": 0,
     "checkpoints": 1,
     "hybrid_clip": 2,

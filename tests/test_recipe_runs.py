@@ -150,4 +150,5 @@ def test_pmc_clip_recipe_trains_contrastive_and_mlm_with_a_modified_resnet(tmp_p
     assert config["vision_config"]["model_type"] == "modified_resnet" and config["medclip"]["fusion"]
     assert config["medclip"]["vision_head"]["type"] == "none" and config["medclip"]["text_head"]["pooler"] == "cls"
     # PMC-CLIP's text form (padded, attended to), at the length trained with, saved for every tool
-    assert config["medclip"]["text_preprocess"] == {"context_length": 24, "padding": "max_length", "mask_padding": False}
+    assert config["medclip"]["text_preprocess"] == {"context_length": 24, "padding": "max_length", "mask_padding": False,
+                                                    "clean": "none"}

@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from medclip.storage import is_url
+
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json", "flax_model.msgpack",
                 "open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # OpenCLIP hub repos
@@ -142,8 +144,8 @@ def check_model_names(*names: str | os.PathLike | None) -> None:
     """Resolves each model or tokenizer name (local, cached or downloaded) before anything heavy starts, so that a
     wrong name or an unreachable Hub is said in seconds rather than after the training stack has loaded."""
     for name in names:
-        if name is None or Path(str(name).removeprefix("hf-hub:")).expanduser().exists():
-            continue
+        if name is None or is_url(name) or Path(str(name).removeprefix("hf-hub:")).expanduser().exists():
+            continue  # a bucket URL is checked by medclip.storage (training.locations), not the Hub
         resolve_model_name(name) if str(name) in NAMED_CHECKPOINTS else resolve_model_dir(name)
 
 
