@@ -49,7 +49,7 @@ for d in ("i2t", "t2i"):
     print(f"  {d}: R@1 {last[f'eval_{d}_R@1']:.1%}  R@5 {last[f'eval_{d}_R@5']:.1%}  R@10 {last[f'eval_{d}_R@10']:.1%}"
           f"  median rank {last[f'eval_{d}_median_rank']:.0f}")
 print(f"model: {out} (FlaxHybridCLIP.from_pretrained), curves: {out}/training_curves.png, "
-      f"index: {out}/index.npz, grid: {out}/retrieval_grid.png; try `medclip app`")
+      f"index: {out}/index.npz, grid: {out}/retrieval_grid.png; next: `make app` (or `source .venv/bin/activate`, then `medclip app`)")
 PY
   exit 0
 fi
