@@ -300,7 +300,6 @@ def matmul_peak(jax_device, torch_device: str | None, dtype: str = "float32", re
                 ) -> dict[str, float]:
     """Matmul FLOP/s in `dtype` of JAX (and torch) on this device: the yardstick for MFU."""
     import jax
-    import jax.numpy as jnp
 
     n = 2048 if jax_device.platform == "cpu" else 8192
     a, b = (jax.device_put(jax.random.normal(jax.random.PRNGKey(i), (n, n), dtype), jax_device) for i in range(2))

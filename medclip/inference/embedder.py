@@ -151,8 +151,8 @@ class Embedder:
                 raise ImageError(f"{name}: cannot use this image ({problem[0]}: {problem[1]})")
         if not self._pil_path:  # TF reads a plain CMYK JPEG as Adobe-inverted: converted to RGB by PIL first
             images = [rgb_image(image) for image in images]
-        contents = [tf.constant(storage.read_bytes(i)) if storage.is_url(i) else tf.io.read_file(i)
-                    if isinstance(i, str) else tf.constant(i) for i in images]
+        contents = [tf.io.read_file(i) if isinstance(i, str) and not storage.is_url(i) else tf.constant(_contents(i))
+                    for i in images]
         try:
             return np.stack([eval_image(c, self.image_size, self.image_preprocess).numpy() for c in contents])
         except tf.errors.InvalidArgumentError as error:
