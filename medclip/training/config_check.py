@@ -12,7 +12,7 @@ from medclip.data.concepts import CONCEPT_SOURCES
 from medclip.evaluation.retrieval import MRR_KS, RECALL_KS
 from medclip.models import kernels
 from medclip.training.arguments import DataArguments, ModelArguments, TrainingArguments
-from medclip.training.arguments import csv_delimiter
+from medclip.training.arguments import FlagError, check_ranges, csv_delimiter
 from medclip.training.errors import ConfigError, DataError  # noqa: F401 (DataError re-exported)
 from medclip.training.losses import FALSE_NEGATIVES, HYBRID_FORMS, LOSSES
 from medclip.training.mlm import MASKINGS
@@ -65,6 +65,10 @@ def validate(model: ModelArguments, data: DataArguments, train: TrainingArgument
     """Raises ConfigError for the first problem found. Pure: reads the flags (and a local config.json)."""
     if not (train.do_train or train.do_eval):
         raise ConfigError("nothing to do: pass --do_train and/or --do_eval")
+    try:  # every numeric flag's range (FLAG_RANGES): the parser checks them too, but not every caller parses
+        check_ranges(model, data, train)
+    except FlagError as error:
+        raise ConfigError(str(error)) from None
     _choice("--dtype", model.dtype, DTYPES)
     try:
         kernels.mode()  # MEDCLIP_KERNELS, read again when the step is traced: a typo fails here, before any work
@@ -79,8 +83,6 @@ def validate(model: ModelArguments, data: DataArguments, train: TrainingArgument
         raise ConfigError(f"--csv_delimiter (--csv-separator) must be one character or 'tab', "
                           f"not {data.csv_delimiter!r}")
     _check_metric("--metric_for_best_model", train.metric_for_best_model)
-    if train.eval_epochs < 1:
-        raise ConfigError(f"--eval_epochs must be at least 1 (got {train.eval_epochs})")
     if train.loss == "sigmoid" and _model_has_logit_bias(model) is False:
         raise ConfigError("--loss sigmoid needs a learned logit bias: give --logit_bias_init (e.g. -10) with "
                           "--text_model_name_or_path/--vision_model_name_or_path, or a --model_name_or_path "
@@ -93,12 +95,6 @@ def validate(model: ModelArguments, data: DataArguments, train: TrainingArgument
             parse_tower_config(getattr(model, f"{kind}_config"), kind, f"--{kind}_config")
     if train.loss == "concept":
         _choice("--false_negatives", train.false_negatives, FALSE_NEGATIVES)
-        if not 0 <= train.concept_target_weight <= 1:
-            raise ConfigError(f"--concept_target_weight must be in [0, 1], not {train.concept_target_weight}")
-        if data.concept_width < 1:
-            raise ConfigError(f"--concept_width must be >= 1 with --loss concept, not {data.concept_width}")
-    if train.hybrid_temperature <= 0:
-        raise ConfigError(f"--hybrid_temperature must be > 0, not {train.hybrid_temperature}")
     if train.hybrid_form == "report" and train.hybrid_temperature != 1.0:
         raise ConfigError("--hybrid_temperature sets --hybrid_form ours's target temperature; the report form uses "
                           "the model's logit temperature for the targets too: drop one of them")
@@ -110,8 +106,6 @@ def validate(model: ModelArguments, data: DataArguments, train: TrainingArgument
     if train.freeze_vision and train.freeze_text:
         raise ConfigError("--freeze_vision and --freeze_text together leave only the projections to train; "
                           "drop one of them")
-    if train.gradient_accumulation_steps < 1:
-        raise ConfigError(f"--gradient_accumulation_steps must be >= 1, not {train.gradient_accumulation_steps}")
     if train.reduce_lr_on_plateau:
         _check_plateau(data, train)
     _check_text_objectives(model, data, train)
@@ -138,18 +132,12 @@ def _local_model_config(model: ModelArguments) -> dict | None:
 
 
 def _check_text_objectives(model: ModelArguments, data: DataArguments, train: TrainingArguments) -> None:
-    """--projection_dropout, --second_text_field and --mlm (with --mlm_weight/--mlm_probability)."""
-    if model.projection_dropout is not None and not 0 <= model.projection_dropout < 1:
-        raise ConfigError(f"--projection_dropout must be in [0, 1), not {model.projection_dropout}")
+    """--second_text_field and --mlm (with --mlm_weight/--mlm_probability/--mlm_masking); their ranges are
+    FLAG_RANGES'."""
     if not train.mlm and (train.mlm_weight != 1.0 or train.mlm_probability != 0.15 or train.mlm_masking != "token"):
         raise ConfigError("--mlm_weight, --mlm_probability and --mlm_masking configure the MLM objective: add --mlm, "
                           "or drop them")
     _choice("--mlm_masking", train.mlm_masking, MASKINGS)
-    if train.mlm:
-        if not 0 < train.mlm_probability < 1:
-            raise ConfigError(f"--mlm_probability must be in (0, 1), not {train.mlm_probability}")
-        if train.mlm_weight < 0:
-            raise ConfigError(f"--mlm_weight must be >= 0, not {train.mlm_weight}")
     saved = _local_model_config(model)
     if saved is None:
         return  # towers, a preset or a Hub id: model_setup checks once the model and tokenizer exist
@@ -178,13 +166,7 @@ def _check_plateau(data: DataArguments, train: TrainingArguments) -> None:
     if train.lr_schedule != "constant":
         raise ConfigError(f"--reduce_lr_on_plateau needs --lr_schedule constant (after --warmup_steps), "
                           f"not {train.lr_schedule!r}: the plateau is the decay")
-    if not 0 < train.plateau_factor < 1:
-        raise ConfigError(f"--plateau_factor must be in (0, 1), not {train.plateau_factor}")
-    if train.plateau_patience < 0 or train.plateau_cooldown < 0:
-        raise ConfigError("--plateau_patience and --plateau_cooldown must be >= 0")
     _choice("--plateau_threshold_mode", train.plateau_threshold_mode, ("rel", "abs"))
-    if train.plateau_min_lr < 0:
-        raise ConfigError(f"--plateau_min_lr must be >= 0, not {train.plateau_min_lr}")
     has_validation = data.validation_file or data.data_dir or data.dataset_name or data.synthetic_train_samples
     if not has_validation:
         raise ConfigError("--reduce_lr_on_plateau needs validation data (--validation_file, --data_dir, "
