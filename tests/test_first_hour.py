@@ -352,3 +352,33 @@ def test_the_suggestion_is_the_documented_spelling_whatever_the_typo():
     assert closest_flag("--learnig-rate", both) == closest_flag("--learnig_rate", both) == "--learning_rate"
     assert closest_flag("--learnig_rate", ["--learning-rate"]) == "--learning-rate"  # a dashed-only parser
     assert closest_flag("--zzz", both) is None
+
+
+def test_a_hub_name_is_asked_of_the_hub_once_per_process(tmp_path, monkeypatch):
+    """The up-front name check, the model and its tokenizer each resolve the same name: one request, not three."""
+    import types
+
+    import huggingface_hub
+
+    from medclip.checkpoints import hub
+
+    calls = {"info": 0, "download": 0}
+
+    def info(self, *args, **kwargs):
+        calls["info"] += 1
+        return types.SimpleNamespace(siblings=[types.SimpleNamespace(rfilename=n)
+                                               for n in ("config.json", "model.safetensors")])
+
+    def snapshot(*args, **kwargs):
+        calls["download"] += 1
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", info)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    hub.check_model_names("someorg/asked-once")
+    assert hub.resolve_model_dir("someorg/asked-once") == tmp_path
+    assert hub.resolve_model_dir("hf-hub:someorg/asked-once") == tmp_path
+    assert calls == {"info": 1, "download": 1}
+    hub.resolve_model_dir("someorg/asked-once", revision="v2")
+    assert calls == {"info": 2, "download": 2}

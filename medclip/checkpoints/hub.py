@@ -87,10 +87,15 @@ def _repo_files(repo_id: str, repo_type: str | None = None, revision: str | None
     return [s.rfilename for s in (info.siblings or [])]
 
 
+# Hub names resolved in this process: the up-front name check, the model, its tokenizer and the tools each resolve
+# the same name, and each resolution online is a request to the Hub.
+_RESOLVED: dict[tuple[str, str | None, str], Path] = {}
+
+
 def resolve_model_dir(name_or_path: str | os.PathLike, *, revision: str | None = None) -> Path:
     """A local model folder as is, or a Hub repo id downloaded (config, one weights file, tokenizer) into
-    the huggingface_hub cache. Offline (HF_HUB_OFFLINE=1 or no network) the cache is used. open_clip's
-    `hf-hub:ORG/NAME` spelling is accepted."""
+    the huggingface_hub cache, once per process. Offline (HF_HUB_OFFLINE=1 or no network) the cache is used.
+    open_clip's `hf-hub:ORG/NAME` spelling is accepted."""
     name_or_path = str(name_or_path).removeprefix("hf-hub:")
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -102,6 +107,13 @@ def resolve_model_dir(name_or_path: str | os.PathLike, *, revision: str | None =
         raise NotADirectoryError(f"{path} is a file; pass the model folder (with config.json) or a Hub id")
     if _looks_local(name):
         raise ModelNotFoundError(f"model folder {path} does not exist (under {Path.cwd()})")
+    key = (name, revision, cache_dir())
+    if key not in _RESOLVED:
+        _RESOLVED[key] = _download_model(name, revision)
+    return _RESOLVED[key]
+
+
+def _download_model(name: str, revision: str | None) -> Path:
     import huggingface_hub
 
     files = _repo_files(name, revision=revision)
@@ -123,6 +135,13 @@ def resolve_model_dir(name_or_path: str | os.PathLike, *, revision: str | None =
 def resolve_named_checkpoint(name: str) -> Path:
     """The local file of a released checkpoint named as its own code names it (`PMC_CLIP:beta`), downloaded into
     (or, offline, found in) the huggingface_hub cache."""
+    key = (name, None, cache_dir())
+    if key not in _RESOLVED:
+        _RESOLVED[key] = _download_named_checkpoint(name)
+    return _RESOLVED[key]
+
+
+def _download_named_checkpoint(name: str) -> Path:
     import huggingface_hub
 
     repo_id, repo_type, filename = NAMED_CHECKPOINTS[name]
