@@ -42,6 +42,7 @@ import json
 import math
 import os
 import shlex
+import resource
 import subprocess
 import sys
 import time
@@ -73,7 +74,16 @@ ABLATION = (
     "--num_train_epochs 8",                               # more epochs (our time budget)
     "--do_eval --validation_file {test}",                 # evaluating every epoch: its cost
 )
-METRICS = ("zeroshot_modality", "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "wall_s")
+METRICS = ("zeroshot_modality", "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "wall_s",
+           "cpu_s")
+SECONDS = ("wall_s", "cpu_s")
+
+
+def children_cpu_s() -> float:
+    """CPU seconds (user + system, all threads) of the finished child processes so far: unlike wall time, it
+    hardly moves when other work loads the machine, so runs made at different loads still compare."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 # -- data ------------------------------------------------------------------------------------------------
@@ -149,11 +159,11 @@ def ours_argv(args, train: Path, out: Path, flags: str) -> list[str]:
 
 
 def run_ours(args, train: Path, test: list[dict], out: Path, flags: str, log: Path) -> dict[str, float]:
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), children_cpu_s()
     with log.open("w") as f:
         code = subprocess.call(ours_argv(args, train, out, flags), stdout=f, stderr=subprocess.STDOUT,
                                env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, children_cpu_s() - cpu_start
     if code != 0:
         raise RuntimeError(f"run_hybrid_clip.py exited {code}; see {log}")
     from medclip.inference.embedder import Embedder
@@ -164,7 +174,7 @@ def run_ours(args, train: Path, test: list[dict], out: Path, flags: str, log: Pa
         raise RuntimeError(f"test images skipped by the embedder: {skipped}")
     text_embeds = embedder.embed_texts([p["captions"][0] for p in test])
     class_embeds = embedder.embed_texts([PROMPT.format(name) for name in MODALITIES])
-    return {**score(test, image_embeds, text_embeds, class_embeds), "wall_s": wall}
+    return {**score(test, image_embeds, text_embeds, class_embeds), "wall_s": wall, "cpu_s": cpu}
 
 
 # -- the PyTorch reference (runs in its own process: python quality.py --reference ...) ------------------
@@ -257,16 +267,16 @@ def reference_main(train_path: Path, test_path: Path, out: Path, args) -> None:
             schedule.step()
     loop_s = time.perf_counter() - loop_start
 
-    eval_start = time.perf_counter()
+    eval_start, eval_cpu_start = time.perf_counter(), time.process_time()
     vision.eval()
     with torch.no_grad():
         test_images = torch.stack([load_image(p["image_path"]) for p in test])
         image_embeds = torch.cat([encode_images(normalise(test_images[i:i + 64])) for i in range(0, len(test), 64)])
         text_embeds = encode_text([p["captions"][0] for p in test])
         class_embeds = encode_text([PROMPT.format(name) for name in MODALITIES])
-    eval_s = time.perf_counter() - eval_start
+    eval_s, eval_cpu_s = time.perf_counter() - eval_start, time.process_time() - eval_cpu_start
     np.savez(out, image_embeds=image_embeds.numpy(), text_embeds=text_embeds.numpy(),
-             class_embeds=class_embeds.numpy(), loop_s=loop_s, eval_s=eval_s,
+             class_embeds=class_embeds.numpy(), loop_s=loop_s, eval_s=eval_s, eval_cpu_s=eval_cpu_s,
              process_s=time.perf_counter() - process_start)
 
 
@@ -276,15 +286,16 @@ def run_reference(args, train: Path, test_path: Path, out: Path, log: Path) -> d
             "--learning_rate", str(args.learning_rate), "--weight_decay", str(args.weight_decay),
             "--seed", str(args.seed), "--reference_schedule", args.reference_schedule,
             "--reference_warmup", str(args.reference_warmup)]
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), children_cpu_s()
     with log.open("w") as f:
         code = subprocess.call(argv, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, children_cpu_s() - cpu_start
     if code != 0:
         raise RuntimeError(f"the PyTorch reference exited {code}; see {log}")
     saved = np.load(out)
     result = score(read_jsonl(test_path), saved["image_embeds"], saved["text_embeds"], saved["class_embeds"])
-    return {**result, "wall_s": wall - float(saved["eval_s"]), "loop_s": float(saved["loop_s"])}
+    return {**result, "wall_s": wall - float(saved["eval_s"]), "cpu_s": cpu - float(saved["eval_cpu_s"]),
+            "loop_s": float(saved["loop_s"])}
 
 
 # -- the run ---------------------------------------------------------------------------------------------
@@ -292,7 +303,7 @@ def summarise(rows: list[dict]) -> dict[str, str]:
     out = {}
     for key in METRICS:
         values = np.array([r[key] for r in rows], float)
-        fmt = "{:.0f}" if key == "wall_s" else "{:.3f}"
+        fmt = "{:.0f}" if key in SECONDS else "{:.3f}"
         out[key] = fmt.format(values.mean()) + (f" ± {fmt.format(values.std(ddof=1))}" if len(values) > 1 else "")
     return out
 
@@ -310,7 +321,8 @@ def markdown(args, sides: dict[str, list[dict]], n_pairs: int, smoke: bool, fail
              f"{split}; reference schedule {args.reference_schedule} (warmup {args.reference_warmup}), "
              f"{args.epochs} epoch(s), batch {args.batch_size}, AdamW lr {args.learning_rate} wd {args.weight_decay}, "
              f"seed {args.seed}. Mean ± standard deviation over folds (or repeats). wall_s: the whole training process "
-             "(start-up included, test embedding excluded).", "",
+             "(start-up included, test embedding excluded); cpu_s: its CPU seconds, all threads (the figure that "
+             "compares when the machine's load changes between runs).", "",
              "| side | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
     for name, rows in sides.items():
         summary = summarise(rows)
