@@ -134,7 +134,7 @@ def test_drop_path_drops_whole_examples_and_rescales_the_rest():
 def test_image_cache_refuses_a_convnext_with_drop_path_through_the_contract():
     ok = dict(freeze_vision=True, train_crop="center", hflip=False, dropout=True, freeze_bn_stats=False)
     config = TimmConvNeXtConfig.tiny()
-    tower = TimmConvNeXt(config, rngs=nnx.Rngs(0))
+    tower = nnx.eval_shape(lambda: TimmConvNeXt(config, rngs=nnx.Rngs(0)))
 
     def model(vision_config):
         return SimpleNamespace(config=SimpleNamespace(vision_config=vision_config), vision_model=tower)
