@@ -18,7 +18,7 @@ from safetensors.numpy import load_file
 
 from medclip import FlaxHybridCLIP
 from medclip.checkpoints import conversion
-from medclip.checkpoints.assembly import model_tensors
+from medclip.checkpoints.assembly import fill, model_tensors
 from medclip.checkpoints.openclip import OpenCLIPConfigError, config_from_open_clip
 from medclip.models import kernels, registry
 from medclip.models.layers import drop_path
@@ -119,6 +119,10 @@ def test_drop_path_is_active_with_a_key_and_deterministic_given_it():
     assert _max_err(a, io["features"]) > 1e-3 and _max_err(a, c) > 1e-3
     _, quiet = _fixture_tower("timm_convnext_tiny")(px, dropout_rng=key)  # rate 0: the key changes nothing
     np.testing.assert_array_equal(np.asarray(quiet), np.asarray(eval_out))
+    remat = fill(nnx.eval_shape(lambda: TimmConvNeXt(tower.config, remat=True, rngs=nnx.Rngs(0))),
+                 model_tensors(tower))
+    np.testing.assert_allclose(np.asarray(remat(px, dropout_rng=key, pooled_only=True)[1]), np.asarray(a),
+                               atol=1e-6)  # the same blocks dropped under rematerialisation
 
 
 def test_drop_path_drops_whole_examples_and_rescales_the_rest():
