@@ -137,7 +137,7 @@ def test_drop_path_drops_whole_examples_and_rescales_the_rest():
 
 
 def test_image_cache_refuses_a_convnext_with_drop_path_through_the_contract():
-    ok = dict(freeze_vision=True, train_crop="center", hflip=False, dropout=True, freeze_bn_stats=False)
+    ok = {"freeze_vision": True, "train_crop": "center", "hflip": False, "dropout": True, "freeze_bn_stats": False}
     config = TimmConvNeXtConfig.tiny()
     tower = nnx.eval_shape(lambda: TimmConvNeXt(config, rngs=nnx.Rngs(0)))
 

@@ -32,16 +32,16 @@ from medclip.models.weights import Rule, conv2d, linear, norm
 
 # timm name -> create_model defaults (depths, dims, and what differs from ConvNeXt's own defaults)
 ARCHITECTURES: dict[str, dict[str, Any]] = {
-    "convnext_atto": dict(depths=(2, 2, 6, 2), dims=(40, 80, 160, 320), conv_mlp=True),
-    "convnext_femto": dict(depths=(2, 2, 6, 2), dims=(48, 96, 192, 384), conv_mlp=True),
-    "convnext_pico": dict(depths=(2, 2, 6, 2), dims=(64, 128, 256, 512), conv_mlp=True),
-    "convnext_nano": dict(depths=(2, 2, 8, 2), dims=(80, 160, 320, 640), conv_mlp=True),
-    "convnext_tiny": dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768)),
-    "convnext_small": dict(depths=(3, 3, 27, 3), dims=(96, 192, 384, 768)),
-    "convnext_base": dict(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024)),
-    "convnext_large": dict(depths=(3, 3, 27, 3), dims=(192, 384, 768, 1536)),
-    "convnext_xlarge": dict(depths=(3, 3, 27, 3), dims=(256, 512, 1024, 2048)),
-    "convnext_xxlarge": dict(depths=(3, 4, 30, 3), dims=(384, 768, 1536, 3072), norm_eps=1e-5),
+    "convnext_atto": {"depths": (2, 2, 6, 2), "dims": (40, 80, 160, 320), "conv_mlp": True},
+    "convnext_femto": {"depths": (2, 2, 6, 2), "dims": (48, 96, 192, 384), "conv_mlp": True},
+    "convnext_pico": {"depths": (2, 2, 6, 2), "dims": (64, 128, 256, 512), "conv_mlp": True},
+    "convnext_nano": {"depths": (2, 2, 8, 2), "dims": (80, 160, 320, 640), "conv_mlp": True},
+    "convnext_tiny": {"depths": (3, 3, 9, 3), "dims": (96, 192, 384, 768)},
+    "convnext_small": {"depths": (3, 3, 27, 3), "dims": (96, 192, 384, 768)},
+    "convnext_base": {"depths": (3, 3, 27, 3), "dims": (128, 256, 512, 1024)},
+    "convnext_large": {"depths": (3, 3, 27, 3), "dims": (192, 384, 768, 1536)},
+    "convnext_xlarge": {"depths": (3, 3, 27, 3), "dims": (256, 512, 1024, 2048)},
+    "convnext_xxlarge": {"depths": (3, 4, 30, 3), "dims": (384, 768, 1536, 3072), "norm_eps": 1e-5},
 }
 MLP_RATIO = 4  # timm's ConvNeXt does not expose it
 # timm.create_model / ConvNeXt(...) keywords: ours, or accepted because the tower does not depend on them
