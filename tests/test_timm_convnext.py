@@ -204,3 +204,26 @@ def test_open_clip_convnext_config_builds_with_its_drop_path_and_round_trips(tmp
     with pytest.raises(OpenCLIPConfigError, match="timm_drop_path.*drop_path_rate"):
         config_from_open_clip(_open_clip_cfg(timm_model_name="resnet50",
                                              timm_model_kwargs={"layers": [1, 1, 1, 1]}))
+
+
+def test_open_clip_convnext_folder_matches_open_clip_and_exports_its_state_dict(tmp_path):
+    """open_clip's own CLIP with a ConvNeXt TimmModel trunk (tests/golden/openclip_convnext: timm_pool "",
+    timm_drop_path 0.1): image and text features and logits as open_clip's; our export holds exactly its keys
+    and values, and its model config."""
+    folder = GOLDEN / "openclip_convnext"
+    model = FlaxHybridCLIP.from_pretrained(folder)
+    assert model.config.vision_config == TimmConvNeXtConfig.tiny().replace(drop_path_rate=0.1)
+    io = _io("openclip_convnext")
+    px, ids = _nhwc(io), jnp.asarray(io["input_ids"])
+    ours = {"image_features": model.get_image_features(px),
+            "text_features": model.get_text_features(ids, jnp.asarray(io["attention_mask"])),
+            "logits_per_image": model(ids, px, jnp.asarray(io["attention_mask"])).logits_per_image}
+    for name, value in ours.items():
+        err = _max_err(value, io[name])
+        assert err < ATOL * (10 if name == "logits_per_image" else 1), f"{name}: max abs error {err:.2e}"
+    out = model.save_open_clip(tmp_path / "export")
+    reference, exported = load_file(folder / "open_clip_model.safetensors"), load_file(out / "open_clip_model.safetensors")
+    assert set(exported) == set(reference)
+    assert all(np.array_equal(exported[k], reference[k]) for k in reference)
+    written = json.loads((out / "open_clip_config.json").read_text())["model_cfg"]
+    assert written == json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]

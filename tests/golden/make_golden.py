@@ -371,6 +371,44 @@ def make_timm_small(name: str, seed: int, architecture: str, model_args: dict, i
                state_dict=state_dict_listing(model.state_dict()))
 
 
+def layer_scale_(model: torch.nn.Module, seed: int):
+    """Every ConvNeXt layer scale `gamma` ~ U(0.25, 1.25): timm's init (1e-6) would hide every block."""
+    gen = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".gamma"):
+                param.copy_(torch.rand(param.shape, generator=gen) + 0.25)
+
+
+def make_openclip_convnext(seed: int):
+    """open_clip's own convnext_* vision_cfg (timm_pool "", linear proj, timm_drop_path 0.1), the trunk shrunk."""
+    folder = fixture_dir("openclip_convnext")
+    timm_name, timm_kwargs = "convnext_tiny", {"depths": [1, 2, 1, 1], "dims": [8, 16, 24, 32]}
+    vision_cfg = {"timm_model_name": timm_name, "timm_model_pretrained": False, "timm_pool": "",
+                  "timm_proj": "linear", "timm_drop": 0.0, "timm_drop_path": 0.1, "image_size": 64}
+    torch.manual_seed(seed)
+    with timm_kwargs_patch(timm_name, timm_kwargs):
+        model = open_clip.CLIP(embed_dim=16, vision_cfg=vision_cfg, text_cfg=dict(TINY_TEXT_CFG))
+    perturb_(model, seed)
+    layer_scale_(model, seed)
+    model.eval()
+    pixel_values = images(seed, BATCH, 64)
+    input_ids, attention_mask = tiny_clip_texts(seed)
+    outputs = clip_outputs(model, pixel_values, input_ids)
+    model_cfg = {"embed_dim": 16, "vision_cfg": {**vision_cfg, "timm_model_kwargs": timm_kwargs},
+                 "text_cfg": dict(TINY_TEXT_CFG)}
+    write_openclip_hub(folder, model, model_cfg)
+    save_npz(folder / "io.npz", {"pixel_values": to_np(pixel_values), "input_ids": to_np(input_ids),
+                                 "attention_mask": to_np(attention_mask), **outputs})
+    write_meta(folder, seed, "open_clip CLIP with a timm ConvNeXt trunk (TimmModel: timm_pool '' keeps timm's "
+               "average pool + head.norm, linear projection without bias, timm_drop_path 0.1 passed to timm as "
+               "drop_path_rate, inactive in eval) + builtin tiny text. Layer scale gamma ~ U(0.25, 1.25).",
+               model_cfg, state_dict=state_dict_listing(model.state_dict()),
+               build={"timm_architecture": timm_name, "timm_kwargs": timm_kwargs,
+                      "how": "timm.create_model wrapped during construction to add timm_kwargs (as biomedclip)"},
+               token_ids={"sot": SOT_ID, "eot": EOT_ID, "pad": 0})
+
+
 def make_timm_convnext(name: str, seed: int, architecture: str, model_args: dict, image_size: int,
                        description: str):
     """A timm ConvNeXt shrunk through create_model kwargs (no BatchNorm: no train-mode statistics to store). timm
@@ -380,11 +418,7 @@ def make_timm_convnext(name: str, seed: int, architecture: str, model_args: dict
     torch.manual_seed(seed)
     model = timm.create_model(architecture, num_classes=0, **model_args)
     perturb_(model, seed)
-    gen = torch.Generator().manual_seed(seed + 1000)
-    with torch.no_grad():
-        for param_name, param in model.named_parameters():
-            if param_name.endswith(".gamma"):
-                param.copy_(torch.rand(param.shape, generator=gen) + 0.25)
+    layer_scale_(model, seed)
     model.eval()
     pixel_values = images(seed, BATCH, image_size)
     with torch.no_grad():
@@ -457,6 +491,7 @@ def make_convnexts():
                        "timm convnext_atto (conv_mlp: the MLP as 1x1 convolutions, LayerNorm2d in the blocks) shrunk "
                        "through create_model kwargs, 3x3 depthwise kernels, no drop path. Outputs as "
                        "timm_convnext_tiny.")
+    make_openclip_convnext(SEED + 10)
 
 
 def make_all():
