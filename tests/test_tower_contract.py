@@ -42,7 +42,7 @@ def test_every_builtin_tower_follows_the_contract_of_its_kind():
     kinds = {"vision": VisionTowerConfig, "text": TextTowerConfig}
     specs = registry.towers()
     assert {s.name for s in specs} >= {"clip_vision_model", "timm_vit", "modified_resnet", "timm_resnet",
-                                       "timm_efficientnet", "clip_text_model", "bert"}
+                                       "timm_efficientnet", "timm_convnext", "clip_text_model", "bert"}
     for spec in specs:
         config = spec.config_class.tiny() if hasattr(spec.config_class, "tiny") else spec.config_class()
         assert isinstance(config, kinds[spec.kind]), spec.name

@@ -86,7 +86,8 @@ def to_ours(hf_tensors: dict[str, np.ndarray], rules: list[Rule], target_shapes:
     converted: dict[str, np.ndarray] = {}
     unused, mismatched = [], []
     for raw_key, value in hf_tensors.items():
-        key = normalize_hf_key(raw_key)
+        # a rule for the key as written first: timm's layer scale is a `.gamma` that is no LayerNorm's
+        key = raw_key if _matching_rules(rules, raw_key) else normalize_hf_key(raw_key)
         matches = [(rule, ours) for rule, ours in _matching_rules(rules, key) if ours in target_shapes]
         if not matches:
             if not (IGNORED_KEYS.search(key) or (ignored is not None and ignored.search(key))):

@@ -56,13 +56,17 @@ def _vision_config(cfg: dict[str, Any], embed_dim: int, quick_gelu: bool) -> tup
             raise OpenCLIPConfigError(f"vision_cfg.image_size {image_size}: only square images are supported")
         image_size = image_size[0]
     if cfg.get("timm_model_name"):
-        _refuse(cfg, "vision_cfg", {"timm_drop": 0.0, "timm_drop_path": None})
+        _refuse(cfg, "vision_cfg", {"timm_drop": 0.0})
         kwargs = dict(cfg.get("timm_model_kwargs") or {})
         kwargs.setdefault("img_size", image_size)
+        where = "vision_cfg.timm_model_name"
+        if cfg.get("timm_drop_path") is not None:  # TimmModel passes it to timm as drop_path_rate
+            kwargs["drop_path_rate"] = cfg["timm_drop_path"]
+            where += " (timm_drop_path as drop_path_rate)"
         try:
             vision = registry.vision_config_from_timm(cfg["timm_model_name"], **kwargs)
         except ValueError as e:
-            raise OpenCLIPConfigError(f"vision_cfg.timm_model_name: {e}") from None
+            raise OpenCLIPConfigError(f"{where}: {e}") from None
         # "" keeps the trunk's own pooling (a ViT's class token, a convnet's average), "avg" averages the
         # feature map (or a ViT's tokens, which we do not build); open_clip's default is "avg"
         pools, pool = vision.timm_pools, cfg.get("timm_pool", "avg")

@@ -6,7 +6,7 @@ itself, in this order), so the registry is complete wherever it is used.
 """
 
 from medclip.models import (  # noqa: F401 (imported to register their towers)
-    clip_vision, timm_vit, modified_resnet, timm_resnet, timm_efficientnet, clip_text, bert)
+    clip_vision, timm_vit, modified_resnet, timm_resnet, timm_efficientnet, timm_convnext, clip_text, bert)
 
 from medclip.models.bert import BertConfig, BertTower
 from medclip.models.clip_text import CLIPTextConfig, CLIPTextTower
@@ -14,6 +14,7 @@ from medclip.models.clip_vision import CLIPVisionConfig, CLIPVisionTower
 from medclip.models.heads import HeadConfig
 from medclip.models.hybrid import HybridCLIP, HybridCLIPConfig
 from medclip.models.preprocess import Preprocess
+from medclip.models.timm_convnext import TimmConvNeXtConfig
 from medclip.models.timm_efficientnet import TimmEfficientNetConfig
 from medclip.models.timm_resnet import TimmResNetConfig
 from medclip.models.timm_vit import TimmViTConfig
@@ -29,6 +30,7 @@ __all__ = [
     "HybridCLIP",
     "HybridCLIPConfig",
     "Preprocess",
+    "TimmConvNeXtConfig",
     "TimmEfficientNetConfig",
     "TimmResNetConfig",
     "TimmViTConfig",

@@ -59,6 +59,15 @@ def dropout(x: Array, rate: float, rng: Array | None) -> Array:
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
+def drop_path(x: Array, rate: float, rng: Array | None) -> Array:
+    """Stochastic depth (timm's DropPath): a residual branch zeroed for whole examples with probability `rate`,
+    the kept ones scaled by 1 / (1 - rate), so the expectation is unchanged; a `None` key means inference."""
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
 def split_rng(rng: Array | None, n: int) -> list[Array | None]:
     """Splits a dropout key, passing `None` through so callers need no branches."""
     if rng is None:

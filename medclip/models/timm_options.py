@@ -31,7 +31,9 @@ def check_timm_kwargs(name: str, kwargs: dict[str, Any], ours: dict[str, str], n
 def timm_config_fields(name: str, family: str, architectures: Mapping[str, Any], kwargs: dict[str, Any],
                        ours: dict[str, str], no_effect: set[str], defaults: dict[str, tuple]) -> dict[str, Any]:
     """The config fields of `timm.create_model(name, **kwargs)` for a family of architectures we build:
-    an unknown name or keyword is refused by name (check_timm_kwargs), the rest renamed to our fields."""
+    an unknown name or keyword is refused by name (check_timm_kwargs), the rest renamed to our fields. A None
+    keyword is dropped first, as timm.create_model drops it (the architecture's default stands)."""
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if name not in architectures:
         raise UnknownArchitectureError(f"timm architecture {name!r} is not a supported {family}; supported: "
                                        f"{sorted(architectures)}")

