@@ -119,3 +119,24 @@ def test_medsiglip_full_size_builds_abstractly_with_transformers_parameter_count
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
     assert count == expected
     assert 850e6 < count < 900e6  # about 400M + 400M and the embeddings
+
+
+def test_medclip_evaluate_and_zeroshot_run_google_medsiglip_448_from_the_cache(cached_medsiglip, tmp_path, capsys):
+    import json
+    import re
+
+    from medclip.cli import main
+    from medclip.data.synthetic import write_synthetic_dataset
+
+    jsonl = write_synthetic_dataset(tmp_path / "data", 8, seed=5, image_size=40)
+    out = tmp_path / "results.json"
+    assert main(["evaluate", REPO, str(jsonl), "--out", str(out), "--batch_size", "4"]) == 0
+    assert "R@1" in capsys.readouterr().out and json.loads(out.read_text())["n_pairs"] == 8
+    image = sorted((tmp_path / "data" / "images").iterdir())[0]
+    assert main(["zeroshot", REPO, str(image), "--labels", "CT", "MRI", "ultrasound"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    parsed = [re.match(r"\s*\d+\s+p=(\S+)\s+cos=(\S+)\s+(.*)$", line).groups() for line in lines]
+    theirs, _ = cached_medsiglip
+    scale, bias = float(theirs.logit_scale.exp()), float(theirs.logit_bias)
+    for p, cos, _ in parsed:  # sigmoid(scale * cos + bias) per label, not a softmax over them
+        assert float(p) == pytest.approx(1 / (1 + np.exp(-(scale * float(cos) + bias))), abs=2e-4)
