@@ -16,9 +16,9 @@ from medclip.models.tower_contract import UnsupportedOptionError
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from tests.hf_fixtures import randomize  # noqa: E402
+from tests.hf_fixtures import randomize
 
-TOWER = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+TOWER = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4}
 LOGIT_SCALE, LOGIT_BIAS = 4.9, -7.3
 TOLERANCE = 1e-4
 
