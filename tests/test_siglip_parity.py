@@ -157,3 +157,21 @@ def test_siglip_towers_pair_from_their_folders(tmp_path):
         hidden = theirs.text_model(input_ids=torch.from_numpy(ids)).last_hidden_state[:, -1].numpy()
     _, text = paired.text_model(jnp.asarray(ids))
     np.testing.assert_allclose(np.asarray(text), hidden, atol=TOLERANCE, rtol=0)
+
+
+def test_an_open_clip_siglip_folder_is_refused_by_name(tmp_path):
+    """open_clip's ViT-SO400M-14-SigLIP-384 config: a timm trunk with MAP pooling, text pooled at the last token."""
+    from medclip.checkpoints.openclip import OpenCLIPConfigError
+
+    model_cfg = {"embed_dim": 1152, "init_logit_bias": -10, "custom_text": True,
+                 "vision_cfg": {"image_size": 384, "timm_model_name": "vit_so400m_patch14_siglip_384",
+                                "timm_model_pretrained": False, "timm_pool": "map", "timm_proj": "none"},
+                 "text_cfg": {"context_length": 64, "vocab_size": 32000, "width": 1152, "heads": 16, "layers": 27,
+                              "mlp_ratio": 3.7362, "no_causal_mask": True, "proj_bias": True, "pool_type": "last",
+                              "norm_kwargs": {"eps": 1e-6}}}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+    from safetensors.numpy import save_file
+
+    save_file({"logit_bias": np.zeros((1,), np.float32)}, str(tmp_path / "open_clip_model.safetensors"))
+    with pytest.raises(OpenCLIPConfigError, match="OpenCLIP SigLIP model .* load its transformers SiglipModel"):
+        FlaxHybridCLIP.from_pretrained(tmp_path)
