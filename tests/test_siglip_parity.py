@@ -115,14 +115,14 @@ def test_siglip2_other_resolutions_are_refused_by_name(tmp_path):
 
 
 def test_clip_models_still_clamp_their_logit_scale():
-    from medclip.models.hybrid import LOGIT_SCALE_MAX, HybridCLIPConfig
+    from medclip.models.hybrid import LOGIT_SCALE_MAX, HybridCLIPConfig, logit_temperature
 
-    config = HybridCLIPConfig.tiny("clip_text_model").replace(logit_scale_init_value=LOGIT_SCALE)
-    model = FlaxHybridCLIP(config)
-    assert float(model.temperature_scale()) == LOGIT_SCALE_MAX
-    unclamped = FlaxHybridCLIP(config.replace(clamp_logit_scale=False))
-    assert float(unclamped.temperature_scale()) == pytest.approx(np.exp(LOGIT_SCALE), rel=1e-6)
-    assert HybridCLIPConfig.from_dict(unclamped.config.to_dict()) == unclamped.config
+    config = HybridCLIPConfig.tiny("clip_text_model")
+    assert config.clamp_logit_scale and "clamp_logit_scale" not in config.to_dict()["medclip"]
+    assert float(logit_temperature(jnp.asarray(LOGIT_SCALE), config.clamp_logit_scale)) == LOGIT_SCALE_MAX
+    unclamped = config.replace(clamp_logit_scale=False)
+    assert float(logit_temperature(jnp.asarray(LOGIT_SCALE), False)) == pytest.approx(np.exp(LOGIT_SCALE), rel=1e-6)
+    assert HybridCLIPConfig.from_dict(unclamped.to_dict()) == unclamped
 
 
 def test_eval_loss_rebuilds_siglip_logits_unclamped():
