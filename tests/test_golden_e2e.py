@@ -218,3 +218,31 @@ def test_unimplemented_open_clip_timm_options_are_refused_by_name(option, value)
     cfg["text_cfg"] = {"context_length": 16, "vocab_size": 99, "width": 32, "heads": 4, "layers": 2}
     with pytest.raises(OpenCLIPConfigError, match=option):
         config_from_open_clip(cfg)
+
+
+@pytest.mark.parametrize("change,refused", [({"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25] * 3, "resample": 2},
+                                             None),
+                                            ({"do_center_crop": False}, "do_center_crop"),
+                                            ({"crop_size": {"height": 48, "width": 48}}, "crop_size"),
+                                            ({"resample": 0}, "resample"),
+                                            ({"image_processor_type": "SiglipImageProcessor"}, "SiglipImageProcessor")])
+def test_transformers_clip_takes_its_saved_image_processor(change, refused, tmp_path):
+    """A CLIPModel folder's preprocessing is its CLIPImageProcessor's (processor_config.json, as transformers 5
+    saves it): mean, std and resample read; what we do not implement refused by name."""
+    import json
+
+    from medclip import FlaxHybridCLIP
+    from medclip.checkpoints.hf_layout import ImageProcessorError
+
+    folder = g.model_path("e2e_hf_clip", tmp_path)
+    path = folder / "processor_config.json"
+    data = json.loads(path.read_text())
+    data["image_processor"].update(change)
+    path.write_text(json.dumps(data))
+    if refused:
+        with pytest.raises(ImageProcessorError, match=refused):
+            FlaxHybridCLIP.from_pretrained(folder)
+        return
+    preprocess = FlaxHybridCLIP.from_pretrained(folder).config.image_preprocess
+    assert (preprocess.mean, preprocess.std) == ((0.5,) * 3, (0.25,) * 3)
+    assert (preprocess.resample, preprocess.crop_rounding) == ("pil_bilinear", "floor")
