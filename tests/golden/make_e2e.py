@@ -12,7 +12,8 @@ PMC-CLIP's AutoTokenizer call). Each e2e_<family>/ holds the model as its refere
     logits_per_image (n_images, n_captions)    logit_scale.exp() * normalised image @ normalised text
 
 meta.json names the files, the config, the reference calls, and the weights that are not stored (the MiniLM text
-tower: `external_text_weights`; the full-size EfficientNetV2: `numpy_weights`).
+tower: `external_text_weights`; the full-size EfficientNetV2: `numpy_weights`; the CLIP tokenizer.json of
+e2e_hf_clip: `external_tokenizer`, stored once in clip_tokenizer/).
 """
 
 from __future__ import annotations
