@@ -30,7 +30,7 @@ def measure(name: str, tmp: Path) -> list[tuple[str, dict]]:
 
     model, path = g.load(name, tmp)
     out = {f"model-only {k}": v for k, v in g.model_only(name, model).items()}
-    out["model-only text (saved mask)"] = g.model_only(name, model, g.text_mask(model, g.io(name)["input_ids"]))[
+    out["model-only text (saved mask)"] = g.model_only(name, model, g.text_mask(name, model))[
         "text_features"]
     if path.suffix == ".pt":
         import shutil

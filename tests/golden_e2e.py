@@ -135,12 +135,18 @@ def reference_mask(name: str, ids: np.ndarray, model) -> np.ndarray:
     return (ids != pad).astype(np.int64)
 
 
-def text_mask(model, ids: np.ndarray) -> np.ndarray:
-    """The mask our model's saved text preprocessing asks for (HybridCLIPConfig.text_preprocess.mask_padding)."""
+def text_mask(name: str, model) -> np.ndarray:
+    """The mask our model's saved text preprocessing asks for (HybridCLIPConfig.text_preprocess.mask_padding) on the
+    reference's token ids: the tokenizer's own where the reference kept it (transformers' CLIPTokenizer pads with
+    its end-of-text id, not the config's pad_token_id), else the pad id's positions."""
+    data = io(name)
+    ids = data["input_ids"]
+    if not model.config.text_preprocess.mask_padding:
+        return np.ones_like(ids)
+    if "attention_mask" in data:
+        return data["attention_mask"]
     pad = getattr(model.config.text_config, "pad_token_id", 0) or 0
-    if model.config.text_preprocess.mask_padding:
-        return (ids != pad).astype(np.int64)
-    return np.ones_like(ids)
+    return (ids != pad).astype(np.int64)
 
 
 def tokenize(embedder, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

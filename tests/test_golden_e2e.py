@@ -97,7 +97,7 @@ def test_image_features_match_the_reference_on_its_pixels(name, tmp_models):
 def test_text_features_and_logits_match_the_reference_on_its_token_ids(name, tmp_models):
     """The model's saved text preprocessing decides the mask: PMC-CLIP's padding is attended (no mask)."""
     model, _ = _load(name, tmp_models)
-    errors = g.model_only(name, model, g.text_mask(model, g.io(name)["input_ids"]))
+    errors = g.model_only(name, model, g.text_mask(name, model))
     assert errors["text_features"] < MODEL_ONLY and errors["logits"] < MODEL_ONLY, errors
 
 
