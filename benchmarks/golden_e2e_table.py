@@ -5,8 +5,9 @@ through our code, model x (token ids, pixels, image features, text features, log
 
 Model-only columns feed the reference's pixels and token ids (relative: max abs error / the reference's max abs);
 end-to-end columns read the JPEG files and caption strings through `Embedder` (max abs error of L2-normalised
-embeddings; pixels: max and mean abs in normalised units). Families without tokenizer files (builtin CLIP text:
-open_clip's own BPE tokenizer) have no end-to-end text columns. Runs a few minutes on 2 cores.
+embeddings; pixels: max and mean abs in normalised units). Builtin CLIP text towers read the HF CLIP tokenizer that
+open_clip's push_to_hf_hub saves beside them (tests/golden/clip_tokenizer). transformers' CLIP gets two rows: against
+its default CLIPImageProcessor (torchvision) and CLIPImageProcessorPil. Runs a few minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -22,15 +23,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import golden_e2e as g  # noqa: E402
 
 
-def measure(name: str, tmp: Path) -> dict:
+def measure(name: str, tmp: Path) -> list[tuple[str, dict]]:
+    """One row per reference preprocessing: transformers' CLIP has two (its default CLIPImageProcessor, torchvision
+    on tensors, and CLIPImageProcessorPil)."""
     from medclip.inference.embedder import Embedder
 
     model, path = g.load(name, tmp)
     out = {f"model-only {k}": v for k, v in g.model_only(name, model).items()}
-    text_preprocess = getattr(model.config, "text_preprocess", None)
-    if text_preprocess is not None:
-        out["model-only text (saved mask)"] = g.model_only(name, model, g.text_mask(model, g.io(name)["input_ids"]))[
-            "text_features"]
+    out["model-only text (saved mask)"] = g.model_only(name, model, g.text_mask(name, model))[
+        "text_features"]
     if path.suffix == ".pt":
         import shutil
 
@@ -40,31 +41,27 @@ def measure(name: str, tmp: Path) -> dict:
             shutil.copyfile(path.parent / part, folder / part)
         path = folder
     data = g.io(name)
-    if g.has_tokenizer(name):
-        embedder = Embedder(path, batch_size=4)
-        pixels = embedder.preprocess(g.image_files())
-        images = embedder.embed_pixels(pixels)
-        text = embedder.embed_texts(g.captions())
-        if text_preprocess is not None:
-            ids, _ = g.tokenize(embedder, g.captions())
-            out["token ids equal"] = bool(np.array_equal(ids, data["input_ids"]))
-        out["e2e text embeds"] = float(np.abs(text - g.l2n(data["text_features"])).max())
+    embedder = Embedder(path, batch_size=4)
+    pixels = embedder.preprocess(g.image_files())
+    images = embedder.embed_pixels(pixels)
+    text = embedder.embed_texts(g.captions())
+    out["token ids equal"] = g.token_ids_match(name, *g.tokenize(embedder, g.captions()))
+    out["e2e text embeds"] = float(np.abs(text - g.l2n(data["text_features"])).max())
+    rows = []
+    for suffix, pil in (("", ""), (", CLIPImageProcessorPil", "_pil")):
+        if "pixel_values" + pil not in data:
+            continue
+        row = dict(out)
+        diff = np.abs(pixels.transpose(0, 3, 1, 2) - data["pixel_values" + pil])
+        row["e2e pixels max"], row["e2e pixels mean"] = float(diff.max()), float(diff.mean())
+        reference = g.l2n(data["image_features" + pil])
+        row["e2e image embeds"] = float(np.abs(images - reference).max())
         logits = float(np.exp(data["logit_scale"])) * images @ text.T
-        out["e2e logits"] = g.rel(logits, data["logits_per_image"])
-    else:  # no tokenizer: the evaluation pipeline's pixels into the model
-        import jax.numpy as jnp
-
-        from medclip.data.pipeline import decoded_eval_images
-        from medclip.data.records import Record
-
-        records = [Record(id=str(i), image=f, captions=["x"]) for i, f in enumerate(g.image_files())]
-        _, pixels = next(decoded_eval_images(records, image_size=model.config.vision_config.image_size,
-                                             batch_size=9, preprocess=model.config.image_preprocess))
-        images = g.l2n(np.asarray(model.get_image_features(jnp.asarray(pixels))))
-    diff = np.abs(pixels.transpose(0, 3, 1, 2) - data["pixel_values"])
-    out["e2e pixels max"], out["e2e pixels mean"] = float(diff.max()), float(diff.mean())
-    out["e2e image embeds"] = float(np.abs(images - g.l2n(data["image_features"])).max())
-    return out
+        reference_logits = (data["logits_per_image"] if not pil else
+                            float(np.exp(data["logit_scale"])) * reference @ g.l2n(data["text_features"]).T)
+        row["e2e logits"] = g.rel(logits, reference_logits)
+        rows.append((name.removeprefix("e2e_") + suffix, row))
+    return rows
 
 
 COLUMNS = ["model-only image_features", "model-only text_features", "model-only text (saved mask)",
@@ -88,9 +85,9 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.families:
-            result = measure(name, Path(tmp))
-            rows.append("| " + " | ".join([name.removeprefix("e2e_")] + [fmt(result.get(c)) for c in COLUMNS]) + " |")
-            print(rows[-1], flush=True)
+            for label, result in measure(name, Path(tmp)):
+                rows.append("| " + " | ".join([label] + [fmt(result.get(c)) for c in COLUMNS]) + " |")
+                print(rows[-1], flush=True)
     table = "\n".join(["| family | " + " | ".join(COLUMNS) + " |", "|" + " --- |" * (len(COLUMNS) + 1), *rows])
     if args.out:
         args.out.write_text(table + "\n")

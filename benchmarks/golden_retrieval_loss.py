@@ -1,5 +1,6 @@
 """What a user loses in retrieval from our image/text preprocessing: one e2e golden fixture model on the 500 ROCO
-pairs in ../shared/roco-sample, embedded by the reference (open_clip, in .venv-ref) and by us (`Embedder`).
+pairs in ../shared/roco-sample, embedded by the reference (open_clip, or transformers for e2e_hf_clip, in .venv-ref)
+and by us (`Embedder`).
 
     .venv-ref/bin/python benchmarks/golden_retrieval_loss.py reference --out /tmp/ref.npz   # open_clip side
     PYTHONPATH=. .venv/bin/python benchmarks/golden_retrieval_loss.py ours --reference /tmp/ref.npz
@@ -34,12 +35,38 @@ def pairs(root: Path) -> tuple[list[str], list[str]]:
     return [str(root / "images" / f"{i}.jpg") for i in ids], [captions[i].strip() for i in ids]
 
 
+def reference_hf_clip(files: list[str], captions: list[str], family: str) -> tuple[np.ndarray, np.ndarray]:
+    """transformers' CLIPModel with its saved CLIPProcessor (the default image processor: torchvision's)."""
+    import torch
+    import transformers
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = g.model_path(family, Path(tmp))
+        model = transformers.CLIPModel.from_pretrained(str(folder)).eval()
+        processor = transformers.AutoProcessor.from_pretrained(str(folder))
+    images, texts = [], []
+    with torch.no_grad():
+        for start in range(0, len(files), 50):
+            inputs = processor(text=captions[start:start + 50], images=[Image.open(f) for f in files[start:start + 50]],
+                               padding=True, truncation=True, return_tensors="pt")
+            out = model(**inputs)
+            images.append(out.image_embeds.numpy())
+            texts.append(out.text_embeds.numpy())
+    return np.concatenate(images), np.concatenate(texts)
+
+
 def reference(root: Path, out: Path, family: str) -> None:
     import open_clip
     import torch
     from PIL import Image
 
     files, captions = pairs(root)
+    if family == "e2e_hf_clip":
+        image_embeds, text_embeds = reference_hf_clip(files, captions, family)
+        np.savez(out, image_embeds=image_embeds, text_embeds=text_embeds, files=np.array([Path(f).name for f in files]))
+        print(f"reference: {len(files)} pairs -> {out}")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         folder = g.model_path(family, Path(tmp))
         for part in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):

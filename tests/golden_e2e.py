@@ -12,7 +12,10 @@ import numpy as np
 GOLDEN = Path(__file__).parent / "golden"
 INPUTS = GOLDEN / "inputs"
 FAMILIES = sorted(p.name for p in GOLDEN.glob("e2e_*") if (p / "io.npz").is_file())
-OPEN_CLIP = [f for f in FAMILIES if f != "e2e_pmc_clip"]
+OPEN_CLIP = [f for f in FAMILIES if f not in ("e2e_pmc_clip", "e2e_hf_clip")]
+# transformers' CLIPTokenizer on CLIP's BPE (make_e2e.write_clip_tokenizer): what open_clip's push_to_hf_hub saves
+# beside a builtin-text model, and the HF CLIP fixture's tokenizer.json (stored once)
+CLIP_TOKENIZER = GOLDEN / "clip_tokenizer"
 
 
 def minilm() -> Path:
@@ -44,6 +47,9 @@ def model_path(name: str, tmp: Path) -> Path:
 
     folder = tmp / name
     shutil.copytree(GOLDEN / name, folder)
+    if name == "e2e_hf_clip":
+        shutil.copyfile(CLIP_TOKENIZER / "tokenizer.json", folder / "tokenizer.json")
+        return folder
     if name == "e2e_pmc_clip":
         cfg = json.loads((folder / "model_cfg.json").read_text())
         cfg["text_cfg"]["bert_model_name"] = str(folder)
@@ -62,7 +68,10 @@ def model_path(name: str, tmp: Path) -> Path:
         weights = generate_weights(keys, info["numpy_weights"]["seed"], info["numpy_weights"]["gain"])
         save_file({k: v for k, v in weights.items() if v.dtype != np.int64 or "num_batches" in k},
                   str(folder / "open_clip_model.safetensors"))
-    if "hf_model_name" in text_cfg:
+    if "hf_model_name" not in text_cfg:  # builtin CLIP text: the tokenizer open_clip's push_to_hf_hub saves
+        for part in CLIP_TOKENIZER.iterdir():
+            shutil.copyfile(part, folder / part.name)
+    else:
         text_cfg["hf_model_name"] = text_cfg["hf_tokenizer_name"] = str(minilm())
         (folder / "open_clip_config.json").write_text(json.dumps(config))
         weights = load_file(str(folder / "open_clip_model.safetensors"))
@@ -83,10 +92,25 @@ def load(name: str, tmp: Path):
     return FlaxHybridCLIP.from_pretrained(path), path
 
 
-def has_tokenizer(name: str) -> bool:
-    """Builtin CLIP text towers ship no tokenizer files in an OpenCLIP folder (open_clip's own BPE tokenizer)."""
-    cfg = meta(name)["config"]
-    return name == "e2e_pmc_clip" or "hf_model_name" in cfg.get("text_cfg", {})
+def builtin_text(name: str) -> bool:
+    """OpenCLIP's builtin CLIP text tower, tokenised by open_clip's SimpleTokenizer (pads with 0 after the end of
+    text); our side reads the HF CLIP tokenizer that open_clip's push_to_hf_hub saves beside such a model (pads with
+    the end-of-text id 49407)."""
+    return name in OPEN_CLIP and "hf_model_name" not in meta(name)["config"].get("text_cfg", {})
+
+
+def token_ids_match(name: str, ids: np.ndarray, mask: np.ndarray) -> bool:
+    """Our token ids (padded to the context length, `tokenize`) equal the reference tokenizer's; for builtin CLIP
+    text every real token and the padded length are equal, and only the pad id differs (0 vs 49407: the causal
+    tower never reads a pad, and pools at the first end-of-text token)."""
+    ref = io(name)["input_ids"]
+    if ids.shape != ref.shape:
+        return False
+    if builtin_text(name):
+        ends = np.argmax(ref == ref.max(), axis=1)  # open_clip's end-of-text is the highest id
+        real = np.arange(ref.shape[1])[None] <= ends[:, None]
+        return bool(np.array_equal(mask == 1, real) and np.array_equal(np.where(real, ids, 0), ref))
+    return bool(np.array_equal(ids, ref))
 
 
 def rel(ours, ref) -> float:
@@ -105,26 +129,35 @@ def reference_mask(name: str, ids: np.ndarray, model) -> np.ndarray:
     (pads are after EOT, never read), PMC-CLIP passes no mask at all (padding attended)."""
     if name == "e2e_pmc_clip":
         return np.ones_like(ids)
+    if "attention_mask" in io(name):  # transformers' CLIPTokenizer pads with its end-of-text id
+        return io(name)["attention_mask"]
     pad = getattr(model.config.text_config, "pad_token_id", 0) or 0
     return (ids != pad).astype(np.int64)
 
 
-def text_mask(model, ids: np.ndarray) -> np.ndarray:
-    """The mask our model's saved text preprocessing asks for (HybridCLIPConfig.text_preprocess.mask_padding)."""
+def text_mask(name: str, model) -> np.ndarray:
+    """The mask our model's saved text preprocessing asks for (HybridCLIPConfig.text_preprocess.mask_padding) on the
+    reference's token ids: the tokenizer's own where the reference kept it (transformers' CLIPTokenizer pads with
+    its end-of-text id, not the config's pad_token_id), else the pad id's positions."""
+    data = io(name)
+    ids = data["input_ids"]
+    if not model.config.text_preprocess.mask_padding:
+        return np.ones_like(ids)
+    if "attention_mask" in data:
+        return data["attention_mask"]
     pad = getattr(model.config.text_config, "pad_token_id", 0) or 0
-    if model.config.text_preprocess.mask_padding:
-        return (ids != pad).astype(np.int64)
-    return np.ones_like(ids)
+    return (ids != pad).astype(np.int64)
 
 
 def tokenize(embedder, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Our tokenizer with the model's saved context length and padding, padded out to the context length (pad
     id, mask 0) so it compares with a reference that pads to max_length."""
     tp = embedder.model.config.text_preprocess
-    encoded = embedder.tokenizer(texts, truncation=True, max_length=tp.context_length, return_tensors="np",
+    length = embedder.max_seq_length  # the saved context length, else the text tower's limit (at most 77)
+    encoded = embedder.tokenizer(texts, truncation=True, max_length=length, return_tensors="np",
                                  padding="max_length" if tp.padding == "max_length" else "longest")
     ids, mask = encoded["input_ids"], encoded["attention_mask"]
-    pad = tp.context_length - ids.shape[1]
+    pad = length - ids.shape[1]
     ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=embedder.tokenizer.pad_token_id or 0)
     return ids.astype(np.int64), np.pad(mask, ((0, 0), (0, pad)))
 
@@ -154,14 +187,8 @@ def embedder_side(name: str, path: Path) -> dict[str, np.ndarray]:
     files, _, skipped = embedder.embed_image_files(image_files(), progress=False)
     assert not skipped, skipped
     out["image_embeds_files"] = files
-    if has_tokenizer(name):
-        out["text_embeds"] = embedder.embed_texts(captions())
-        # the model's own context length (HybridCLIPConfig.text_preprocess); before it existed, Embedder's
-        tp = getattr(embedder.model.config, "text_preprocess", None)
-        length = tp.context_length if tp is not None and tp.context_length else embedder.max_seq_length
-        encoded = embedder.tokenizer(captions(), truncation=True, max_length=length, padding="max_length",
-                                     return_tensors="np")
-        out["input_ids"] = encoded["input_ids"]
+    out["text_embeds"] = embedder.embed_texts(captions())
+    out["input_ids"], out["attention_mask"] = tokenize(embedder, captions())
     return out
 
 
@@ -176,8 +203,7 @@ def end_to_end(name: str, path: Path) -> dict[str, float]:
     if "text_embeds" in side:
         ref_texts = l2n(data["text_features"])
         out["text_embeds"] = float(np.abs(side["text_embeds"] - ref_texts).max())
-        ids = side["input_ids"]
-        out["token_ids_equal"] = bool(ids.shape == data["input_ids"].shape and np.array_equal(ids, data["input_ids"]))
+        out["token_ids_equal"] = token_ids_match(name, side["input_ids"], side["attention_mask"])
         out["logits"] = rel(np.exp(data["logit_scale"]) * side["image_embeds"] @ side["text_embeds"].T,
                             data["logits_per_image"])
     return out

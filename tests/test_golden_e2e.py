@@ -30,11 +30,15 @@ TEXT_E2E = 1e-4  # L2-normalised text embeddings from caption strings (tokenisat
 # 0.054 on this branch; every family in benchmarks/golden_e2e_table.py): bound = measured, rounded up. The CMYK
 # JPEG and the 8 ROCO files are all in.
 IMAGE_TOL = {"e2e_timm_vit_none_mlp": 0.05, "e2e_timm_resnet_avg_linear": 0.08, "e2e_pmc_clip": 0.07}
+# transformers' default CLIPImageProcessor (torchvision bicubic on tensors) against our PIL path: max abs error of
+# L2-normalised image embeddings, and relative logits (measured 2.8e-4 and 2.3e-4)
+HF_CLIP_TORCHVISION_TOL = 5e-4
 EXACT = 1e-4  # pixels (normalised units) and normalised embeddings through the PIL path (measured <= 6e-7)
 PIXEL_MEAN_TOL = 0.11  # normalised units, mean abs over all pixels of all files (measured 0.098)
-# Embedder compiles per model (~20-50 s on 2 cores): three representatives here (BiomedCLIP's family, a context
-# length under 77, PMC-CLIP); benchmarks/golden_e2e_table.py measures every family the same way.
-END_TO_END = ["e2e_timm_vit_none_mlp", "e2e_timm_resnet_avg_linear", "e2e_pmc_clip"]
+# Embedder compiles per model (~20-50 s on 2 cores): four representatives here (BiomedCLIP's family, a context
+# length under 77, PMC-CLIP, builtin CLIP text); benchmarks/golden_e2e_table.py measures every family the same way.
+# transformers' CLIPModel has its own test (two reference processors).
+END_TO_END = ["e2e_timm_vit_none_mlp", "e2e_timm_resnet_avg_linear", "e2e_pmc_clip", "e2e_vit_quickgelu"]
 _CACHE: dict[str, tuple] = {}
 
 
@@ -93,7 +97,7 @@ def test_image_features_match_the_reference_on_its_pixels(name, tmp_models):
 def test_text_features_and_logits_match_the_reference_on_its_token_ids(name, tmp_models):
     """The model's saved text preprocessing decides the mask: PMC-CLIP's padding is attended (no mask)."""
     model, _ = _load(name, tmp_models)
-    errors = g.model_only(name, model, g.text_mask(model, g.io(name)["input_ids"]))
+    errors = g.model_only(name, model, g.text_mask(name, model))
     assert errors["text_features"] < MODEL_ONLY and errors["logits"] < MODEL_ONLY, errors
 
 
@@ -105,8 +109,8 @@ def test_embedder_from_files_and_strings(name, tmp_models):
     resize difference."""
     embedder = _embedder(name, tmp_models)
     data = g.io(name)
-    ids, _ = g.tokenize(embedder, g.captions())
-    np.testing.assert_array_equal(ids, data["input_ids"])
+    ids, mask = g.tokenize(embedder, g.captions())
+    assert g.token_ids_match(name, ids, mask), (ids, data["input_ids"])
     text = embedder.embed_texts(g.captions())
     err = np.abs(text - g.l2n(data["text_features"])).max()
     assert err < TEXT_E2E, f"{name}: text embeddings max abs error {err:.2e}"
@@ -123,14 +127,46 @@ def test_embedder_from_files_and_strings(name, tmp_models):
     assert err < (EXACT if exact else IMAGE_TOL[name]), f"{name}: image embeddings max abs error {err:.3g}"
 
 
-def test_eval_and_training_pipelines_read_the_files_as_the_embedder(tmp_models):
+def test_transformers_clip_from_files_and_strings(tmp_models):
+    """transformers' CLIPModel saved with its CLIPProcessor, loaded by FlaxHybridCLIP.from_pretrained: its logit
+    scale, the tokenizer's ids (padding included), text embeddings within 1e-4; images through the exact path equal
+    CLIPImageProcessorPil's pixels and features; transformers' default CLIPImageProcessor (torchvision backend,
+    bicubic on tensors) is a different resize: one uint8 level on some pixels, bounded here as measured."""
+    name = "e2e_hf_clip"
+    model, _ = _load(name, tmp_models)
+    data = g.io(name)
+    np.testing.assert_allclose(float(model.temperature_scale()), np.exp(data["logit_scale"]), rtol=1e-6)
+    assert abs(float(data["logit_scale"]) - 3.0) < 1e-6  # not CLIPConfig's default: read from the weights
+    embedder = _embedder(name, tmp_models)
+    assert embedder.max_seq_length == 32  # the text tower's 32 positions, as the tokenizer's model_max_length
+    ids, mask = g.tokenize(embedder, g.captions())
+    np.testing.assert_array_equal(ids, data["input_ids"])
+    np.testing.assert_array_equal(mask, data["attention_mask"])
+    text = embedder.embed_texts(g.captions())
+    assert np.abs(text - g.l2n(data["text_features"])).max() < TEXT_E2E
+    assert embedder.model.config.image_preprocess.resample == "pil_bicubic"
+    pixels = embedder.preprocess(g.image_files())
+    nchw = pixels.transpose(0, 3, 1, 2)
+    assert np.abs(nchw - data["pixel_values_pil"]).max() < EXACT  # the CMYK JPEG too (RGB before resizing)
+    one_level = 1 / 255 / min(embedder.model.config.image_preprocess.std) + 1e-5
+    assert np.abs(nchw - data["pixel_values"]).max() <= one_level
+    images, kept, skipped = embedder.embed_image_files(g.image_files(), progress=False)
+    assert not skipped and len(kept) == 9
+    assert np.abs(images - g.l2n(data["image_features_pil"])).max() < EXACT
+    err = np.abs(images - g.l2n(data["image_features"])).max()
+    assert err < HF_CLIP_TORCHVISION_TOL, f"image embeddings vs the default processor's: {err:.3g}"
+    logits = float(model.temperature_scale()) * images @ text.T
+    assert g.rel(logits, data["logits_per_image"]) < HF_CLIP_TORCHVISION_TOL
+
+
+@pytest.mark.parametrize("name", ["e2e_pmc_clip", "e2e_hf_clip"])
+def test_eval_and_training_pipelines_read_the_files_as_the_embedder(name, tmp_models):
     """tf.data evaluation and the training pipeline with augmentation off (train_crop center, no flip): the
     embedder's pixels, and the reference's token ids with the model's context length."""
     from medclip.data.pipeline import decoded_eval_images, make_train_dataset
     from medclip.data.image_checks import check_images
     from medclip.data.records import DropCounter, Record
 
-    name = "e2e_pmc_clip"
     embedder = _embedder(name, tmp_models)
     config = embedder.model.config
     files, captions = g.image_files(), g.captions()
@@ -149,10 +185,10 @@ def test_eval_and_training_pipelines_read_the_files_as_the_embedder(tmp_models):
     one_level = 1 / 255 / min(config.image_preprocess.std) + 1e-5
     atol = np.array([1e-5] * 8 + [one_level]).reshape(9, 1, 1, 1)
     assert (np.abs(pixels - expected) <= atol).all(), np.abs(pixels - expected).reshape(9, -1).max(1)
-    tp = config.text_preprocess
-    batch = next(make_train_dataset(records, embedder.tokenizer, image_size=size, max_seq_length=tp.context_length,
-                                    global_batch_size=9, seed=0, process_index=0, process_count=1,
-                                    preprocess=config.image_preprocess, train_crop="center"))
+    batch = next(make_train_dataset(records, embedder.tokenizer, image_size=size,
+                                    max_seq_length=embedder.max_seq_length, global_batch_size=9, seed=0,
+                                    process_index=0, process_count=1, preprocess=config.image_preprocess,
+                                    train_crop="center"))
     order = [int(np.argmin(np.abs(expected - p).reshape(9, -1).max(1))) for p in batch["pixel_values"]]
     assert sorted(order) == list(range(9))
     assert (np.abs(batch["pixel_values"] - expected[order]) <= atol[order]).all()
@@ -182,3 +218,31 @@ def test_unimplemented_open_clip_timm_options_are_refused_by_name(option, value)
     cfg["text_cfg"] = {"context_length": 16, "vocab_size": 99, "width": 32, "heads": 4, "layers": 2}
     with pytest.raises(OpenCLIPConfigError, match=option):
         config_from_open_clip(cfg)
+
+
+@pytest.mark.parametrize("change,refused", [({"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25] * 3, "resample": 2},
+                                             None),
+                                            ({"do_center_crop": False}, "do_center_crop"),
+                                            ({"crop_size": {"height": 48, "width": 48}}, "crop_size"),
+                                            ({"resample": 0}, "resample"),
+                                            ({"image_processor_type": "SiglipImageProcessor"}, "SiglipImageProcessor")])
+def test_transformers_clip_takes_its_saved_image_processor(change, refused, tmp_path):
+    """A CLIPModel folder's preprocessing is its CLIPImageProcessor's (processor_config.json, as transformers 5
+    saves it): mean, std and resample read; what we do not implement refused by name."""
+    import json
+
+    from medclip import FlaxHybridCLIP
+    from medclip.checkpoints.hf_layout import ImageProcessorError
+
+    folder = g.model_path("e2e_hf_clip", tmp_path)
+    path = folder / "processor_config.json"
+    data = json.loads(path.read_text())
+    data["image_processor"].update(change)
+    path.write_text(json.dumps(data))
+    if refused:
+        with pytest.raises(ImageProcessorError, match=refused):
+            FlaxHybridCLIP.from_pretrained(folder)
+        return
+    preprocess = FlaxHybridCLIP.from_pretrained(folder).config.image_preprocess
+    assert (preprocess.mean, preprocess.std) == ((0.5,) * 3, (0.25,) * 3)
+    assert (preprocess.resample, preprocess.crop_rounding) == ("pil_bilinear", "floor")

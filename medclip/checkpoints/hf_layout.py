@@ -18,6 +18,7 @@ from medclip.checkpoints.assembly import (build_from_tensors, collapse_double_pr
 from medclip.checkpoints.hf_config import CONFIG_JSON, read_config_json
 from medclip.models.fusion import fusion_rules
 from medclip.models.hybrid import HybridCLIPConfig
+from medclip.models.preprocess import CLIP_MEAN, CLIP_STD, Preprocess
 from medclip.models.weights import Rule
 
 
@@ -46,9 +47,62 @@ def is_folder(folder: Path) -> bool:
     return (folder / CONFIG_JSON).is_file()
 
 
+class ImageProcessorError(ValueError):
+    """A transformers image processor config asks for preprocessing we do not implement (named, not approximated)."""
+
+
+CLIP_PROCESSORS = ("CLIPImageProcessor", "CLIPImageProcessorFast", "CLIPImageProcessorPil")
+PIL_RESAMPLE = {2: "pil_bilinear", 3: "pil_bicubic"}  # PIL.Image.Resampling values
+
+
+def image_processor_config(folder: Path) -> dict[str, Any] | None:
+    """The image processor saved beside a transformers model: preprocessor_config.json, or the "image_processor"
+    entry of processor_config.json (transformers 5 saves a processor there)."""
+    import json
+
+    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        if (folder / name).is_file():
+            data = json.loads((folder / name).read_text())
+            data = data.get(key) if key else data
+            if data:
+                return data
+    return None
+
+
+def processor_preprocess(data: dict[str, Any], image_size: int, source: str) -> Preprocess:
+    """A CLIPImageProcessor config as our `Preprocess`: its mean/std and resample, checked against what we do
+    (resize the shortest edge to the model's image size, centre-crop it, floor rounding, RGB first, /255)."""
+    kind = data.get("image_processor_type", "CLIPImageProcessor")
+    if kind not in CLIP_PROCESSORS:
+        raise ImageProcessorError(f"{source}: image_processor_type {kind!r} is not supported; supported: "
+                                  f"{CLIP_PROCESSORS}")
+    size, crop = data.get("size", {"shortest_edge": image_size}), data.get("crop_size", image_size)
+    crop = crop if isinstance(crop, dict) else {"height": crop, "width": crop}
+    checks = {"do_resize": data.get("do_resize", True) is True, "do_center_crop": data.get("do_center_crop", True)
+              is True, "do_normalize": data.get("do_normalize", True) is True,
+              "do_rescale": data.get("do_rescale", True) is True,
+              "rescale_factor": abs(data.get("rescale_factor", 1 / 255) - 1 / 255) < 1e-12,
+              "size": size == {"shortest_edge": image_size} or size == image_size,
+              "crop_size": crop == {"height": image_size, "width": image_size},
+              "resample": data.get("resample", 3) in PIL_RESAMPLE}
+    wrong = [name for name, ok in checks.items() if not ok]
+    if wrong:
+        raise ImageProcessorError(f"{source}: {', '.join(f'{k}={data.get(k)!r}' for k in wrong)} is not supported "
+                                  f"(a {image_size} px model: shortest edge {image_size}, centre crop {image_size}, "
+                                  "bicubic or bilinear, /255, normalised)")
+    return Preprocess(mean=tuple(data.get("image_mean", CLIP_MEAN)), std=tuple(data.get("image_std", CLIP_STD)),
+                      resample=PIL_RESAMPLE[data.get("resample", 3)], crop_rounding="floor")
+
+
 def load_folder(cls, folder: Path, spec: Any = None, *, dtype=jnp.float32, remat: bool = False) -> nnx.Module:
-    """`spec` (an OpenCLIP model config) is not used: the folder's config.json says what the model is."""
-    config = HybridCLIPConfig.from_dict(read_config_json(folder))
+    """`spec` (an OpenCLIP model config) is not used: the folder's config.json says what the model is. A
+    transformers CLIPModel's preprocessing is its saved CLIPImageProcessor's (ours carry their own in config.json)."""
+    data = read_config_json(folder)
+    config = HybridCLIPConfig.from_dict(data)
+    processor = image_processor_config(folder)
+    if data.get("model_type") == "clip" and "preprocess" not in (data.get("medclip") or {}) and processor:
+        config = config.replace(preprocess=processor_preprocess(processor, config.vision_config.image_size,
+                                                                str(folder)))
     tensors, source = load_tensors(folder)
     return build_from_tensors(cls, config, collapse_double_prefixes(tensors), hybrid_rules(config), source=source,
                               dtype=dtype, remat=remat)

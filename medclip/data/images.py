@@ -204,13 +204,15 @@ def pil_resize_crop(contents: bytes, size: int, resize_mode: str = "shortest", r
     a PIL image, in that order, as open_clip's and OpenAI CLIP's transforms run them: float32 (size, size, 3) on
     the [0, 255] scale. PIL resizes with antialiasing (its filter widens with the shrink factor), which TF's
     bilinear path only approximates. `crop_rounding` "floor" starts an odd-margin crop as transformers'
-    CLIPImageProcessor does. 16-bit images are first scaled onto 8 bits as `decode_rgb` does (the reference would
-    clip them to white)."""
+    CLIPImageProcessor does, and converts to RGB first as it does (a CMYK JPEG then resizes in RGB). 16-bit images
+    are first scaled onto 8 bits as `decode_rgb` does (the reference would clip them to white)."""
     if isinstance(contents, np.ndarray):  # a tf.string scalar through tf.numpy_function: 0-d object array
         contents = contents.item()
     with Image.open(io.BytesIO(contents)) as opened:
         image = opened.copy() if opened.mode not in _SIXTEEN_BIT else Image.fromarray(
             np.round(np.asarray(opened, np.float64) * (255 / 65535)).clip(0, 255).astype(np.uint8))
+    if crop_rounding == "floor":  # CLIPImageProcessor converts to RGB before resizing (open_clip after cropping)
+        image = image.convert("RGB")
     width, height = image.size
     if resize_mode == "squash":
         target = (size, size)

@@ -12,7 +12,8 @@ PMC-CLIP's AutoTokenizer call). Each e2e_<family>/ holds the model as its refere
     logits_per_image (n_images, n_captions)    logit_scale.exp() * normalised image @ normalised text
 
 meta.json names the files, the config, the reference calls, and the weights that are not stored (the MiniLM text
-tower: `external_text_weights`; the full-size EfficientNetV2: `numpy_weights`).
+tower: `external_text_weights`; the full-size EfficientNetV2: `numpy_weights`; the CLIP tokenizer.json of
+e2e_hf_clip: `external_tokenizer`, stored once in clip_tokenizer/).
 """
 
 from __future__ import annotations
@@ -249,6 +250,7 @@ def make_all(seed: int):
         make_openclip_family(name, seed + offset, cfg, files, captions, description=description, **kwargs)
     make_effnet_full(seed, files, captions)
     make_pmc_clip(seed + 30, files, captions)
+    make_hf_clip(seed + 40, files, captions)
 
 
 def make_effnet_full(seed: int, files, captions):
@@ -402,11 +404,126 @@ def make_pmc_clip(seed: int, files, captions):
         state_dict=mg.state_dict_listing(model.state_dict()))
 
 
+# ---------------------------------------------------------------------------------------------- transformers CLIP
+CLIP_TOKENIZER = GOLDEN / "clip_tokenizer"
+HF_CLIP_TEXT = {"vocab_size": 49408, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+                "num_attention_heads": 2, "max_position_embeddings": 32,
+                "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}  # openai/clip-vit-*'s: eos 2 = legacy
+HF_CLIP_VISION = {"image_size": 32, "patch_size": 8, "hidden_size": 16, "intermediate_size": 32,
+                  "num_hidden_layers": 1, "num_attention_heads": 2}
+HF_CLIP_LOGIT_SCALE = 3.0  # CLIPConfig's default is log(1 / 0.07) = 2.6593
+
+
+def clip_bpe_tokenizer(**kwargs):
+    """transformers' CLIPTokenizer on CLIP's BPE as open_clip ships it (bpe_simple_vocab_16e6.txt.gz): vocab and
+    merges built as open_clip's SimpleTokenizer builds them, which is how openai/clip-vit-*'s vocab.json was made."""
+    import gzip
+
+    import transformers
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    merges = [tuple(line.split()) for line in lines]
+    symbols = list(bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return transformers.CLIPTokenizer(vocab={v: i for i, v in enumerate(vocab)}, merges=merges, **kwargs)
+
+
+def write_clip_tokenizer(captions) -> None:
+    """clip_tokenizer/: the tokenizer a builtin-text OpenCLIP folder carries when open_clip's push_to_hf_hub saves
+    it (openai/clip-vit-large-patch14's HF CLIP tokenizer: CLIP's BPE, pad <|endoftext|>). Asserted here: with
+    open_clip's caption cleaning it gives SimpleTokenizer's ids up to the end-of-text token; SimpleTokenizer pads
+    with 0 after it, this one with 49407 (the causal text tower never reads either). A pad token "!" (laion's
+    choice) would give 0 but would also make every "!" in a caption a special token, unlike open_clip."""
+    CLIP_TOKENIZER.mkdir(exist_ok=True)
+    for old in CLIP_TOKENIZER.iterdir():
+        old.unlink()
+    tokenizer = clip_bpe_tokenizer(model_max_length=77)
+    tokenizer.save_pretrained(str(CLIP_TOKENIZER))
+    import transformers
+    loaded = transformers.AutoTokenizer.from_pretrained(str(CLIP_TOKENIZER))
+    for length in (24, 77):
+        reference = open_clip.tokenizer.SimpleTokenizer(context_length=length)(captions).numpy()
+        cleaned = [open_clip.tokenizer.whitespace_clean(open_clip.tokenizer.basic_clean(c)) for c in captions]
+        ours = loaded(cleaned, truncation=True, max_length=length, padding="max_length", return_tensors="np")
+        real = ours["attention_mask"] == 1
+        assert np.array_equal(np.where(real, ours["input_ids"], 0), reference), length
+        assert np.array_equal(real, reference != 0), length
+
+
+def make_hf_clip(seed: int, files, captions):
+    """transformers' CLIPModel (random tiny config, fp32, logit_scale 3.0) saved by save_pretrained with a
+    CLIPProcessor (CLIPImageProcessor + CLIPTokenizer), loaded back by from_pretrained and run as its model card
+    shows: processor(text=..., images=..., padding=True, truncation=True). Its tokenizer.json is clip_tokenizer/'s
+    (asserted byte for byte; not stored twice)."""
+    import transformers
+    folder = mg.fixture_dir("e2e_hf_clip")
+    write_clip_tokenizer(captions)
+    config = transformers.CLIPConfig(text_config=HF_CLIP_TEXT, vision_config=HF_CLIP_VISION, projection_dim=8,
+                                     logit_scale_init_value=HF_CLIP_LOGIT_SCALE)
+    torch.manual_seed(seed)
+    model = transformers.CLIPModel(config)
+    logit_scale = float(model.logit_scale)
+    mg.perturb_(model, seed)
+    with torch.no_grad():
+        model.logit_scale.fill_(logit_scale)
+    model.eval()
+    size = HF_CLIP_VISION["image_size"]
+    processor = transformers.CLIPProcessor(
+        image_processor=transformers.CLIPImageProcessor(size={"shortest_edge": size},
+                                                        crop_size={"height": size, "width": size}),
+        tokenizer=clip_bpe_tokenizer(model_max_length=HF_CLIP_TEXT["max_position_embeddings"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        loaded = transformers.CLIPModel.from_pretrained(tmp).eval()
+        processor = transformers.AutoProcessor.from_pretrained(tmp)
+        pil = transformers.models.clip.image_processing_pil_clip.CLIPImageProcessorPil.from_pretrained(tmp)
+        names = sorted(p.name for p in Path(tmp).iterdir())
+        assert (Path(tmp) / "tokenizer.json").read_bytes() == (CLIP_TOKENIZER / "tokenizer.json").read_bytes()
+        for name in names:
+            if name != "tokenizer.json":
+                shutil.copyfile(Path(tmp) / name, folder / name)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+    images = [Image.open(f) for f in files]
+    inputs = processor(text=captions, images=images, padding=True, truncation=True, return_tensors="pt")
+    pixel_values_pil = pil(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        out = loaded(**inputs)
+        image_features = loaded.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+        image_features_pil = loaded.get_image_features(pixel_values=pixel_values_pil).pooler_output
+        text_features = loaded.get_text_features(input_ids=inputs["input_ids"],
+                                                 attention_mask=inputs["attention_mask"]).pooler_output
+    outputs = {"pixel_values": mg.to_np(inputs["pixel_values"]), "pixel_values_pil": mg.to_np(pixel_values_pil),
+               "input_ids": mg.to_np(inputs["input_ids"]).astype(np.int64),
+               "attention_mask": mg.to_np(inputs["attention_mask"]).astype(np.int64),
+               "image_features": mg.to_np(image_features), "image_features_pil": mg.to_np(image_features_pil),
+               "text_features": mg.to_np(text_features), "logits_per_image": mg.to_np(out.logits_per_image),
+               "logit_scale": mg.to_np(loaded.logit_scale).astype(np.float32)}
+    mg.save_npz(folder / "io.npz", outputs)
+    mg.write_meta(
+        folder, seed, "transformers' CLIPModel (random tiny CLIPConfig, openai/clip-vit-*'s text token ids: legacy "
+        "eos_token_id 2, pooled at argmax; logit_scale 3.0) with CLIPProcessor: CLIPImageProcessor (shortest edge "
+        f"{size}, bicubic, centre crop, CLIP mean/std) and CLIPTokenizer (CLIP's BPE, pad <|endoftext|>, "
+        f"model_max_length {HF_CLIP_TEXT['max_position_embeddings']})", config.to_diff_dict(),
+        images=file_names(files), captions="inputs/captions.json", files=names,
+        external_tokenizer="tokenizer.json = clip_tokenizer/tokenizer.json (the same bytes)",
+        reference=("CLIPModel.from_pretrained(folder); AutoProcessor.from_pretrained(folder)(text=captions, "
+                   "images=PIL.Image.open(file)s, padding=True, truncation=True) -> pixel_values (CLIPImageProcessor,"
+                   " transformers' default torchvision backend), input_ids, attention_mask; pixel_values_pil: "
+                   "CLIPImageProcessorPil.from_pretrained(folder) (the PIL backend); features = get_image_features"
+                   " / get_text_features(...).pooler_output (unnormalised); logits_per_image = model(**inputs)"),
+        processor=str(type(processor.image_processor).__name__), tokenizer=type(processor.tokenizer).__name__)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(2)
     torch.use_deterministic_algorithms(True)
     if sys.argv[1:] == ["pmc"]:
         make_pmc_clip(130, *write_inputs())
+    elif sys.argv[1:] == ["hf_clip"]:
+        make_hf_clip(140, *write_inputs())
     elif sys.argv[1:] == ["effnet_full"]:
         make_effnet_full(100, *write_inputs())
     else:
