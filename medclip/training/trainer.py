@@ -31,7 +31,7 @@ from medclip.training.data_feed import DataFeed, build_data, write_data_report
 from medclip.training.locations import check_locations, prepare_output_dir
 from medclip.training.logger import MetricsLogger, truncate_jsonl
 from medclip.training.losses import alpha_param, split_params
-from medclip.training.mlm import MaskingConfig, word_starts
+from medclip.training.mlm import word_starts
 from medclip.training.image_cache import pooled_image_features
 from medclip.training.image_cache import why_not_cacheable as why_not_image_cacheable
 from medclip.training.text_cache import pooled_text_features, why_not_cacheable
@@ -110,35 +110,11 @@ class Trainer:
         steps_per_epoch = self.data.steps_per_epoch if self.data.has_train else 0
         self.total_steps = (train_args.max_steps if train_args.max_steps > 0
                             else math.ceil(train_args.num_train_epochs * max(steps_per_epoch, 1)))
-        self.optimizer_config = OptimizerConfig(
-            learning_rate=train_args.learning_rate, warmup_steps=train_args.warmup_steps,
-            total_steps=max(self.total_steps // train_args.gradient_accumulation_steps, 1),
-            schedule=train_args.lr_schedule, weight_decay=train_args.weight_decay,
-            weight_decay_type=train_args.weight_decay_type, weight_decay_mask=train_args.weight_decay_mask,
-            lr_multiplier=train_args.reduce_lr_on_plateau,
-            adam_beta1=train_args.adam_beta1, adam_beta2=train_args.adam_beta2,
-            adam_epsilon=train_args.adam_epsilon, max_grad_norm=train_args.max_grad_norm or None,
-            gradient_accumulation_steps=train_args.gradient_accumulation_steps,
-            vision_learning_rate=train_args.vision_learning_rate, text_learning_rate=train_args.text_learning_rate,
-            freeze_vision=train_args.freeze_vision, freeze_text=train_args.freeze_text)
+        self.optimizer_config = OptimizerConfig.from_args(train_args, self.total_steps)
         self.tx, self.schedules = make_optimizer(self.params, self.optimizer_config)
-        self.step_config = StepConfig(loss=train_args.loss, hybrid_alpha=train_args.hybrid_alpha,
-                                      hybrid_temperature=train_args.hybrid_temperature,
-                                      hybrid_form=train_args.hybrid_form,
-                                      concept_target_weight=train_args.concept_target_weight,
-                                      false_negatives=train_args.false_negatives,
-                                      dropout=model_args.text_dropout, freeze_vision=train_args.freeze_vision,
-                                      freeze_text=train_args.freeze_text, freeze_bn_stats=train_args.freeze_bn_stats,
-                                      masking=(MaskingConfig.from_tokenizer(self.tokenizer, train_args.mlm_probability,
-                                                                            train_args.mlm_masking)
-                                               if train_args.mlm else None),
-                                      mlm_weight=train_args.mlm_weight)
-        self.eval_loss = make_eval_loss(self.step_config)
-        self.plateau_config = PlateauConfig(
-            mode=mode_for(train_args.plateau_metric), factor=train_args.plateau_factor,
-            patience=train_args.plateau_patience, threshold=train_args.plateau_threshold,
-            threshold_mode=train_args.plateau_threshold_mode, cooldown=train_args.plateau_cooldown,
-            min_lr=train_args.plateau_min_lr) if train_args.reduce_lr_on_plateau else None
+        self.step_config = StepConfig.from_args(model_args, train_args, self.tokenizer)
+        self.eval_loss = make_eval_loss(self.step_config.loss)
+        self.plateau_config = PlateauConfig.from_args(train_args) if train_args.reduce_lr_on_plateau else None
         self.lr_scale = 1.0  # the plateau's multiplier, for logging (the step reads it from the optimizer state)
         self.checkpointer = Checkpointer(self.output_dir / "checkpoints", max_to_keep=train_args.save_total_limit)
         self.metrics = MetricsLogger(self.output_dir, train_args.report_to,
