@@ -17,14 +17,15 @@ from medclip.training.plateau import Plateau, PlateauConfig
 from medclip.training.step import StepConfig
 
 # Every flag a config reads, set to a value other than its default, so a field left to its default fails.
-FLAGS = dict(loss="hybrid", hybrid_alpha=0.25, hybrid_temperature=0.5, hybrid_form="report", hybrid_alpha_learnable=True,
-             concept_target_weight=0.75, false_negatives="mask", learning_rate=3e-4, warmup_steps=7,
-             lr_schedule="constant", weight_decay=0.2, weight_decay_type="l2", weight_decay_mask="ndim",
-             adam_beta1=0.8, adam_beta2=0.99, adam_epsilon=1e-6, max_grad_norm=2.0, gradient_accumulation_steps=4,
-             vision_learning_rate=1e-5, text_learning_rate=2e-5, freeze_vision=True, freeze_text=True, freeze_bn_stats=True,
-             reduce_lr_on_plateau=True, plateau_metric="t2i_R@5", plateau_factor=0.5, plateau_patience=3,
-             plateau_threshold=0.01, plateau_threshold_mode="abs", plateau_cooldown=2, plateau_min_lr=1e-7,
-             mlm_weight=0.5)
+FLAGS = {"loss": "hybrid", "hybrid_alpha": 0.25, "hybrid_temperature": 0.5, "hybrid_form": "report",
+         "hybrid_alpha_learnable": True, "concept_target_weight": 0.75, "false_negatives": "mask",
+         "learning_rate": 3e-4, "warmup_steps": 7, "lr_schedule": "constant", "weight_decay": 0.2,
+         "weight_decay_type": "l2", "weight_decay_mask": "ndim", "adam_beta1": 0.8, "adam_beta2": 0.99,
+         "adam_epsilon": 1e-6, "max_grad_norm": 2.0, "gradient_accumulation_steps": 4, "vision_learning_rate": 1e-5,
+         "text_learning_rate": 2e-5, "freeze_vision": True, "freeze_text": True, "freeze_bn_stats": True,
+         "reduce_lr_on_plateau": True, "plateau_metric": "t2i_R@5", "plateau_factor": 0.5, "plateau_patience": 3,
+         "plateau_threshold": 0.01, "plateau_threshold_mode": "abs", "plateau_cooldown": 2, "plateau_min_lr": 1e-7,
+         "mlm_weight": 0.5}
 # config field -> flag, where the names differ
 RENAMED = {"name": "loss", "schedule": "lr_schedule", "lr_multiplier": "reduce_lr_on_plateau",
            "metric": "plateau_metric", **{f: f"plateau_{f}" for f in ("factor", "patience", "threshold",
@@ -99,3 +100,30 @@ def test_declared_metric_names_are_what_retrieval_computes():
     everything = ("i2t", "t2i", "t2t", "i2i")
     result = evaluate_retrieval(embeds, embeds, captions, directions=everything, ks=(1, 3))
     assert list(result.metrics) == metric_names(everything, ks=(1, 3))
+
+
+def test_check_model_is_one_set_of_checks_before_and_after_loading(tmp_path):
+    """validate runs check_model on what a local config.json says; the trainer runs it on the loaded model
+    (a Hub id): the same messages either way."""
+    from flax import nnx
+
+    from medclip import FlaxHybridCLIP, HybridCLIPConfig
+    from medclip.training.arguments import DataArguments
+    from medclip.training.config_check import ModelFacts, check_model, starting_model
+
+    config = HybridCLIPConfig.tiny()
+    saved = tmp_path / "one"
+    FlaxHybridCLIP(config, rngs=nnx.Rngs(0)).save_pretrained(saved)
+    model, two = ModelArguments(model_name_or_path=str(saved)), DataArguments(second_text_field="keywords")
+    before, after = starting_model(model, two), ModelFacts.of(config, str(saved))
+    assert before == after and (after.has_logit_bias, after.text_inputs, after.clip_text) == (False, 1, False)
+    assert starting_model(ModelArguments(model_name_or_path="org/hub-model"), two) is None  # known after loading
+    for flags, message in (({"loss": "sigmoid"}, "--loss sigmoid needs a learned logit bias, and " + str(saved)),
+                           ({}, "--second_text_field keywords needs a model with two text inputs")):
+        with pytest.raises(ConfigError, match="^" + message):
+            check_model(model, two, TrainingArguments(output_dir="out", **flags), after)
+    biased = ModelFacts.of(config.replace(logit_bias_init_value=-10.0, text_inputs=2), "m")
+    check_model(model, two, TrainingArguments(output_dir="out", loss="sigmoid"), biased)  # both satisfied
+    towers = starting_model(ModelArguments(logit_bias_init=-10.0), two)
+    assert towers.has_logit_bias and towers.text_inputs == 2  # built by the run as the flags say
+    assert not starting_model(ModelArguments(model_preset="demo", logit_bias_init=-10.0), DataArguments()).has_logit_bias

@@ -42,7 +42,7 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-    loss: losses.LossConfig = losses.LossConfig()
+    loss: losses.LossConfig = dataclasses.field(default_factory=losses.LossConfig)
     dropout: bool = False  # text-tower dropout as in BERT's config (the original recipe trained with it)
     freeze_vision: bool = False
     freeze_text: bool = False

@@ -26,7 +26,7 @@ from medclip.training.distributed import barrier
 from medclip.training.arguments import DataArguments, ModelArguments, TrainingArguments
 from medclip.training.checkpointing import Checkpointer
 from medclip.training import export
-from medclip.training.config_check import ConfigError, metric_key, validate
+from medclip.training.config_check import ConfigError, ModelFacts, check_model, metric_key, model_name, validate
 from medclip.training.data_feed import DataFeed, build_data, write_data_report
 from medclip.training.locations import check_locations, prepare_output_dir
 from medclip.training.logger import MetricsLogger, truncate_jsonl
@@ -94,9 +94,8 @@ class Trainer:
                     model_args.dtype, platform)
         self.model, self.tokenizer = build_model_and_tokenizer(model_args, data_args, self.compute_dtype,
                                                                train_args.seed, self.output_dir, mlm=train_args.mlm)
-        if train_args.loss == "sigmoid" and self.model.logit_bias is None:  # a Hub model: known only now
-            raise ConfigError(f"--loss sigmoid needs a learned logit bias, and {model_args.model_name_or_path} "
-                              "has none: use --loss clip, or a model saved with logit_bias_init_value")
+        # What validate could not know before loading (a Hub model), now from the model itself.
+        check_model(model_args, data_args, train_args, ModelFacts.of(self.model.config, model_name(model_args)))
         self.data: DataFeed = build_data(data_args, train_args, self.tokenizer, self.model.config,
                                          self.output_dir, num_devices=jax.device_count())
         self.text_cached = self._cache_locked_text()
@@ -365,10 +364,7 @@ class Trainer:
 
     def _track_best(self, state: TrainState, metrics: dict, progress: Progress, epoch: int) -> None:
         """Exports each new best model to output_dir/best; sets `stopped_early` when patience runs out."""
-        name = metric_key(self.args.metric_for_best_model)
-        if name not in metrics:  # config_check.validate lists the valid names; this guards a new metric set
-            raise ConfigError(f"--metric_for_best_model {self.args.metric_for_best_model!r} is not an eval metric; "
-                              f"choose from {sorted(k[5:] for k in metrics if k.startswith('eval_'))}")
+        name = metric_key(self.args.metric_for_best_model)  # one of eval_metrics.EVAL_METRICS (validate)
         value = metrics[name]
         if _is_better(name, value, progress.best_metric):
             progress.best_metric, progress.best_epoch, progress.epochs_without_improvement = value, epoch, 0
