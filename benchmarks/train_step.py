@@ -435,7 +435,7 @@ class JaxStep(InProcessStep):
                                                        weight_decay=0.1, max_grad_norm=1.0))
         self.state = init_state(params, tx, seed=0, batch_stats=batch_stats)
         self.batch = jax.device_put({k: jax.numpy.asarray(v) for k, v in batch.items()}, device)
-        step = jax.jit(make_train_step(graphdef, tx, StepConfig(loss="clip"), text_packing), donate_argnums=0)
+        step = jax.jit(make_train_step(graphdef, tx, StepConfig(), text_packing), donate_argnums=0)
         t = time.perf_counter()
         self.compiled = step.lower(self.state, self.batch).compile()
         self.compile_seconds = time.perf_counter() - t

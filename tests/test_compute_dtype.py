@@ -19,6 +19,6 @@ def test_auto_is_bf16_on_accelerators_and_fp32_on_cpu(platform, expected):
 
 def test_auto_is_the_default_and_a_bad_name_is_one_line():
     assert ModelArguments().dtype == "auto"
-    with pytest.raises(ConfigError, match="^--dtype must be auto, float32, bfloat16 or float16, not 'float64'$"):
+    with pytest.raises(ConfigError, match="^--dtype 'float64' is unknown; choose from auto, float32, bfloat16, float16$"):
         compute_dtype("float64", "cpu")
 

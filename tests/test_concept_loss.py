@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from medclip.training import losses
-from medclip.training.step import StepConfig
 
 # 6 examples, K = 4: 0 and 1 share a caption; 2 and 3 have the same concept set; 5 has none.
 CONCEPTS = np.array([[0, 1, 2, -1], [1, 3, -1, -1], [0, 4, -1, -1], [4, 0, -1, -1], [2, 5, 6, 7],
@@ -99,7 +98,7 @@ def test_compute_loss_reads_the_batch_and_names_missing_fields():
     class Out:
         logits_per_text = jnp.asarray(np.random.default_rng(4).normal(size=(6, 6)), jnp.float32)
 
-    config = StepConfig(loss="concept", concept_target_weight=0.3, false_negatives="mask")
+    config = losses.LossConfig(name="concept", concept_target_weight=0.3, false_negatives="mask")
     batch = {"concept_ids": CONCEPTS, "caption_group": GROUPS, "input_ids": np.zeros((6, 2))}
     np.testing.assert_allclose(losses.compute_loss(Out, config, batch),
                                losses.concept_loss(Out.logits_per_text, CONCEPTS, GROUPS, 0.3, "mask"))

@@ -12,7 +12,8 @@ from flax import nnx
 
 from medclip import FlaxHybridCLIP, HybridCLIPConfig
 from medclip.training import losses
-from medclip.training.step import StepConfig, make_eval_loss
+from medclip.training.losses import LossConfig
+from medclip.training.step import make_eval_loss
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +31,11 @@ def model_and_batch():
     return model, batch, fields
 
 
-@pytest.mark.parametrize("config", [StepConfig(loss="clip"), StepConfig(loss="sigmoid"),
-                                    StepConfig(loss="hybrid", hybrid_alpha=0.3, hybrid_temperature=0.5),
-                                    StepConfig(loss="hybrid", hybrid_alpha=0.3, hybrid_form="report"),
-                                    StepConfig(loss="concept", concept_target_weight=0.4),
-                                    StepConfig(loss="concept", false_negatives="mask")])
+@pytest.mark.parametrize("config", [LossConfig(name="clip"), LossConfig(name="sigmoid"),
+                                    LossConfig(name="hybrid", hybrid_alpha=0.3, hybrid_temperature=0.5),
+                                    LossConfig(name="hybrid", hybrid_alpha=0.3, hybrid_form="report"),
+                                    LossConfig(name="concept", concept_target_weight=0.4),
+                                    LossConfig(name="concept", false_negatives="mask")])
 def test_eval_loss_is_the_training_loss(model_and_batch, config):
     model, batch, fields = model_and_batch
     out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
@@ -55,10 +56,10 @@ def test_eval_loss_is_the_training_loss(model_and_batch, config):
 def test_the_losses_differ_so_the_test_above_can_fail(model_and_batch):
     model, batch, fields = model_and_batch
     out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
-    values = {name: float(losses.compute_loss(out, StepConfig(loss=name), fields)) for name in losses.LOSSES}
+    values = {name: float(losses.compute_loss(out, LossConfig(name=name), fields)) for name in losses.LOSSES}
     assert len({round(v, 4) for v in values.values()}) == len(losses.LOSSES) == 4, values
 
 
 def test_unknown_loss_is_named():
     with pytest.raises(ValueError, match="'focal'.*clip, hybrid, sigmoid, concept"):
-        losses.compute_loss(None, StepConfig(loss="focal"))
+        losses.compute_loss(None, LossConfig(name="focal"))

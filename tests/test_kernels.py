@@ -100,7 +100,7 @@ def exported_train_step(config: HybridCLIPConfig, platforms: list[str], batch: i
     abstract_batch = {"input_ids": jax.ShapeDtypeStruct((batch, length), jnp.int32),
                       "attention_mask": jax.ShapeDtypeStruct((batch, length), jnp.int32),
                       "pixel_values": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)}
-    step = jax.jit(make_train_step(graphdef, tx, StepConfig(loss="clip")))
+    step = jax.jit(make_train_step(graphdef, tx, StepConfig()))
     return jax.export.export(step, platforms=platforms)(state, abstract_batch).mlir_module()
 
 

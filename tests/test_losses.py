@@ -160,12 +160,10 @@ def test_report_targets_pass_the_gradient_as_keras_does(related):
 
 
 def test_compute_loss_reads_the_form_the_scale_and_a_learned_alpha(related):
-    from medclip.training.step import StepConfig
-
     image, text = (jnp.asarray(x, jnp.float32) for x in related)
     scale = jnp.asarray(1 / 0.07, jnp.float32)
     out = type("Out", (), {"logits_per_text": scale * text @ image.T, "image_embeds": image, "text_embeds": text})
-    config = StepConfig(loss="hybrid", hybrid_form="report", hybrid_alpha=0.5)
+    config = losses.LossConfig(name="hybrid", hybrid_form="report", hybrid_alpha=0.5)
     np.testing.assert_allclose(float(losses.compute_loss(out, config, None, losses.LossParams(logit_scale=scale))),
                                _report_hybrid_loss(related[0], related[1], 0.07, 0.5), rtol=2e-5)
     with pytest.raises(ValueError, match="logit scale"):

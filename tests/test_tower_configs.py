@@ -110,7 +110,7 @@ def test_both_towers_from_configs_need_a_tokenizer(tmp_path, minilm):
 
 
 def test_a_tower_from_config_and_a_checkpoint_for_the_same_tower_is_refused(tmp_path, minilm):
-    with pytest.raises(ConfigError, match="--text_config.*or --text_model_name_or_path"):
+    with pytest.raises(ConfigError, match="^--text_config and --text_model_name_or_path both describe the text tower: give one$"):
         build(tmp_path, vision_config=VISION, text_config="bert.tiny", text_model_name_or_path=minilm)
     with pytest.raises(ConfigError, match="--vision_config needs a text tower too"):
         build(tmp_path, vision_config=VISION)

@@ -51,7 +51,7 @@ def test_non_finite_step_is_skipped_and_counted():
 def test_learned_hybrid_alpha_trains_beside_the_model():
     """--hybrid_alpha_learnable: the alpha of the report's hybrid loss is sigmoid of a scalar in the train state's
     params (started at --hybrid_alpha), updated by the optimizer, logged, and not part of the model."""
-    state, step, batch = _setup(StepConfig(loss="hybrid", hybrid_form="report"), losses.alpha_param(0.5))
+    state, step, batch = _setup(StepConfig(loss=losses.LossConfig(name="hybrid", hybrid_form="report")), losses.alpha_param(0.5))
     alphas = []
     for _ in range(3):
         state, metrics = step(state, batch)

@@ -175,19 +175,23 @@ def retrieval_ranks(
     )
 
 
+def metric_names(directions: Sequence[str] = ("i2t", "t2i"), ks: Sequence[int] = RECALL_KS,
+                 mrr_ks: Sequence[int] = MRR_KS) -> list[str]:
+    """The keys of the metrics (`ranks_to_metrics`, `evaluate_retrieval`) for these directions, in their order:
+    known without scoring anything, so a flag that names a metric is checked before a run starts."""
+    per_direction = (*(f"R@{k}" for k in ks), "mrr", *(f"mrr@{k}" for k in mrr_ks), "median_rank", "mean_rank")
+    return [f"{direction}_{name}" for direction in directions for name in per_direction]
+
+
 def ranks_to_metrics(ranks: np.ndarray, prefix: str, ks: Sequence[int] = RECALL_KS,
                      mrr_ks: Sequence[int] = MRR_KS) -> dict[str, float]:
     """Recall@k, MRR, MRR@k, median and mean rank for one direction, keys prefixed (``i2t_R@1``...)."""
     ranks = np.asarray(ranks)
     if ranks.size == 0:
         raise ValueError(f"no {prefix} queries to score")
-    metrics = {f"{prefix}_R@{k}": float(np.mean(ranks <= k)) for k in ks}
-    metrics[f"{prefix}_mrr"] = float(np.mean(1.0 / ranks))
-    for k in mrr_ks:
-        metrics[f"{prefix}_mrr@{k}"] = float(np.mean(np.where(ranks <= k, 1.0 / ranks, 0.0)))
-    metrics[f"{prefix}_median_rank"] = float(np.median(ranks))
-    metrics[f"{prefix}_mean_rank"] = float(np.mean(ranks))
-    return metrics
+    values = (*(np.mean(ranks <= k) for k in ks), np.mean(1.0 / ranks),
+              *(np.mean(np.where(ranks <= k, 1.0 / ranks, 0.0)) for k in mrr_ks), np.median(ranks), np.mean(ranks))
+    return {name: float(value) for name, value in zip(metric_names((prefix,), ks, mrr_ks), values, strict=True)}
 
 
 def relevance_groups(captions: Sequence[str], concepts: Sequence[Sequence[str]] | None = None) -> np.ndarray:

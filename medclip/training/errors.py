@@ -2,9 +2,11 @@
 
 Library code raises `ConfigError` (a flag, or a combination of flags, is wrong: the message names the flag) or
 `DataError` (the data cannot make the run the flags ask for); `run_hybrid_clip.py` turns them into exit
-codes 2 and 3 with the message on stderr."""
+codes 2 and 3 with the message on stderr. `check_choice` words every "not one of these names" error alike."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 
 class ConfigError(ValueError):
@@ -13,3 +15,10 @@ class ConfigError(ValueError):
 
 class DataError(ValueError):
     """The data cannot serve the run (too few pairs, not the checkpoint's data...)."""
+
+
+def check_choice(flag: str, value: str, allowed: Iterable[str]) -> None:
+    """ConfigError naming the flag, the value and the choices, when `value` is not one of `allowed`."""
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ConfigError(f"{flag} {value!r} is unknown; choose from {', '.join(allowed)}")

@@ -1,6 +1,6 @@
 """Contrastive losses over the global batch, each a pure function of logits (and embeddings, and for the
 concept loss the batch's concept ids and caption groups), and the one registry that training and evaluation
-both call (`compute_loss(out, config, batch)`).
+both call (`compute_loss(out, config, batch)`, `config` a `LossConfig`).
 
 With `jax.jit` over a device mesh the logits are the global (batch, batch) matrix, so every device's
 examples serve as negatives for every other's; XLA inserts the gathers.
@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from medclip.training.errors import ConfigError, check_choice
+
+if TYPE_CHECKING:
+    from medclip.training.arguments import TrainingArguments
 
 
 def clip_loss(logits_per_text: jax.Array) -> jax.Array:
@@ -126,15 +131,40 @@ def concept_loss(logits_per_text: jax.Array, concept_ids: jax.Array, caption_gro
 HYBRID_FORMS = ("ours", "report")
 
 
-class LossConfig(Protocol):
-    """What a loss may read from its configuration (`medclip.training.step.StepConfig` is one)."""
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Every setting of the contrastive loss, from the flags of the same names (`from_args`; `name` is --loss).
+    The train step and the evaluation loss take it whole: a new loss setting is a field here, not an argument
+    threaded through the trainer."""
 
-    loss: str
-    hybrid_alpha: float
-    hybrid_temperature: float
-    hybrid_form: str
-    concept_target_weight: float
-    false_negatives: str
+    name: str = "clip"  # a key of LOSSES
+    hybrid_alpha: float = 0.5  # hybrid: share of the soft targets (the start, when learned)
+    hybrid_temperature: float = 1.0  # hybrid ours: the soft targets' temperature
+    hybrid_form: str = "ours"  # ours | report (hybrid_loss_report: the CLIP-TF report's eqs. 1-8)
+    hybrid_alpha_learnable: bool = False  # hybrid: alpha trained beside the model (ALPHA_PARAM)
+    concept_target_weight: float = 0.5  # concept: share of the concept-overlap soft targets
+    false_negatives: str = "positive"  # concept: positive | mask | none (concept_loss)
+
+    @classmethod
+    def from_args(cls, args: TrainingArguments) -> LossConfig:
+        return cls(name=args.loss, hybrid_alpha=args.hybrid_alpha, hybrid_temperature=args.hybrid_temperature,
+                   hybrid_form=args.hybrid_form, hybrid_alpha_learnable=args.hybrid_alpha_learnable,
+                   concept_target_weight=args.concept_target_weight, false_negatives=args.false_negatives)
+
+    def check(self) -> None:
+        """ConfigError naming the flag, for a setting no loss can use (ranges: arguments.FLAG_RANGES)."""
+        check_choice("--loss", self.name, LOSSES)
+        check_choice("--hybrid_form", self.hybrid_form, HYBRID_FORMS)
+        if self.name == "concept":
+            check_choice("--false_negatives", self.false_negatives, FALSE_NEGATIVES)
+        if self.hybrid_form == "report" and self.hybrid_temperature != 1.0:
+            raise ConfigError("--hybrid_temperature sets --hybrid_form ours's target temperature; the report form "
+                              "uses the model's logit temperature for the targets too: drop one of them")
+        if self.hybrid_alpha_learnable and self.name != "hybrid":
+            raise ConfigError("--hybrid_alpha_learnable learns the alpha of --loss hybrid: add it, or drop the flag")
+        if self.hybrid_alpha_learnable and not 0 < self.hybrid_alpha < 1:
+            raise ConfigError(f"--hybrid_alpha_learnable starts at --hybrid_alpha, which must be in (0, 1), not "
+                              f"{self.hybrid_alpha}")
 
 
 class ModelOutput(Protocol):
@@ -179,15 +209,13 @@ def _hybrid(out, config, batch, params):
     alpha = config.hybrid_alpha if params.hybrid_alpha is None else params.hybrid_alpha
     if config.hybrid_form == "ours":
         return hybrid_loss(out.logits_per_text, out.image_embeds, out.text_embeds, alpha, config.hybrid_temperature)
-    if config.hybrid_form != "report":
-        raise ValueError(f"unknown hybrid form {config.hybrid_form!r}; choose from {', '.join(HYBRID_FORMS)}")
     if params.logit_scale is None:
         raise ValueError("--hybrid_form report ties the targets' temperature to the logits': pass the logit scale")
     return hybrid_loss_report(out.logits_per_text, out.image_embeds, out.text_embeds, params.logit_scale, alpha)
 
 
 # name -> loss(out, config, batch, params); `batch` holds at least the fields BATCH_FIELDS names for that loss.
-LOSSES: dict[str, Callable[[Any, Any, Mapping[str, jax.Array], LossParams], jax.Array]] = {
+LOSSES: dict[str, Callable[[Any, LossConfig, Mapping[str, jax.Array], LossParams], jax.Array]] = {
     "clip": lambda out, config, batch, params: clip_loss(out.logits_per_text),
     "hybrid": _hybrid,
     "sigmoid": lambda out, config, batch, params: sigmoid_loss(out.logits_per_text),
@@ -204,14 +232,11 @@ def batch_fields(loss: str) -> tuple[str, ...]:
 def compute_loss(out: ModelOutput, config: LossConfig, batch: Mapping[str, jax.Array] | None = None,
                  params: LossParams | None = None) -> jax.Array:
     """The configured loss of a model output: the training step and evaluation both call this. `batch` holds
-    the fields the loss needs (`batch_fields(config.loss)`); others are ignored. `params`: the trained values
-    besides the output (`LossParams`)."""
-    try:
-        loss = LOSSES[config.loss]
-    except KeyError:
-        raise ValueError(f"unknown loss {config.loss!r}; choose from {', '.join(LOSSES)}") from None
-    missing = [f for f in batch_fields(config.loss) if batch is None or f not in batch]
+    the fields the loss needs (`batch_fields(config.name)`); others are ignored. `params`: the trained values
+    besides the output (`LossParams`). ConfigError (a ValueError) for a config that `LossConfig.check` refuses."""
+    config.check()  # at trace time, once per compilation
+    missing = [f for f in batch_fields(config.name) if batch is None or f not in batch]
     if missing:
-        raise ValueError(f"--loss {config.loss} reads the batch fields {missing}, which this batch lacks "
+        raise ValueError(f"--loss {config.name} reads the batch fields {missing}, which this batch lacks "
                          "(the data pipeline adds them with concept_width > 0)")
-    return loss(out, config, batch or {}, params or LossParams())
+    return LOSSES[config.name](out, config, batch or {}, params or LossParams())

@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from medclip.training.errors import check_choice
+
 MASK_STREAM = 0x4D4C4D  # folded into the step's dropout key: the masking's own random stream
 
 
@@ -47,8 +49,7 @@ class MaskingConfig:
     def from_tokenizer(cls, tokenizer, probability: float = 0.15, masking: str = "token") -> MaskingConfig:
         if getattr(tokenizer, "mask_token_id", None) is None:
             raise ValueError("masked-language modelling needs a tokenizer with a mask token")
-        if masking not in MASKINGS:
-            raise ValueError(f"unknown masking {masking!r}; choose from {', '.join(MASKINGS)}")
+        check_choice("--mlm_masking", masking, MASKINGS)
         return cls(probability=probability, mask_token_id=int(tokenizer.mask_token_id),
                    special_ids=tuple(sorted({int(i) for i in tokenizer.all_special_ids})),
                    vocab_size=len(tokenizer), whole_word=masking == "whole_word",

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from medclip import storage
@@ -23,10 +22,10 @@ from medclip.models.fusion import FusionConfig, MLMFusion
 from medclip.models.heads import HeadConfig
 from medclip.models.registry import max_text_positions
 from medclip.training.arguments import DataArguments, ModelArguments
-from medclip.training.config_check import check_second_text_field
-from medclip.training.errors import ConfigError
 from medclip.training.distributed import barrier
-from medclip.training.tower_configs import parse_tower_config
+from medclip.training.dtypes import compute_dtype
+from medclip.training.errors import ConfigError
+from medclip.training.tower_configs import tower_config_flag
 
 logger = logging.getLogger(__name__)
 __all__ = ["ModelSetupError", "build_model_and_tokenizer", "compute_dtype", "demo_config", "load_tokenizer"]
@@ -37,20 +36,6 @@ class ModelSetupError(ConfigError):
 
 
 DEMO_CONTEXT_LENGTH = 72
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def compute_dtype(name: str, platform: str) -> Any:
-    """--dtype on devices of `platform` (parameters stay fp32 whatever it is). `auto`: bfloat16 on TPU and GPU,
-    whose matrix units run it several times faster than fp32, float32 on CPU, where the kernels are tuned and
-    measured in fp32."""
-    if name == "auto":
-        name = "float32" if platform == "cpu" else "bfloat16"
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise ConfigError(f"--dtype must be auto, float32, bfloat16 or float16, not {name!r}") from None
 
 
 def demo_config(vocab_size: int, image_size: int, max_seq_length: int, **changes: Any) -> HybridCLIPConfig:
@@ -78,13 +63,10 @@ def _saved_model(model_args: ModelArguments, dtype) -> tuple[FlaxHybridCLIP, Any
 def _tower_config(model_args: ModelArguments, kind: str) -> tuple[Any, Any, str | None]:
     """(the tower's config, its folder's preprocessing or None, the pretrained folder to load it from or None
     for a fresh tower)."""
-    config_flag, source = getattr(model_args, f"{kind}_config"), getattr(model_args, f"{kind}_model_name_or_path")
-    if config_flag and source:
-        raise ModelSetupError(f"give --{kind}_config (a tower from scratch) or --{kind}_model_name_or_path "
-                              "(a pretrained one), not both")
+    configured, source = tower_config_flag(model_args, kind), getattr(model_args, f"{kind}_model_name_or_path")
     overrides = {"image_size": model_args.image_size} if kind == "vision" and model_args.image_size else {}
-    if config_flag:
-        return parse_tower_config(config_flag, kind, f"--{kind}_config").replace(**overrides), None, None
+    if configured is not None:
+        return configured.replace(**overrides), None, None
     if not source:
         raise ModelSetupError(f"--{'text' if kind == 'vision' else 'vision'}_config needs a {kind} tower too: "
                               f"--{kind}_model_name_or_path or --{kind}_config")
@@ -199,9 +181,9 @@ def _head_changes(model_args: ModelArguments) -> dict[str, Any]:
 def _adapt_loaded(model: FlaxHybridCLIP, model_args: ModelArguments, data_args: DataArguments, mlm: bool,
                   heads: dict[str, Any], seed: int) -> None:
     """A saved model takes the flags that do not change its trained weights' shapes: projection dropout, and a
-    fresh fusion module for --mlm. A second text input would change the text head's width: refused."""
+    fresh fusion module for --mlm. A second text input would change the text head's width: refused by
+    `config_check.check_model`."""
     config = model.config
-    check_second_text_field(data_args.second_text_field, config.text_inputs, model_args.model_name_or_path)
     if not data_args.second_text_field and config.text_inputs == 2:
         logger.warning("%s takes two text inputs and no --second_text_field was given: the caption fills both",
                        model_args.model_name_or_path)

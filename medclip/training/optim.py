@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from medclip.training.errors import ConfigError, check_choice
+
+if TYPE_CHECKING:
+    from medclip.training.arguments import TrainingArguments
 
 # Parameter paths ('.'-joined) that get no weight decay: `.scale` is every norm's gain, LayerNorm's and BatchNorm's.
 # Embedding tables end in `.embedding`; the ViT patch projection (`patch_embedding`) is a weight and decays.
@@ -44,6 +49,34 @@ class OptimizerConfig:
     freeze_text: bool = False
     lr_multiplier: bool = False  # an `lr_scale` in the state, set from outside (ReduceLROnPlateau)
 
+    @classmethod
+    def from_args(cls, args: TrainingArguments, steps: int = 1) -> OptimizerConfig:
+        """`steps`: the run's training steps (batches); the schedules count optimizer updates, one per
+        --gradient_accumulation_steps batches."""
+        return cls(learning_rate=args.learning_rate, warmup_steps=args.warmup_steps,
+                   total_steps=max(steps // args.gradient_accumulation_steps, 1), schedule=args.lr_schedule,
+                   weight_decay=args.weight_decay, weight_decay_type=args.weight_decay_type,
+                   weight_decay_mask=args.weight_decay_mask, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
+                   adam_epsilon=args.adam_epsilon, max_grad_norm=args.max_grad_norm or None,
+                   gradient_accumulation_steps=args.gradient_accumulation_steps,
+                   vision_learning_rate=args.vision_learning_rate, text_learning_rate=args.text_learning_rate,
+                   freeze_vision=args.freeze_vision, freeze_text=args.freeze_text,
+                   lr_multiplier=args.reduce_lr_on_plateau)
+
+    def check(self) -> None:
+        """ConfigError naming the flag, for settings no optimizer is built from (ranges: arguments.FLAG_RANGES)."""
+        check_choice("--lr_schedule", self.schedule, SCHEDULES)
+        check_choice("--weight_decay_type", self.weight_decay_type, WEIGHT_DECAY_TYPES)
+        check_choice("--weight_decay_mask", self.weight_decay_mask, WEIGHT_DECAY_MASKS)
+        if self.freeze_vision and self.freeze_text:
+            raise ConfigError("--freeze_vision and --freeze_text together leave only the projections to train; "
+                              "drop one of them")
+        # One schedule owns the learning rate: a decay that also falls on its own would make the plateau's
+        # reductions compound with it in ways nobody reads off a curve. Warmup is allowed.
+        if self.lr_multiplier and self.schedule != "constant":
+            raise ConfigError(f"--reduce_lr_on_plateau needs --lr_schedule constant (after --warmup_steps), "
+                              f"not {self.schedule!r}: the plateau is the decay")
+
 
 SCHEDULES = ("linear", "cosine", "constant")
 WEIGHT_DECAY_TYPES = ("decoupled", "l2")
@@ -70,16 +103,15 @@ def scale_by_lr_multiplier() -> optax.GradientTransformation:
 
 
 def make_schedule(peak: float, config: OptimizerConfig) -> optax.Schedule:
+    check_choice("--lr_schedule", config.schedule, SCHEDULES)
     warmup = min(config.warmup_steps, config.total_steps)
     decay_steps = max(config.total_steps - warmup, 1)
     if config.schedule == "linear":
         decay = optax.linear_schedule(peak, 0.0, decay_steps)
     elif config.schedule == "cosine":
         decay = optax.cosine_decay_schedule(peak, decay_steps)
-    elif config.schedule == "constant":
-        decay = optax.constant_schedule(peak)
     else:
-        raise ValueError(f"unknown schedule {config.schedule!r}; use one of {', '.join(SCHEDULES)}")
+        decay = optax.constant_schedule(peak)
     if warmup == 0:
         return decay
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
@@ -107,16 +139,14 @@ def tower_labels(params: Any, config: OptimizerConfig) -> Any:
 
 
 def make_optimizer(params: Any, config: OptimizerConfig) -> tuple[optax.GradientTransformation, dict[str, optax.Schedule]]:
-    """Returns the transformation and its named learning-rate schedules (for logging)."""
+    """Returns the transformation and its named learning-rate schedules (for logging). ConfigError (a
+    ValueError) for a config that `OptimizerConfig.check` refuses."""
+    config.check()
     schedules = {
         "head": make_schedule(config.learning_rate, config),
         "vision": make_schedule(config.vision_learning_rate or config.learning_rate, config),
         "text": make_schedule(config.text_learning_rate or config.learning_rate, config),
     }
-
-    if config.weight_decay_mask not in WEIGHT_DECAY_MASKS:
-        raise ValueError(f"unknown weight decay mask {config.weight_decay_mask!r}; "
-                         f"use one of {', '.join(WEIGHT_DECAY_MASKS)}")
     # "all": what torch.optim.Adam(model.parameters(), weight_decay=...) does (PubMedCLIP): one param group.
     # "ndim": open_clip's exclusion (PMC-CLIP's main.py): every parameter of fewer than 2 dimensions (gains,
     # biases, the temperature) is skipped, embedding tables decay.
@@ -127,13 +157,10 @@ def make_optimizer(params: Any, config: OptimizerConfig) -> tuple[optax.Gradient
         if config.weight_decay_type == "decoupled":
             return optax.adamw(schedule, b1=config.adam_beta1, b2=config.adam_beta2, eps=config.adam_epsilon,
                                weight_decay=config.weight_decay, mask=mask)
-        if config.weight_decay_type == "l2":  # torch.optim.Adam: grad += wd * param, then the moments
-            return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=mask),
-                               optax.scale_by_adam(b1=config.adam_beta1, b2=config.adam_beta2,
-                                                   eps=config.adam_epsilon),
-                               optax.scale_by_learning_rate(schedule))
-        raise ValueError(f"unknown weight decay type {config.weight_decay_type!r}; "
-                         f"use one of {', '.join(WEIGHT_DECAY_TYPES)}")
+        # l2, torch.optim.Adam: grad += wd * param, then the moments
+        return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=mask),
+                           optax.scale_by_adam(b1=config.adam_beta1, b2=config.adam_beta2, eps=config.adam_epsilon),
+                           optax.scale_by_learning_rate(schedule))
 
     transforms = {name: adam(s) for name, s in schedules.items()}
     transforms["frozen"] = optax.set_to_zero()

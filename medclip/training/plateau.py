@@ -9,7 +9,13 @@ state, this state (best, bad epochs, cooldown) in the checkpoint's progress, so 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from medclip.training.errors import ConfigError, check_choice
+from medclip.training.eval_metrics import check_metric
+
+if TYPE_CHECKING:
+    from medclip.training.arguments import TrainingArguments
 
 LOWER_IS_BETTER = ("loss", "rank")  # metric names containing these are minimised (plateau and best model)
 TORCH_EPS = 1e-8  # torch's `eps`: a reduction smaller than this is ignored
@@ -18,6 +24,9 @@ TORCH_EPS = 1e-8  # torch's `eps`: a reduction smaller than this is ignored
 def mode_for(metric: str) -> str:
     """'min' for losses and ranks, 'max' for recalls and MRR."""
     return "min" if any(word in metric for word in LOWER_IS_BETTER) else "max"
+
+
+THRESHOLD_MODES = ("rel", "abs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +38,21 @@ class PlateauConfig:
     threshold_mode: str = "rel"  # rel | abs
     cooldown: int = 0
     min_lr: float = 0.0
+    metric: str | None = None  # the eval metric it steps on (--plateau_metric), which sets `mode`
+
+    @classmethod
+    def from_args(cls, args: TrainingArguments) -> PlateauConfig:
+        return cls(mode=mode_for(args.plateau_metric), factor=args.plateau_factor, patience=args.plateau_patience,
+                   threshold=args.plateau_threshold, threshold_mode=args.plateau_threshold_mode,
+                   cooldown=args.plateau_cooldown, min_lr=args.plateau_min_lr, metric=args.plateau_metric)
+
+    def check(self) -> None:
+        """ConfigError naming the flag (ranges: arguments.FLAG_RANGES; the schedule it needs: OptimizerConfig)."""
+        if self.metric is not None:
+            check_metric("--plateau_metric", self.metric)
+        check_choice("--plateau_threshold_mode", self.threshold_mode, THRESHOLD_MODES)
+        if self.mode not in ("min", "max"):
+            raise ConfigError(f"plateau mode must be min or max, not {self.mode!r}")
 
 
 @dataclasses.dataclass
@@ -46,10 +70,7 @@ class Plateau:
     """One learning rate (the run's --learning_rate; per-tower rates follow it by the same factor)."""
 
     def __init__(self, config: PlateauConfig, lr: float, state: dict[str, Any] | None = None):
-        if config.mode not in ("min", "max"):
-            raise ValueError(f"plateau mode must be min or max, not {config.mode!r}")
-        if config.threshold_mode not in ("rel", "abs"):
-            raise ValueError(f"plateau threshold mode must be rel or abs, not {config.threshold_mode!r}")
+        config.check()
         self.config = config
         self.state = PlateauState(**state) if state is not None else PlateauState(lr=lr)
 

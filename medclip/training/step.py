@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,9 @@ from medclip.models.hybrid import HybridCLIPOutput, logit_temperature
 from medclip.models.packing import PackingPlan
 from medclip.training import losses
 from medclip.training.mlm import MASK_STREAM, MaskingConfig, mask_batch, mlm_loss_and_accuracy
+
+if TYPE_CHECKING:
+    from medclip.training.arguments import ModelArguments, TrainingArguments
 
 
 @struct.dataclass
@@ -39,12 +42,7 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-    loss: str = "clip"  # clip | hybrid | sigmoid | concept
-    hybrid_alpha: float = 0.5
-    hybrid_temperature: float = 1.0
-    hybrid_form: str = "ours"  # ours | report (losses.hybrid_loss_report: the CLIP-TF report's eqs. 1-8)
-    concept_target_weight: float = 0.5  # concept loss: share of the concept-overlap soft targets
-    false_negatives: str = "positive"  # concept loss: positive | mask | none (losses.concept_loss)
+    loss: losses.LossConfig = dataclasses.field(default_factory=losses.LossConfig)
     dropout: bool = False  # text-tower dropout as in BERT's config (the original recipe trained with it)
     freeze_vision: bool = False
     freeze_text: bool = False
@@ -52,6 +50,17 @@ class StepConfig:
     masking: MaskingConfig | None = None  # set: PMC-CLIP's MLM objective on the masked captions (--mlm)
     mlm_weight: float = 1.0  # loss = contrastive + mlm_weight * MLM loss
     clamp_logit_scale: bool = True  # the model's (HybridCLIPConfig.clamp_logit_scale): False for SigLIP
+
+    @classmethod
+    def from_args(cls, model_args: ModelArguments, train_args: TrainingArguments, tokenizer: Any, *,
+                  clamp_logit_scale: bool = True) -> StepConfig:
+        """`tokenizer` gives --mlm its mask token and vocabulary; `clamp_logit_scale` is the model's."""
+        masking = (MaskingConfig.from_tokenizer(tokenizer, train_args.mlm_probability, train_args.mlm_masking)
+                   if train_args.mlm else None)
+        return cls(loss=losses.LossConfig.from_args(train_args), dropout=model_args.text_dropout,
+                   freeze_vision=train_args.freeze_vision, freeze_text=train_args.freeze_text,
+                   freeze_bn_stats=train_args.freeze_bn_stats, masking=masking, mlm_weight=train_args.mlm_weight,
+                   clamp_logit_scale=clamp_logit_scale)
 
 
 def init_state(params: Any, tx: optax.GradientTransformation, seed: int, batch_stats: Any = None) -> TrainState:
@@ -72,14 +81,14 @@ def embeddings_output(image_embeds: jax.Array, text_embeds: jax.Array, logit_sca
                             image_embeds=image_embeds, text_embeds=text_embeds)
 
 
-def make_eval_loss(config: StepConfig) -> Callable[..., float]:
+def make_eval_loss(config: losses.LossConfig, clamp_logit_scale: bool = True) -> Callable[..., float]:
     """(image_embeds, text_embeds, params, batch, fields) -> the configured training loss averaged over eval
     batches of `batch` pairs (the global train batch size, so it is comparable to the training loss).
     `fields` holds the per-example arrays the loss reads (`losses.batch_fields`: the concept loss's concept ids
     and caption groups), in the order of the embeddings; they are cut into the same batches."""
     loss = jax.jit(lambda image, text, scale, bias, alpha, fields: losses.compute_loss(
-        embeddings_output(image, text, scale, bias, config.clamp_logit_scale), config, fields,
-        losses.LossParams(logit_temperature(scale, config.clamp_logit_scale), alpha)))
+        embeddings_output(image, text, scale, bias, clamp_logit_scale), config, fields,
+        losses.LossParams(logit_temperature(scale, clamp_logit_scale), alpha)))
 
     def eval_loss(image_embeds: np.ndarray, text_embeds: np.ndarray, params: Any, batch: int,
                   fields: dict[str, np.ndarray] | None = None) -> float:
@@ -134,7 +143,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
                     text_pooled=batch.get("text_pooled"),  # a cached locked text tower (training.text_cache)
                     image_pooled=batch.get("image_pooled"))  # and image tower (training.image_cache)
         new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))  # what train-mode BatchNorm updated
-        loss = losses.compute_loss(out, config, batch, losses.LossParams(model.temperature_scale(), alpha))
+        loss = losses.compute_loss(out, config.loss, batch, losses.LossParams(model.temperature_scale(), alpha))
         extra = {} if alpha is None else {"hybrid_alpha": alpha}
         if config.masking is not None:
             mlm_loss, mlm_acc = mlm_loss_and_accuracy(out.mlm_logits, batch["input_ids"], targets)

@@ -14,10 +14,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medclip.models import registry
 from medclip.training.errors import ConfigError
+
+if TYPE_CHECKING:
+    from medclip.training.arguments import ModelArguments
 
 
 def _fields(config_class: type) -> dict[str, dataclasses.Field]:
@@ -103,3 +106,14 @@ def parse_tower_config(value: str, kind: str, flag: str) -> Any:
             raise ConfigError(f"{flag}: {name} has no field {key!r}; its fields: {', '.join(fields)}")
         changes[key] = _parse_value(flag, key, text.strip(), getattr(base, key))
     return _build(flag, spec, base, changes)
+
+
+def tower_config_flag(model_args: ModelArguments, kind: str) -> Any | None:
+    """--{kind}_config parsed (None when not given): `validate` calls it so a typo fails before any loading,
+    model_setup to build the tower. Refused beside --{kind}_model_name_or_path, which describes the same tower."""
+    value = getattr(model_args, f"{kind}_config")
+    if not value:
+        return None
+    if getattr(model_args, f"{kind}_model_name_or_path"):
+        raise ConfigError(f"--{kind}_config and --{kind}_model_name_or_path both describe the {kind} tower: give one")
+    return parse_tower_config(value, kind, f"--{kind}_config")

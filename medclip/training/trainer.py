@@ -26,12 +26,12 @@ from medclip.training.distributed import barrier
 from medclip.training.arguments import DataArguments, ModelArguments, TrainingArguments
 from medclip.training.checkpointing import Checkpointer
 from medclip.training import export
-from medclip.training.config_check import ConfigError, metric_key, validate
+from medclip.training.config_check import ConfigError, ModelFacts, check_model, metric_key, model_name, validate
 from medclip.training.data_feed import DataFeed, build_data, write_data_report
 from medclip.training.locations import check_locations, prepare_output_dir
 from medclip.training.logger import MetricsLogger, truncate_jsonl
 from medclip.training.losses import alpha_param, split_params
-from medclip.training.mlm import MaskingConfig, word_starts
+from medclip.training.mlm import word_starts
 from medclip.training.image_cache import pooled_image_features
 from medclip.training.image_cache import why_not_cacheable as why_not_image_cacheable
 from medclip.training.text_cache import pooled_text_features, why_not_cacheable
@@ -94,9 +94,8 @@ class Trainer:
                     model_args.dtype, platform)
         self.model, self.tokenizer = build_model_and_tokenizer(model_args, data_args, self.compute_dtype,
                                                                train_args.seed, self.output_dir, mlm=train_args.mlm)
-        if train_args.loss == "sigmoid" and self.model.logit_bias is None:  # a Hub model: known only now
-            raise ConfigError(f"--loss sigmoid needs a learned logit bias, and {model_args.model_name_or_path} "
-                              "has none: use --loss clip, or a model saved with logit_bias_init_value")
+        # What validate could not know before loading (a Hub model), now from the model itself.
+        check_model(model_args, data_args, train_args, ModelFacts.of(self.model.config, model_name(model_args)))
         self.data: DataFeed = build_data(data_args, train_args, self.tokenizer, self.model.config,
                                          self.output_dir, num_devices=jax.device_count())
         self.text_cached = self._cache_locked_text()
@@ -110,36 +109,12 @@ class Trainer:
         steps_per_epoch = self.data.steps_per_epoch if self.data.has_train else 0
         self.total_steps = (train_args.max_steps if train_args.max_steps > 0
                             else math.ceil(train_args.num_train_epochs * max(steps_per_epoch, 1)))
-        self.optimizer_config = OptimizerConfig(
-            learning_rate=train_args.learning_rate, warmup_steps=train_args.warmup_steps,
-            total_steps=max(self.total_steps // train_args.gradient_accumulation_steps, 1),
-            schedule=train_args.lr_schedule, weight_decay=train_args.weight_decay,
-            weight_decay_type=train_args.weight_decay_type, weight_decay_mask=train_args.weight_decay_mask,
-            lr_multiplier=train_args.reduce_lr_on_plateau,
-            adam_beta1=train_args.adam_beta1, adam_beta2=train_args.adam_beta2,
-            adam_epsilon=train_args.adam_epsilon, max_grad_norm=train_args.max_grad_norm or None,
-            gradient_accumulation_steps=train_args.gradient_accumulation_steps,
-            vision_learning_rate=train_args.vision_learning_rate, text_learning_rate=train_args.text_learning_rate,
-            freeze_vision=train_args.freeze_vision, freeze_text=train_args.freeze_text)
+        self.optimizer_config = OptimizerConfig.from_args(train_args, self.total_steps)
         self.tx, self.schedules = make_optimizer(self.params, self.optimizer_config)
-        self.step_config = StepConfig(loss=train_args.loss, hybrid_alpha=train_args.hybrid_alpha,
-                                      hybrid_temperature=train_args.hybrid_temperature,
-                                      hybrid_form=train_args.hybrid_form,
-                                      concept_target_weight=train_args.concept_target_weight,
-                                      false_negatives=train_args.false_negatives,
-                                      dropout=model_args.text_dropout, freeze_vision=train_args.freeze_vision,
-                                      freeze_text=train_args.freeze_text, freeze_bn_stats=train_args.freeze_bn_stats,
-                                      masking=(MaskingConfig.from_tokenizer(self.tokenizer, train_args.mlm_probability,
-                                                                            train_args.mlm_masking)
-                                               if train_args.mlm else None),
-                                      mlm_weight=train_args.mlm_weight,
-                                      clamp_logit_scale=self.model.config.clamp_logit_scale)
-        self.eval_loss = make_eval_loss(self.step_config)
-        self.plateau_config = PlateauConfig(
-            mode=mode_for(train_args.plateau_metric), factor=train_args.plateau_factor,
-            patience=train_args.plateau_patience, threshold=train_args.plateau_threshold,
-            threshold_mode=train_args.plateau_threshold_mode, cooldown=train_args.plateau_cooldown,
-            min_lr=train_args.plateau_min_lr) if train_args.reduce_lr_on_plateau else None
+        self.step_config = StepConfig.from_args(model_args, train_args, self.tokenizer,
+                                                clamp_logit_scale=self.model.config.clamp_logit_scale)
+        self.eval_loss = make_eval_loss(self.step_config.loss, self.step_config.clamp_logit_scale)
+        self.plateau_config = PlateauConfig.from_args(train_args) if train_args.reduce_lr_on_plateau else None
         self.lr_scale = 1.0  # the plateau's multiplier, for logging (the step reads it from the optimizer state)
         self.checkpointer = Checkpointer(self.output_dir / "checkpoints", max_to_keep=train_args.save_total_limit)
         self.metrics = MetricsLogger(self.output_dir, train_args.report_to,
@@ -390,10 +365,7 @@ class Trainer:
 
     def _track_best(self, state: TrainState, metrics: dict, progress: Progress, epoch: int) -> None:
         """Exports each new best model to output_dir/best; sets `stopped_early` when patience runs out."""
-        name = metric_key(self.args.metric_for_best_model)
-        if name not in metrics:  # config_check.validate lists the valid names; this guards a new metric set
-            raise ConfigError(f"--metric_for_best_model {self.args.metric_for_best_model!r} is not an eval metric; "
-                              f"choose from {sorted(k[5:] for k in metrics if k.startswith('eval_'))}")
+        name = metric_key(self.args.metric_for_best_model)  # one of eval_metrics.EVAL_METRICS (validate)
         value = metrics[name]
         if _is_better(name, value, progress.best_metric):
             progress.best_metric, progress.best_epoch, progress.epochs_without_improvement = value, epoch, 0
