@@ -1,0 +1,186 @@
+"""Sharded records (medclip.data.shards): `medclip prepare --format shards` keeps every example of its source (ids,
+text and image bytes) and counts what it drops; the stream gives each host a disjoint part, every example once an
+epoch across hosts, in the order `ShardStream.order` computes; a stream restored mid-epoch yields exactly the rest
+of an uninterrupted run; broken folders fail in one typed line."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medclip.data import prepare, shards
+from medclip.data.records import DropCounter
+from medclip.data.shard_manifest import ShardError, load_metadata, open_split, read_manifest
+from medclip.data.sources.jsonl import load_jsonl
+from medclip.data.synthetic import write_synthetic_dataset, write_synthetic_tokenizer
+
+N = 30  # 29 good pairs + one whose image is missing
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("source")
+    write_synthetic_dataset(folder, N - 1, seed=0, image_size=32, name="train")
+    with (folder / "train.jsonl").open("a", encoding="utf-8") as f:
+        f.write(json.dumps({"id": "gone", "image_path": str(folder / "gone.png"),
+                            "captions": ["a chest radiograph with no image file"]}) + "\n")
+    return folder / "train.jsonl"
+
+
+def prepare_shards(source, output, *extra: str) -> None:
+    assert prepare.main(["--source", str(source), "--output_dir", str(output), "--format", "shards",
+                         "--shard_size", "4", "--no_progress", *extra]) == 0
+
+
+@pytest.fixture(scope="module")
+def prepared(source, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("shards")
+    prepare_shards(source, output)
+    return output
+
+
+def check_same_examples(source: Path, prepared: str) -> list:
+    """The prepared split holds the source's good records: ids, captions and image bytes, each once."""
+    expected = {record.id: record for record in load_jsonl(source, counter=DropCounter())}
+    got = shards.load_shards(prepared, "train")
+    assert sorted(record.id for record in got) == sorted(expected)
+    for record in got:
+        assert record.image == Path(expected[record.id].image).read_bytes()
+        assert record.captions == expected[record.id].captions
+    return got
+
+
+def test_prepared_shards_hold_the_source_examples_and_count_the_drop(source, prepared, capsys):
+    got = check_same_examples(source, str(prepared))
+    manifest = read_manifest(prepared)
+    split = manifest["splits"]["train"]
+    assert split["total"] == N - 1 == sum(s["examples"] for s in split["shards"])
+    assert [s["examples"] for s in split["shards"]] == [4] * 7 + [1]
+    assert split["drops"]["dropped_by_reason"] == {"missing_file": 1}
+    assert [record.id for record in got] != sorted(record.id for record in got)  # written shuffled
+    assert [record.id for record in load_metadata(open_split(prepared, "train"))] == [record.id for record in got]
+
+
+def host_orders(stream, process_count: int, per_epoch: int, epoch: int) -> list[np.ndarray]:
+    return [stream.order(7, epoch, host, process_count, per_epoch) for host in range(process_count)]
+
+
+@pytest.mark.parametrize("process_count", [1, 2, 3])
+def test_every_example_once_an_epoch_across_hosts(prepared, process_count):
+    stream = shards.ShardStream(open_split(prepared, "train"), cycle=3, window=5)
+    per_epoch = (N - 1) // process_count
+    for epoch in range(2):
+        orders = host_orders(stream, process_count, per_epoch, epoch)
+        seen = np.concatenate(orders)
+        assert len(set(seen.tolist())) == len(seen) == per_epoch * process_count  # disjoint
+        if per_epoch * process_count == N - 1:
+            assert sorted(seen.tolist()) == list(range(N - 1))
+    assert not all(np.array_equal(a, b) for a, b in zip(host_orders(stream, process_count, per_epoch, 0),
+                                                        host_orders(stream, process_count, per_epoch, 1)))
+
+
+def stream_indices(stream, per_epoch: int, host: int, hosts: int, position: int, epochs: int) -> list[int]:
+    dataset = stream.dataset(7, per_epoch, host, hosts, position, epochs)
+    return [shards.parse(serialized)[0] for _, _, serialized in dataset.as_numpy_iterator()]
+
+
+def check_stream(prepared, hosts: int = 2, positions=(0, 5, 14, 17)) -> None:
+    """Each host's stream reads the order `order` computes, and from any position the rest of it."""
+    stream = shards.ShardStream(open_split(prepared, "train"), cycle=3, window=5)
+    per_epoch = (N - 1) // hosts
+    for host in range(hosts):
+        expected = np.concatenate([stream.order(7, epoch, host, hosts, per_epoch) for epoch in range(2)]).tolist()
+        for position in positions:
+            assert stream_indices(stream, per_epoch, host, hosts, position, 2) == expected[position:], position
+
+
+def test_stream_yields_the_computed_order_from_any_position(prepared):
+    check_stream(prepared)
+
+
+def test_training_batches_resume_mid_epoch_exactly(prepared):
+    """Through the training pipeline: a restored iterator's batches are the uninterrupted run's, and each
+    position's pixels are those of the record the order names."""
+    from medclip.data import pipeline
+
+    split = open_split(prepared, "train")
+    items = load_metadata(split)
+    tokenizer = write_synthetic_tokenizer(prepared.parent / "tokenizer")
+
+    def make(host: int = 0):
+        return pipeline.make_train_dataset(items, tokenizer, image_size=16, max_seq_length=16, global_batch_size=4,
+                                           seed=7, process_index=host, process_count=2, train_crop="center",
+                                           stream=shards.ShardStream(split, cycle=3, window=5))
+
+    reference = make()
+    batches = [next(reference) for _ in range(10)]  # 7 steps an epoch: into the second epoch
+    resumed = make()
+    resumed.restore({**resumed.state(), "position": 3 * 2})
+    for expected in batches[3:]:
+        got = next(resumed)
+        for key in expected:
+            np.testing.assert_array_equal(got[key], expected[key])
+    assert resumed.state() == reference.state()
+    records_with_bytes = shards.load_shards(prepared, "train")
+    order = reference.order(0)
+    pixels = {int(index): image for indices, batch in pipeline.decoded_eval_images(records_with_bytes, image_size=16,
+                                                                                   batch_size=8)
+              for index, image in zip(indices, batch)}
+    for row, index in enumerate(order[:2]):
+        np.testing.assert_allclose(batches[0]["pixel_values"][row], pixels[int(index)], atol=1e-6)
+
+
+def one_line_error(call) -> str:
+    with pytest.raises(ShardError) as caught:
+        call()
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def test_broken_prepared_folders_fail_in_one_typed_line(source, tmp_path):
+    output = tmp_path / "shards"
+    prepare_shards(source, output)
+    manifest = json.loads((output / "manifest.json").read_text())
+
+    shard = output / manifest["splits"]["train"]["shards"][2]["name"]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    assert "truncated" in one_line_error(lambda: open_split(output, "train"))
+    assert str(shard) in one_line_error(lambda: shards.load_shards(output, "train"))
+    shard.write_bytes(data)
+
+    (output / manifest["splits"]["train"]["shards"][5]["name"]).unlink()
+    assert "missing" in one_line_error(lambda: open_split(output, "train"))
+
+    (output / "manifest.json").write_text(json.dumps({**manifest, "version": 99}))
+    assert "version 99" in one_line_error(lambda: open_split(output, "train"))
+    (output / "manifest.json").write_text(json.dumps({"format": "something-else"}))
+    assert "not a medclip-shards manifest" in one_line_error(lambda: read_manifest(output))
+    (output / "manifest.json").write_text(json.dumps(manifest))
+    assert "no split 'validation'" in one_line_error(lambda: open_split(output, "validation"))
+
+
+def test_prepare_refuses_jsonl_output_for_a_non_roco_source(source, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        prepare.main(["--source", str(source), "--output_dir", str(tmp_path / "o")])
+    assert exit_.value.code == 2
+    assert "--format shards" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not os.path.isdir("/work/shared/roco-sample/data"), reason="no ROCO sample here")
+def test_real_roco_sample_round_trips(tmp_path):
+    from medclip.data.sources.roco import load_roco
+
+    root = "/work/shared/roco-sample"
+    prepare_shards_args = ["--source", root, "--output_dir", str(tmp_path), "--format", "shards", "--shard_size",
+                           "128", "--no_progress", "--no_verify_decode"]
+    assert prepare.main(prepare_shards_args) == 0
+    expected = {record.id: record for record in load_roco(root, "test", counter=DropCounter())}
+    got = shards.load_shards(tmp_path, "test")
+    assert sorted(record.id for record in got) == sorted(expected)
+    assert all(record.image == Path(expected[record.id].image).read_bytes() for record in got[:50])
