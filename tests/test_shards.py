@@ -21,14 +21,18 @@ from medclip.data.synthetic import write_synthetic_dataset, write_synthetic_toke
 N = 30  # 29 good pairs + one whose image is missing
 
 
-@pytest.fixture(scope="module")
-def source(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("source")
+def write_source(folder: Path) -> Path:
+    """N - 1 synthetic pairs and one record whose image file does not exist."""
     write_synthetic_dataset(folder, N - 1, seed=0, image_size=32, name="train")
     with (folder / "train.jsonl").open("a", encoding="utf-8") as f:
         f.write(json.dumps({"id": "gone", "image_path": str(folder / "gone.png"),
                             "captions": ["a chest radiograph with no image file"]}) + "\n")
     return folder / "train.jsonl"
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    return write_source(tmp_path_factory.mktemp("source"))
 
 
 def prepare_shards(source, output, *extra: str) -> None:
@@ -88,14 +92,20 @@ def stream_indices(stream, per_epoch: int, host: int, hosts: int, position: int,
     return [shards.parse(serialized)[0] for _, _, serialized in dataset.as_numpy_iterator()]
 
 
-def check_stream(prepared, hosts: int = 2, positions=(0, 5, 14, 17)) -> None:
-    """Each host's stream reads the order `order` computes, and from any position the rest of it."""
-    stream = shards.ShardStream(open_split(prepared, "train"), cycle=3, window=5)
+def check_stream(prepared, hosts: int = 2, positions=(0, 5, 14, 17)) -> list[list[str]]:
+    """Each host's stream reads the order `order` computes, and from any position the rest of it; returns each
+    host's ids over two epochs."""
+    split = open_split(prepared, "train")
+    stream = shards.ShardStream(split, cycle=3, window=5)
+    ids = [record.id for record in load_metadata(split)]
     per_epoch = (N - 1) // hosts
+    streamed = []
     for host in range(hosts):
         expected = np.concatenate([stream.order(7, epoch, host, hosts, per_epoch) for epoch in range(2)]).tolist()
         for position in positions:
             assert stream_indices(stream, per_epoch, host, hosts, position, 2) == expected[position:], position
+        streamed.append([ids[i] for i in expected])
+    return streamed
 
 
 def test_stream_yields_the_computed_order_from_any_position(prepared):
@@ -184,3 +194,50 @@ def test_real_roco_sample_round_trips(tmp_path):
     got = shards.load_shards(tmp_path, "test")
     assert sorted(record.id for record in got) == sorted(expected)
     assert all(record.image == Path(expected[record.id].image).read_bytes() for record in got[:50])
+
+
+def check_feed_resume(prepared, output_dir: Path) -> None:
+    """The trainer's data feed on `--data_dir PREPARED` streams the shards (no validation split prepared: no
+    eval set); a feed restored from another's saved state yields the batches the first one yields next."""
+    from types import SimpleNamespace
+
+    from medclip.training.arguments import DataArguments, TrainingArguments
+    from medclip.training.data_feed import build_data
+
+    tokenizer = write_synthetic_tokenizer(output_dir / "tokenizer")
+    model_config = SimpleNamespace(vision_config=SimpleNamespace(image_size=16), image_preprocess=None)
+
+    def feed():
+        return build_data(DataArguments(data_dir=str(prepared), max_seq_length=16),
+                          TrainingArguments(output_dir=str(output_dir), do_train=True, per_device_train_batch_size=4,
+                                            seed=3),
+                          tokenizer, model_config, output_dir, num_devices=1)
+
+    first = feed()
+    assert first.train.stream is not None and first.eval is None and first.steps_per_epoch == (N - 1) // 4
+    for _ in range(5):
+        next(first.train)
+    state = first.train_state()
+    assert state["positions"] == [20] and "order=shards" in state["fingerprint"]
+    expected = [next(first.train) for _ in range(4)]  # into the second epoch
+    second = feed()
+    second.restore_train(state)
+    for batch in expected:
+        got = next(second.train)
+        for key in batch:
+            np.testing.assert_array_equal(got[key], batch[key])
+    ids = first.train_ids(0, 8)
+    assert len(set(ids)) == 8 and set(ids) <= {record.id for record in first.train.items}
+
+
+def test_trainer_feed_streams_a_prepared_data_dir_and_resumes(prepared, tmp_path):
+    check_feed_resume(prepared, tmp_path)
+
+
+def test_trainer_refuses_flags_that_need_the_records_in_memory(prepared, tmp_path):
+    from medclip.training.arguments import DataArguments
+    from medclip.training.config_check import ConfigError
+    from medclip.training.data_feed import prepared_train
+
+    with pytest.raises(ConfigError, match="--max_train_samples does not apply to sharded records"):
+        prepared_train(DataArguments(data_dir=str(prepared), max_train_samples=8))

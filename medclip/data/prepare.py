@@ -131,18 +131,24 @@ def _load(args: argparse.Namespace, split: str, counter: DropCounter) -> list:
 
 def prepare_shards(args: argparse.Namespace) -> dict:
     """Every split of `--source` as sharded records in `--output_dir` (medclip.data.shards); the manifest is
-    written last, so a folder with a manifest is complete."""
+    written last, so a folder with a manifest is complete. A folder prepared before keeps its other splits (e.g.
+    train from one file, then validation from another)."""
     import numpy as np
 
     from medclip import storage
     from medclip.data import shards
-    from medclip.data.shard_manifest import write_manifest
+    from medclip.data.shard_manifest import is_prepared, read_manifest, write_manifest
 
     splits = args.splits or _default_splits(args)
     if not splits:
         raise FileNotFoundError(f"no split found in {args.source}")
     summary = {"source": str(args.source), "format": "shards", "splits": {}}
     entries = {}
+    if is_prepared(args.output_dir):
+        earlier = read_manifest(args.output_dir)["splits"]
+        entries = {split: entry for split, entry in earlier.items() if split not in splits}
+        if entries:
+            print(f"{args.output_dir}: keeping the splits prepared before: {', '.join(entries)}")
     for split in splits:
         counter = DropCounter(strict=args.strict)
         items = _load(args, split, counter)
@@ -150,10 +156,11 @@ def prepare_shards(args: argparse.Namespace) -> dict:
             items = [items[i] for i in np.random.default_rng(args.shuffle_seed).permutation(len(items))]
         entries[split] = shards.write_split(items, args.output_dir, split, counter=counter,
                                             shard_size=args.shard_size, progress=args.progress)
+        entries[split]["source"] = str(args.source)
         print(f"{split}: wrote {len(entries[split]['shards'])} shards, {entries[split]['total']} examples\n  "
               f"{counter.report().replace(chr(10), chr(10) + '  ')}")
         summary["splits"][split] = {"shards": len(entries[split]["shards"]), **counter.summary()}
-    summary["manifest"] = write_manifest(args.output_dir, entries, source=str(args.source),
+    summary["manifest"] = write_manifest(args.output_dir, dict(sorted(entries.items())), source=str(args.source),
                                          shuffle_seed=args.shuffle_seed if args.shuffle else None,
                                          shard_size=args.shard_size)
     summary["kept"] = sum(s["kept"] for s in summary["splits"].values())
