@@ -162,6 +162,13 @@ def test_broken_prepared_folders_fail_in_one_typed_line(source, tmp_path):
     shard.write_bytes(data[: len(data) // 2])
     assert "truncated" in one_line_error(lambda: open_split(output, "train"))
     assert str(shard) in one_line_error(lambda: shards.load_shards(output, "train"))
+    from medclip.training.arguments import DataArguments
+    from medclip.training.data_feed import prepared_train
+    from medclip.training.errors import DataError
+
+    with pytest.raises(DataError, match="truncated") as caught:  # the trainer's exit 3, before training
+        prepared_train(DataArguments(data_dir=str(output)))
+    assert "\n" not in str(caught.value)
     shard.write_bytes(data)
 
     (output / manifest["splits"]["train"]["shards"][5]["name"]).unlink()

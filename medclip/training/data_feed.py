@@ -59,10 +59,13 @@ def load_split(args: DataArguments, split: str, output_dir: Path, seed: int) -> 
         source, part = args.train_file or args.data_dir or args.dataset_name, split
     if source is None:
         return [], counter
-    items = load_records(source, "train" if part else split, counter=counter,
-                         min_caption_length=args.min_caption_length, image_column=args.image_column,
-                         caption_column=args.caption_column, delimiter=csv_delimiter(args.csv_delimiter),
-                         **args.load_options())
+    try:
+        items = load_records(source, "train" if part else split, counter=counter,
+                             min_caption_length=args.min_caption_length, image_column=args.image_column,
+                             caption_column=args.caption_column, delimiter=csv_delimiter(args.csv_delimiter),
+                             **args.load_options())
+    except shard_manifest.ShardError as error:  # a prepared folder's missing or truncated shard
+        raise DataError(str(error)) from None
     if part is not None:
         try:
             items = split_records(items, parse_ratios(args.split_ratios), seed)[part]
