@@ -189,11 +189,16 @@ def test_prepare_refuses_jsonl_output_for_a_non_roco_source(source, tmp_path, ca
     assert "--format shards" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not os.path.isdir("/work/shared/roco-sample/data"), reason="no ROCO sample here")
+# 500 real ROCO test pairs beside the repository, as tests/data finds them
+ROCO_SAMPLE = Path(os.environ.get("MEDCLIP_ROCO_SAMPLE",
+                                  Path(__file__).resolve().parents[2] / "shared" / "roco-sample"))
+
+
+@pytest.mark.skipif(not (ROCO_SAMPLE / "data" / "test").is_dir(), reason="no ROCO sample (set MEDCLIP_ROCO_SAMPLE)")
 def test_real_roco_sample_round_trips(tmp_path):
     from medclip.data.sources.roco import load_roco
 
-    root = "/work/shared/roco-sample"
+    root = str(ROCO_SAMPLE)
     prepare_shards_args = ["--source", root, "--output_dir", str(tmp_path), "--format", "shards", "--shard_size",
                            "128", "--no_progress", "--no_verify_decode"]
     assert prepare.main(prepare_shards_args) == 0
