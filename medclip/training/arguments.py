@@ -74,7 +74,8 @@ def csv_delimiter(flag: str | None) -> str | None:
 class DataArguments:
     data_dir: str | None = field(default=None, metadata={
         "help": "ROCO root (data/{train,validation,test}/radiology/...) as ROCO's fetch script leaves it, or a "
-                "ROCOv2 root ({train,valid,test}_captions.csv, *_concepts.csv, images in train/ valid/ test/)."})
+                "ROCOv2 root ({train,valid,test}_captions.csv, *_concepts.csv, images in train/ valid/ test/), or "
+                "a folder of sharded records (`medclip prepare --format shards`: has manifest.json; streamed)."})
     train_file: str | None = field(default=None, metadata={
         "help": "JSON lines or CSV of training pairs; a ROCOv2 train_captions.csv finds its images and concepts "
                 "beside it."})

@@ -17,9 +17,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from medclip import storage
+from medclip.data import shard_manifest, shards
 from medclip.data.concepts import ConceptVocabulary, caption_group_ids
-from medclip.data.pipeline import (EvalDataset, TrainIterator, epoch_order, make_eval_dataset, make_train_dataset,
-                                   second_texts)
+from medclip.data.pipeline import EvalDataset, TrainIterator, make_eval_dataset, make_train_dataset, second_texts
 from medclip.data.records import DropCounter, Record
 from medclip.data.sources.auto import load_records
 from medclip.data.sources.concept_names import ConceptNamesError, concept_names_for, name_records
@@ -49,6 +49,8 @@ def load_split(args: DataArguments, split: str, output_dir: Path, seed: int) -> 
         barrier(f"synthetic {split}")
     else:
         source = file or args.data_dir or args.dataset_name
+        if split != "train" and shard_manifest.is_prepared(source) and split not in _manifest(source)["splits"]:
+            return [], counter  # prepared without this split: no evaluation, as with no --validation_file
     part = None
     if args.split_ratios and not args.synthetic_train_samples:
         if args.validation_file:
@@ -57,10 +59,13 @@ def load_split(args: DataArguments, split: str, output_dir: Path, seed: int) -> 
         source, part = args.train_file or args.data_dir or args.dataset_name, split
     if source is None:
         return [], counter
-    items = load_records(source, "train" if part else split, counter=counter,
-                         min_caption_length=args.min_caption_length, image_column=args.image_column,
-                         caption_column=args.caption_column, delimiter=csv_delimiter(args.csv_delimiter),
-                         **args.load_options())
+    try:
+        items = load_records(source, "train" if part else split, counter=counter,
+                             min_caption_length=args.min_caption_length, image_column=args.image_column,
+                             caption_column=args.caption_column, delimiter=csv_delimiter(args.csv_delimiter),
+                             **args.load_options())
+    except shard_manifest.ShardError as error:  # a prepared folder's missing or truncated shard
+        raise DataError(str(error)) from None
     if part is not None:
         try:
             items = split_records(items, parse_ratios(args.split_ratios), seed)[part]
@@ -71,6 +76,37 @@ def load_split(args: DataArguments, split: str, output_dir: Path, seed: int) -> 
         name_records(items, concept_names(args))
     limit = args.max_train_samples if split == "train" else args.max_eval_samples
     return (items[:limit] if limit else items), counter
+
+
+def _manifest(source) -> dict:
+    try:
+        return shard_manifest.read_manifest(source)
+    except shard_manifest.ShardError as error:
+        raise DataError(str(error)) from None
+
+
+def prepared_train(args: DataArguments) -> tuple[list[Record], DropCounter, shards.ShardStream] | None:
+    """A prepared folder of sharded records (`medclip prepare --format shards`) named as the training data: its
+    examples' text in memory, its images as a stream. None for any other source."""
+    source = args.train_file or args.data_dir or args.dataset_name
+    if args.synthetic_train_samples or not shard_manifest.is_prepared(source):
+        return None
+    for flag, value in (("--split_ratios", args.split_ratios), ("--max_train_samples", args.max_train_samples)):
+        if value:
+            raise ConfigError(f"{flag} does not apply to sharded records ({source}), which stream in the order they "
+                              "were prepared; prepare the part you want instead")
+    try:
+        split = shard_manifest.open_split(source, "train")
+        items = shard_manifest.load_metadata(split)
+    except shard_manifest.ShardError as error:
+        raise DataError(str(error)) from None
+    except OSError as error:
+        raise DataError(f"{source}: {shard_manifest.storage_error_line(error)}") from None
+    counter = DropCounter(strict=args.strict)
+    counter.kept = len(items)
+    if args.second_text_field == "concepts":
+        name_records(items, concept_names(args))
+    return items, counter, shards.ShardStream(split)
 
 
 def concept_names(args: DataArguments) -> dict[str, str]:
@@ -123,7 +159,7 @@ class DataFeed:
     def _data_fingerprint(self) -> str:
         layout, seed = self.train.layout, self.train.settings["seed"]
         return (f"records={layout.num_records} seed={seed} global_batch={layout.global_batch_size} "
-                f"processes={layout.process_count}")
+                f"processes={layout.process_count}{self.train.order_tag}")
 
     def train_state(self) -> dict[str, Any]:
         """Every process's stream position, for the checkpoint (orbax writes JSON from process 0 only, so
@@ -142,12 +178,12 @@ class DataFeed:
 
     def train_ids(self, start: int, end: int) -> list[str]:
         """Record ids at train-stream positions [start, end) of this process (for the data-order audit)."""
-        layout, seed = self.train.layout, self.train.settings["seed"]
+        layout = self.train.layout
         ids, orders = [], {}
         for position in range(start, end):
             epoch, offset = divmod(position, layout.per_epoch)
             if epoch not in orders:
-                orders = {epoch: epoch_order(seed, epoch, layout)}
+                orders = {epoch: self.train.order(epoch)}
             ids.append(self.train.items[int(orders[epoch][offset])].id)
         return ids
 
@@ -166,7 +202,12 @@ def build_data(args: DataArguments, train_args: TrainingArguments, tokenizer, mo
     eval_loss_fields: dict[str, np.ndarray] = {}
     concept_width = args.concept_width if batch_fields(train_args.loss) else 0
     if train_args.do_train:
-        items, counter = load_split(args, "train", output_dir, train_args.seed)
+        prepared = prepared_train(args)
+        stream = None
+        if prepared is not None:
+            items, counter, stream = prepared
+        else:
+            items, counter = load_split(args, "train", output_dir, train_args.seed)
         counters["train"] = (len(items), counter)
         if not items:
             raise ConfigError("--do_train needs training data: --train_file, --data_dir, --dataset_name or "
@@ -181,7 +222,7 @@ def build_data(args: DataArguments, train_args: TrainingArguments, tokenizer, mo
                                    preprocess=model_config.image_preprocess, threads=args.preprocessing_num_workers,
                                    second_text_field=args.second_text_field,
                                    concept_width=concept_width, concept_source=args.concept_source,
-                                   train_crop=args.train_crop)
+                                   train_crop=args.train_crop, stream=stream)
     if train_args.do_eval or train_args.do_train:
         items, counter = load_split(args, "validation", output_dir, train_args.seed)
         if items:

@@ -189,6 +189,8 @@ class Trainer:
                                          train_crop=self.data_args.train_crop, hflip=self.data_args.hflip,
                                          dropout=self.model_args.text_dropout,
                                          freeze_bn_stats=self.args.freeze_bn_stats)
+        if reason is None and self.data.train.stream is not None:
+            reason = "the training images stream from sharded records (medclip.data.shards)"
         if not _may_cache("image", self.args.cache_locked_image, reason, self.args.freeze_vision):
             return False
         train = self.data.train

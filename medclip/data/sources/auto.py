@@ -6,17 +6,23 @@ from pathlib import Path
 from typing import Any
 
 from medclip.data.records import DropCounter, Record
+from medclip.data.shard_manifest import is_prepared
 from medclip.storage import as_path, check_readable
 
 
 def load_records(source: str | Path, split: str = "train", *, counter: DropCounter, min_caption_length: int = 10,
                  image_column: str | None = None, caption_column: str | None = None,
                  delimiter: str | None = None, **options: Any) -> list[Record]:
-    """ROCO root folder (has data/<split>/), ROCOv2 root (has {train,valid,test}_captions.csv) or one ROCOv2
-    `<split>_captions.csv`, JSON lines, CSV/TSV, or a Hugging Face dataset (folder or id). `options` are
-    `medclip.data.sources.base.LoadOptions` (min_mean_intensity, text_cleaning, ...). `delimiter`: a CSV/TSV
-    file's field delimiter (default: tab for .tsv, comma for .csv)."""
+    """A prepared folder of sharded records (has manifest.json), ROCO root folder (has data/<split>/), ROCOv2
+    root (has {train,valid,test}_captions.csv) or one ROCOv2 `<split>_captions.csv`, JSON lines, CSV/TSV, or a
+    Hugging Face dataset (folder or id). `options` are `medclip.data.sources.base.LoadOptions`
+    (min_mean_intensity, text_cleaning, ...). `delimiter`: a CSV/TSV file's field delimiter (default: tab for
+    .tsv, comma for .csv)."""
     check_readable(source, "data")  # a bucket URL that is not there: one StorageError naming it
+    if is_prepared(source):  # `medclip prepare --format shards`: the whole split, images in memory
+        from medclip.data.shards import load_shards
+
+        return load_shards(source, split, counter=counter)
     common = dict(counter=counter, min_caption_length=min_caption_length, **options)
     path = as_path(source)
     name = str(source)
