@@ -28,12 +28,19 @@ class TokenizerError(ValueError):
 def load_tokenizer(name_or_path: str | os.PathLike) -> Any:
     """A fast tokenizer from a folder or Hub id (medclip tokenises whole datasets at once with one)."""
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     folder = resolve_model_dir(name_or_path)
+    verbosity = hf_logging.get_verbosity()
+    # AutoTokenizer reads the folder's config.json as a transformers model config: for our dual-encoder config it
+    # prints a "model of type ... to instantiate a model of type ``" warning that concerns no tokenizer.
+    hf_logging.set_verbosity_error()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError) as e:
         raise TokenizerError(f"{name_or_path}: no tokenizer could be loaded ({e})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if not tokenizer.is_fast and type(tokenizer).__name__ not in SLOW_TOKENIZERS:
         raise TokenizerError(f"{name_or_path}: no fast tokenizer; medclip tokenises whole datasets at once with one")
     return tokenizer
