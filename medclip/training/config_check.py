@@ -17,6 +17,7 @@ from medclip.training.errors import ConfigError, DataError  # noqa: F401 (DataEr
 from medclip.training.losses import FALSE_NEGATIVES, HYBRID_FORMS, LOSSES
 from medclip.training.mlm import MASKINGS
 from medclip.training.optim import SCHEDULES, WEIGHT_DECAY_MASKS, WEIGHT_DECAY_TYPES
+from medclip.training.sigmoid_ring import SIGMOID_FORMS
 from medclip.training.tower_configs import parse_tower_config
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -79,6 +80,10 @@ def validate(model: ModelArguments, data: DataArguments, train: TrainingArgument
     _choice("--weight_decay_type", train.weight_decay_type, WEIGHT_DECAY_TYPES)
     _choice("--weight_decay_mask", train.weight_decay_mask, WEIGHT_DECAY_MASKS)
     _choice("--hybrid_form", train.hybrid_form, HYBRID_FORMS)
+    _choice("--sigmoid_form", train.sigmoid_form, SIGMOID_FORMS)
+    if train.sigmoid_form != "gathered" and train.loss != "sigmoid":
+        raise ConfigError(f"--sigmoid_form {train.sigmoid_form} computes --loss sigmoid, not --loss {train.loss}: "
+                          "drop the flag or use --loss sigmoid")
     if data.csv_delimiter is not None and len(csv_delimiter(data.csv_delimiter)) != 1:
         raise ConfigError(f"--csv_delimiter (--csv-separator) must be one character or 'tab', "
                           f"not {data.csv_delimiter!r}")
