@@ -32,7 +32,8 @@ LAYERS = {
 }
 # Narrower than the layers: the data pipeline needs the model's image normalisation, nothing else of the models.
 ONLY = {("data", "models"): {"medclip.models", "medclip.models.preprocess"}}
-TOWERS = ("bert", "clip_text", "clip_vision", "modified_resnet", "timm_efficientnet", "timm_resnet", "timm_vit")
+TOWERS = ("bert", "clip_text", "clip_vision", "modified_resnet", "siglip_text", "siglip_vision", "timm_efficientnet",
+          "timm_resnet", "timm_vit")
 FORMATS = ("hf_layout", "openclip", "pmc_clip")
 
 

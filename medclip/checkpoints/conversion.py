@@ -32,6 +32,7 @@ _TO_OURS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "position": lambda x: x,
     "cls_token": lambda x: x.reshape(-1),  # timm (1, 1, d)
     "batched_position": lambda x: x.reshape(x.shape[-2:]),  # timm (1, n, d)
+    "one": lambda x: x.reshape(()),  # (1,)
 }
 _TO_HF: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "identity": lambda x: x,
@@ -40,6 +41,7 @@ _TO_HF: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "position": lambda x: x,
     "cls_token": lambda x: x.reshape(1, 1, -1),
     "batched_position": lambda x: x[None],
+    "one": lambda x: x.reshape(1),
 }
 _RESIZABLE = ("position", "batched_position")
 

@@ -22,7 +22,13 @@ from medclip.models.weights import Rule
 
 
 def hybrid_rules(config: HybridCLIPConfig) -> list[Rule]:
-    """The VisionTextDualEncoderModel / CLIPModel layout."""
+    """The VisionTextDualEncoderModel / CLIPModel layout; a SiglipModel's text projection is its text model's
+    `head`, and its logit scale and bias are 1-element vectors."""
+    if config.siglip_type is not None:
+        return [*conversion.prefixed("vision_model.", tower_rules(config.vision_config, "hf"), "vision_model."),
+                *conversion.prefixed("text_model.", tower_rules(config.text_config, "hf"), "text_model."),
+                *head_rules("text_model.head", "text_projection", config.text_head),
+                Rule("logit_scale", "logit_scale", "one"), Rule("logit_bias", "logit_bias", "one")]
     return [
         *conversion.prefixed("vision_model.", tower_rules(config.vision_config, native_format(config.vision_config)),
                              "vision_model."),

@@ -25,19 +25,24 @@ from medclip.models.heads import HeadConfig, build_head, project
 from medclip.models.layers import split_rng
 from medclip.models.packing import PackingPlan
 from medclip.models.preprocess import Preprocess, TextPreprocess
+from medclip.models.siglip_config import SIGLIP_TYPES, siglip_fields, siglip_model_type, to_siglip_dict
 
 LOGIT_SCALE_MAX = 100.0  # exp(logit_scale) is clamped here, as in CLIP, so the temperature cannot run away
-DUAL_ENCODER_TYPES = ("vision-text-dual-encoder", "hybrid-clip", "clip")
+DUAL_ENCODER_TYPES = ("vision-text-dual-encoder", "hybrid-clip", "clip", *SIGLIP_TYPES)
 
 
 def text_config_from_hf_dict(data: dict[str, Any]) -> Any:
     """Picks the text tower from `model_type`; unknown types fail here rather than load wrong weights."""
+    if data.get("model_type") in SIGLIP_TYPES:  # a whole SiglipConfig: its text tower reads the nesting
+        return registry.config_from_hf_dict(data, "text")
     if data.get("model_type") == "clip":  # a whole CLIP config given as a text tower's
         data = {"model_type": "clip_text_model", **data.get("text_config", {})}
     return registry.config_from_hf_dict(data, "text")
 
 
 def vision_config_from_hf_dict(data: dict[str, Any]) -> Any:
+    if data.get("model_type") in SIGLIP_TYPES:
+        return registry.config_from_hf_dict(data, "vision")
     if data.get("model_type") == "clip" or "vision_config" in data:
         data = {"model_type": "clip_vision_model", **data["vision_config"]}
     return registry.config_from_hf_dict(data, "vision")
@@ -64,6 +69,9 @@ class HybridCLIPConfig:
     # ROCO" report's final model. Without a second text the caption fills both inputs (get_text_features).
     text_inputs: int = 1
     fusion: FusionConfig | None = None  # PMC-CLIP's fusion module + MLM head (medclip.models.fusion)
+    # exp(logit_scale) capped at LOGIT_SCALE_MAX, as CLIP trains; SigLIP's logits are exp(scale) unclamped, and its
+    # released scales exceed 100
+    clamp_logit_scale: bool = True
     # An OpenCLIP model's own `model_cfg` (open_clip_config.json), kept so it can be exported back exactly.
     open_clip_model_cfg: dict[str, Any] | None = dataclasses.field(default=None, compare=False, hash=False)
 
@@ -101,6 +109,11 @@ class HybridCLIPConfig:
                 and self.logit_bias_init_value is None and self.text_config.pool_type == "eos"
                 and self.text_inputs == 1 and self.fusion is None)
 
+    @property
+    def siglip_type(self) -> str | None:
+        """"siglip" / "siglip2" when this is exactly a transformers SiglipModel / Siglip2Model, saved as one."""
+        return siglip_model_type(self)
+
     @classmethod
     def tiny(cls, text_model_type: str = "bert") -> Self:
         text = CLIPTextConfig.tiny() if text_model_type == "clip_text_model" else BertConfig.tiny(text_model_type)
@@ -110,6 +123,9 @@ class HybridCLIPConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
+        if self.siglip_type is not None:
+            extra = {"preprocess": self.image_preprocess.to_dict(), "text_preprocess": self.text_preprocess.to_dict()}
+            return to_siglip_dict(self, extra)
         if self.is_clip:
             data = {"model_type": "clip", "architectures": ["CLIPModel"]}
         else:
@@ -128,6 +144,8 @@ class HybridCLIPConfig:
                  "text_inputs": self.text_inputs if self.text_inputs != 1 else None,
                  "fusion": self.fusion.to_dict() if self.fusion is not None else None}
         data["medclip"] = {k: v for k, v in extra.items() if v}
+        if not self.clamp_logit_scale:
+            data["medclip"]["clamp_logit_scale"] = False
         return data
 
     @classmethod
@@ -138,6 +156,8 @@ class HybridCLIPConfig:
         if model_type not in DUAL_ENCODER_TYPES:
             raise ValueError(f"not a dual-encoder config: model_type {model_type!r} (expected one of "
                              f"{DUAL_ENCODER_TYPES})")
+        if model_type in SIGLIP_TYPES:
+            return cls(**siglip_fields(data))
         for key in ("vision_config", "text_config"):
             if key not in data:
                 raise ValueError(f"dual-encoder config lacks {key!r}")
@@ -161,6 +181,7 @@ class HybridCLIPConfig:
             open_clip_model_cfg=extra.get("open_clip_model_cfg"),
             text_inputs=extra.get("text_inputs", 1),
             fusion=FusionConfig.from_dict(extra.get("fusion")),
+            clamp_logit_scale=extra.get("clamp_logit_scale", True),
         )
 
     def to_json_file(self, path: str | os.PathLike) -> None:
@@ -277,7 +298,8 @@ class HybridCLIP(nnx.Module):
         return hidden, project(self.text_projection, self.config.text_head, pooled, head_rng)
 
     def temperature_scale(self) -> jax.Array:
-        return jnp.minimum(jnp.exp(self.logit_scale[...]), LOGIT_SCALE_MAX)
+        scale = jnp.exp(self.logit_scale[...])
+        return jnp.minimum(scale, LOGIT_SCALE_MAX) if self.config.clamp_logit_scale else scale
 
     def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None,
                  attention_mask: jax.Array | None = None,

@@ -123,12 +123,21 @@ class TextPreprocess:
         return cls(**data)
 
 
+def siglip_text(context_length: int) -> TextPreprocess:
+    """SigLIP's: `padding="max_length"` to the tower's positions and no attention mask, since the text tower
+    pools the last position, padding or not."""
+    return TextPreprocess(context_length=context_length, padding="max_length", mask_padding=False)
+
+
 # PMC-CLIP's encode_text: tokenizer(padding="max_length", max_length=77) and BERT called without an attention mask
 PMC_CLIP_TEXT = TextPreprocess(context_length=77, padding="max_length", mask_padding=False)
 
 
 CLIP_PREPROCESS = Preprocess()
 IMAGENET_PREPROCESS = Preprocess(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+# transformers' SiglipImageProcessor: PIL bicubic resize of the whole image to the square size (no crop), mean = std
+# = 0.5
+SIGLIP_PREPROCESS = Preprocess(mean=(0.5,) * 3, std=(0.5,) * 3, resize_mode="squash", resample="pil_bicubic")
 
 
 def clean_caption(text: str, mode: str) -> str:

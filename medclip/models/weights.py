@@ -15,8 +15,8 @@ from collections.abc import Iterable
 
 # identity | linear (torch (out, in) -> (in, out)) | conv (OIHW -> HWIO) | position (a position table, resized on
 # load when the image size differs) | cls_token (timm's (1, 1, d) -> (d,)) | batched_position (timm's (1, n, d)
-# position table, resized like `position`)
-TRANSFORMS = ("identity", "linear", "conv", "position", "cls_token", "batched_position")
+# position table, resized like `position`) | one (a scalar stored as a 1-element vector: SigLIP's logit_scale)
+TRANSFORMS = ("identity", "linear", "conv", "position", "cls_token", "batched_position", "one")
 
 
 @dataclasses.dataclass(frozen=True)
