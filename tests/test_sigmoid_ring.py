@@ -1,6 +1,6 @@
 """The ring (big_vision's chunked) sigmoid loss equals the all-gathered one at 8 simulated devices: loss, t2i
-accuracy and gradients as functions of the embeddings, and the train step's losses and parameters against one
-device; the flag is checked like every loss option."""
+accuracy and gradients as functions of the embeddings, and a tiny SigLIP's train steps (losses, gradient norms,
+parameters) against the gathered form on one device; the flag is checked like every loss option."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def test_ring_equals_gathered_at_eight_devices():
         assert 0 < r["accuracy"] < 1 and r["accuracy_diff"] == 0, report
         assert r["grad_diff"] < 1e-5 * r["grad_max"], report
     assert len(set(report["losses"])) > 1  # the steps really trained
-    assert report["step"]["loss_diff"] < 1e-5 and report["step"]["grad_norm_diff"] < 1e-4, report
+    assert report["step"]["loss_diff"] < 1e-5 * max(report["losses"]), report
+    assert report["step"]["grad_norm_diff"] < 1e-5 * max(report["grad_norms"]), report
     assert report["step"]["param_diff"] < 1e-4, report
 
 
