@@ -167,10 +167,9 @@ def cmd_rank(args) -> int:
     embedder = _embedder(args.model)
     image = embedder.embed_images([args.image])
     texts = embedder.embed_texts(args.captions)
-    logits = embedder.logit_scale() * (texts @ image[0])
-    probs = np.exp(logits - logits.max())
-    probs /= probs.sum()
-    for rank, i in enumerate(np.argsort(-logits), 1):
+    cosines = texts @ image[0]
+    probs = embedder.match_probabilities(cosines)
+    for rank, i in enumerate(np.argsort(-cosines, kind="stable"), 1):
         print(f"{rank:>3}  p={probs[i]:.4f}  cos={texts[i] @ image[0]:.4f}  {args.captions[i]}")
     return 0
 
@@ -188,10 +187,8 @@ def cmd_zeroshot(args) -> int:
     templates = args.templates or (prompt_set(args.prompt_set) if args.prompt_set else DEFAULT_TEMPLATES)
     classes = class_embeddings(args.labels, embedder.embed_texts, templates)
     cosines = zero_shot_scores(image, classes)[0]
-    scores = cosines * embedder.logit_scale()
-    probs = np.exp(scores - scores.max())
-    probs /= probs.sum()
-    for rank, i in enumerate(np.argsort(-probs), 1):
+    probs = embedder.match_probabilities(cosines)
+    for rank, i in enumerate(np.argsort(-cosines, kind="stable"), 1):
         print(f"{rank:>3}  p={probs[i]:.4f}  cos={cosines[i]:.4f}  {args.labels[i]}")
     return 0
 
@@ -219,7 +216,9 @@ POSITIVE_INT = number_in_range(int, 1)
 NON_NEGATIVE_INT = number_in_range(int, 0)
 SCORES_HELP = ("Each line: rank, p = softmax of the model's scaled similarities over the candidates given (it sums "
                "to 1 whatever the image, so a high p says only which candidate wins, not that any fits), cos = the "
-               "image-text cosine similarity (comparable across calls; near 0 means unrelated).")
+               "image-text cosine similarity (comparable across calls; near 0 means unrelated). A sigmoid-loss model "
+               "(SigLIP, MedSigLIP: one with a learned logit bias) scores each candidate on its own instead: p = "
+               "sigmoid(scale * cos + bias), as it was trained.")
 
 
 def build_parser() -> ArgumentParser:

@@ -123,3 +123,37 @@ def test_clip_models_still_clamp_their_logit_scale():
     unclamped = FlaxHybridCLIP(config.replace(clamp_logit_scale=False))
     assert float(unclamped.temperature_scale()) == pytest.approx(np.exp(LOGIT_SCALE), rel=1e-6)
     assert HybridCLIPConfig.from_dict(unclamped.config.to_dict()) == unclamped.config
+
+
+def test_eval_loss_rebuilds_siglip_logits_unclamped():
+    from medclip.models.hybrid import HybridCLIPConfig
+    from medclip.training.step import embeddings_output
+
+    config = HybridCLIPConfig.from_dict(siglip_config(1).to_dict()).replace(logit_scale_init_value=LOGIT_SCALE,
+                                                                             logit_bias_init_value=LOGIT_BIAS)
+    model = FlaxHybridCLIP(config)
+    ids, pixels = inputs()
+    out = model(jnp.asarray(ids), jnp.asarray(pixels))
+    rebuilt = embeddings_output(out.image_embeds, out.text_embeds, model.logit_scale[...], model.logit_bias[...],
+                                clamp=config.clamp_logit_scale)
+    np.testing.assert_allclose(rebuilt.logits_per_text, out.logits_per_text, rtol=1e-6, atol=1e-6)
+    clamped = embeddings_output(out.image_embeds, out.text_embeds, model.logit_scale[...], model.logit_bias[...])
+    assert not np.allclose(clamped.logits_per_text, out.logits_per_text)
+
+
+def test_siglip_towers_pair_from_their_folders(tmp_path):
+    """`from_text_vision_pretrained` takes each tower out of a whole SiglipModel folder (the text model's `head`
+    is the projection, not the tower's, so it is skipped like any tower's head)."""
+    theirs = make_model(1, seed=4)
+    theirs.save_pretrained(tmp_path)
+    paired = FlaxHybridCLIP.from_text_vision_pretrained(tmp_path, tmp_path, projection_dim=32)
+    ids, pixels = inputs()
+    nchw = torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy())
+    with torch.no_grad():
+        pooled = theirs.vision_model(pixel_values=nchw).pooler_output.numpy()
+    _, ours = paired.vision_model(jnp.asarray(pixels))
+    np.testing.assert_allclose(np.asarray(ours), pooled, atol=TOLERANCE, rtol=0)
+    with torch.no_grad():
+        hidden = theirs.text_model(input_ids=torch.from_numpy(ids)).last_hidden_state[:, -1].numpy()
+    _, text = paired.text_model(jnp.asarray(ids))
+    np.testing.assert_allclose(np.asarray(text), hidden, atol=TOLERANCE, rtol=0)

@@ -21,6 +21,7 @@ from medclip.evaluation.roco_labels import MODALITIES
 from medclip.evaluation.zeroshot import class_embeddings
 from medclip.inference.embedder import Embedder, ImageError
 from medclip.inference.index import EmbeddingIndex, IndexMismatchError
+from medclip.inference.scores import match_probabilities
 
 # Written like the demo's synthetic captions, which are written like ROCO's.
 EXAMPLE_QUERIES = (
@@ -51,7 +52,7 @@ class ImageHit:
 @dataclasses.dataclass(frozen=True)
 class ScoredText:
     text: str
-    probability: float  # softmax over the candidates at the model's temperature
+    probability: float  # softmax over the candidates at the model's temperature; sigmoid per pair for SigLIP
     cosine: float
 
 
@@ -136,12 +137,11 @@ def embed_upload(embedder: Embedder, name: str, data: bytes) -> np.ndarray:
 
 
 def rank_texts(image_embed: np.ndarray, texts: Sequence[str], text_embeds: np.ndarray,
-               logit_scale: float) -> list[ScoredText]:
-    """Texts ranked by similarity to one image, with softmax probabilities as CLIP computes them."""
+               logit_scale: float, logit_bias: float | None = None) -> list[ScoredText]:
+    """Texts ranked by similarity to one image, with probabilities as the model computes them: softmax (CLIP), or
+    sigmoid per pair for a model with a logit bias (SigLIP)."""
     cosines = np.asarray(text_embeds) @ np.asarray(image_embed)  # (n,)
-    logits = logit_scale * cosines
-    probabilities = np.exp(logits - logits.max())
-    probabilities /= probabilities.sum()
+    probabilities = match_probabilities(cosines, logit_scale, logit_bias)
     order = np.argsort(-cosines, kind="stable")
     return [ScoredText(texts[i], float(probabilities[i]), float(cosines[i])) for i in order]
 
@@ -160,10 +160,10 @@ def describe_upload(embedder: Embedder, name: str, data: bytes, captions: Sequen
     if len(set(labels)) < 2:
         raise InputError("Zero-shot labels: give at least two different labels to choose between, one a line.")
     image_embed = embed_upload(embedder, name, data)
-    scale = embedder.logit_scale()
+    scale, bias = embedder.logit_scale(), embedder.logit_bias()
     return UploadResult(
-        captions=rank_texts(image_embed, captions, embedder.embed_texts(captions), scale),
-        labels=rank_texts(image_embed, labels, _label_embeddings(embedder, tuple(labels)), scale),
+        captions=rank_texts(image_embed, captions, embedder.embed_texts(captions), scale, bias),
+        labels=rank_texts(image_embed, labels, _label_embeddings(embedder, tuple(labels)), scale, bias),
         embedding=image_embed,
     )
 

@@ -15,6 +15,12 @@ from medclip.models.preprocess import clean_caption
 logger = logging.getLogger(__name__)
 
 
+# Slow tokenizers accepted because transformers has no fast form of them: SigLIP's SentencePiece tokenizer, whose
+# text canonicalisation (punctuation stripped, whitespace collapsed) no converted fast tokenizer reproduces, so
+# the token ids the model was trained on come only from it. It needs the sentencepiece package.
+SLOW_TOKENIZERS = ("SiglipTokenizer",)
+
+
 class TokenizerError(ValueError):
     """No usable (fast) tokenizer for a model; says where it looked and what to pass instead."""
 
@@ -28,7 +34,7 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError) as e:
         raise TokenizerError(f"{name_or_path}: no tokenizer could be loaded ({e})") from None
-    if not tokenizer.is_fast:
+    if not tokenizer.is_fast and type(tokenizer).__name__ not in SLOW_TOKENIZERS:
         raise TokenizerError(f"{name_or_path}: no fast tokenizer; medclip tokenises whole datasets at once with one")
     return tokenizer
 

@@ -23,6 +23,7 @@ from medclip.checkpoints.hub import resolve_model_dir, resolve_model_name
 from medclip.checkpoints.tokenizers import for_model_text, tokenizer_for_model
 from medclip.data.image_checks import inspect_image, rgb_image
 from medclip.hybrid_clip import FlaxHybridCLIP
+from medclip.inference.scores import match_probabilities
 from medclip.models.hybrid import l2_normalize
 from medclip.models.registry import max_text_positions
 
@@ -93,6 +94,15 @@ class Embedder:
 
     def logit_scale(self) -> float:
         return float(self.model.temperature_scale())
+
+    def logit_bias(self) -> float | None:
+        """The learned bias of a sigmoid-loss model (SigLIP), None for a contrastive one."""
+        return None if self.model.logit_bias is None else float(self.model.logit_bias[...])
+
+    def match_probabilities(self, cosines: np.ndarray) -> np.ndarray:
+        """Candidates' probabilities as the model computes them: sigmoid per pair for a sigmoid-loss model,
+        softmax over the candidates otherwise (medclip.inference.scores)."""
+        return match_probabilities(cosines, self.logit_scale(), self.logit_bias())
 
     # -- texts ---------------------------------------------------------------------------------------------
     @property

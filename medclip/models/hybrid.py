@@ -31,6 +31,12 @@ LOGIT_SCALE_MAX = 100.0  # exp(logit_scale) is clamped here, as in CLIP, so the 
 DUAL_ENCODER_TYPES = ("vision-text-dual-encoder", "hybrid-clip", "clip", *SIGLIP_TYPES)
 
 
+def logit_temperature(logit_scale: jax.Array, clamp: bool = True) -> jax.Array:
+    """exp(logit_scale), capped at LOGIT_SCALE_MAX where the model clamps it (CLIP; not SigLIP)."""
+    scale = jnp.exp(logit_scale)
+    return jnp.minimum(scale, LOGIT_SCALE_MAX) if clamp else scale
+
+
 def text_config_from_hf_dict(data: dict[str, Any]) -> Any:
     """Picks the text tower from `model_type`; unknown types fail here rather than load wrong weights."""
     if data.get("model_type") in SIGLIP_TYPES:  # a whole SiglipConfig: its text tower reads the nesting
@@ -298,8 +304,7 @@ class HybridCLIP(nnx.Module):
         return hidden, project(self.text_projection, self.config.text_head, pooled, head_rng)
 
     def temperature_scale(self) -> jax.Array:
-        scale = jnp.exp(self.logit_scale[...])
-        return jnp.minimum(scale, LOGIT_SCALE_MAX) if self.config.clamp_logit_scale else scale
+        return logit_temperature(self.logit_scale[...], self.config.clamp_logit_scale)
 
     def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None,
                  attention_mask: jax.Array | None = None,

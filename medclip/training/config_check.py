@@ -11,6 +11,7 @@ from pathlib import Path
 from medclip.data.concepts import CONCEPT_SOURCES
 from medclip.evaluation.retrieval import MRR_KS, RECALL_KS
 from medclip.models import kernels
+from medclip.models.siglip_config import SIGLIP_TYPES
 from medclip.training.arguments import DataArguments, ModelArguments, TrainingArguments
 from medclip.training.arguments import FlagError, check_ranges, csv_delimiter
 from medclip.training.errors import ConfigError, DataError  # noqa: F401 (DataError re-exported)
@@ -56,7 +57,9 @@ def _model_has_logit_bias(model: ModelArguments) -> bool | None:
     (a Hub id: checked once the model is built)."""
     if model.model_name_or_path is not None:
         saved = _local_model_config(model)
-        return None if saved is None else saved.get("logit_bias_init_value") is not None
+        # a transformers SiglipModel's config.json names no init value, but it always has its bias
+        return None if saved is None else (saved.get("logit_bias_init_value") is not None
+                                           or saved.get("model_type") in SIGLIP_TYPES)
     if model.model_preset is not None:
         return False  # the presets have no bias
     return model.logit_bias_init is not None

@@ -19,7 +19,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from medclip.models.hybrid import LOGIT_SCALE_MAX, HybridCLIPOutput
+from medclip.models.hybrid import HybridCLIPOutput, logit_temperature
 from medclip.models.packing import PackingPlan
 from medclip.training import losses
 from medclip.training.mlm import MASK_STREAM, MaskingConfig, mask_batch, mlm_loss_and_accuracy
@@ -53,6 +53,7 @@ class StepConfig:
     freeze_bn_stats: bool = False  # BatchNorm uses and keeps its running statistics (open_clip's freeze_bn_stats)
     masking: MaskingConfig | None = None  # set: PMC-CLIP's MLM objective on the masked captions (--mlm)
     mlm_weight: float = 1.0  # loss = contrastive + mlm_weight * MLM loss
+    clamp_logit_scale: bool = True  # the model's (HybridCLIPConfig.clamp_logit_scale): False for SigLIP
     sigmoid_form: str = "gathered"  # --loss sigmoid: gathered | ring (training.sigmoid_ring, over `mesh`)
     mesh: Mesh | None = None  # the mesh the step is jitted over; the ring form passes texts around it
 
@@ -65,10 +66,10 @@ def init_state(params: Any, tx: optax.GradientTransformation, seed: int, batch_s
 
 
 def embeddings_output(image_embeds: jax.Array, text_embeds: jax.Array, logit_scale: jax.Array,
-                      logit_bias: jax.Array | None = None) -> HybridCLIPOutput:
+                      logit_bias: jax.Array | None = None, clamp: bool = True) -> HybridCLIPOutput:
     """The model's output rebuilt from its (normalised) embeddings and temperature/bias parameters, as
     `FlaxHybridCLIP.__call__` forms its logits (tests/test_eval_loss.py checks they agree)."""
-    logits_per_text = text_embeds @ image_embeds.T * jnp.minimum(jnp.exp(logit_scale), LOGIT_SCALE_MAX)
+    logits_per_text = text_embeds @ image_embeds.T * logit_temperature(logit_scale, clamp)
     if logit_bias is not None:
         logits_per_text = logits_per_text + logit_bias
     return HybridCLIPOutput(logits_per_image=logits_per_text.T, logits_per_text=logits_per_text,
@@ -81,8 +82,8 @@ def make_eval_loss(config: StepConfig) -> Callable[..., float]:
     `fields` holds the per-example arrays the loss reads (`losses.batch_fields`: the concept loss's concept ids
     and caption groups), in the order of the embeddings; they are cut into the same batches."""
     loss = jax.jit(lambda image, text, scale, bias, alpha, fields: losses.compute_loss(
-        embeddings_output(image, text, scale, bias), config, fields,
-        losses.LossParams(jnp.minimum(jnp.exp(scale), LOGIT_SCALE_MAX), alpha)))
+        embeddings_output(image, text, scale, bias, config.clamp_logit_scale), config, fields,
+        losses.LossParams(logit_temperature(scale, config.clamp_logit_scale), alpha)))
 
     def eval_loss(image_embeds: np.ndarray, text_embeds: np.ndarray, params: Any, batch: int,
                   fields: dict[str, np.ndarray] | None = None) -> float:

@@ -132,8 +132,9 @@ class Trainer:
                                       masking=(MaskingConfig.from_tokenizer(self.tokenizer, train_args.mlm_probability,
                                                                             train_args.mlm_masking)
                                                if train_args.mlm else None),
-                                      mlm_weight=train_args.mlm_weight, sigmoid_form=train_args.sigmoid_form,
-                                      mesh=self.mesh)
+                                      mlm_weight=train_args.mlm_weight,
+                                      clamp_logit_scale=self.model.config.clamp_logit_scale,
+                                      sigmoid_form=train_args.sigmoid_form, mesh=self.mesh)
         self.eval_loss = make_eval_loss(self.step_config)
         self.plateau_config = PlateauConfig(
             mode=mode_for(train_args.plateau_metric), factor=train_args.plateau_factor,
