@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("sentencepiece")
 
-from tests.test_siglip_parity import make_model  # noqa: E402
+from tests.test_siglip_parity import make_model
 
 REPO = "google/medsiglip-448"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -107,7 +107,7 @@ def test_app_ranks_siglip_texts_with_sigmoid_probabilities():
 def test_medsiglip_full_size_builds_abstractly_with_transformers_parameter_count():
     """google/medsiglip-448: SoViT-400m/14 towers at 448 px and 64 tokens (its model card: 400M + 400M parameters,
     448x448, up to 64 tokens)."""
-    tower = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16)
+    tower = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27, "num_attention_heads": 16}
     config = transformers.SiglipConfig(text_config=dict(vocab_size=32000, max_position_embeddings=64, **tower),
                                        vision_config=dict(image_size=448, patch_size=14, **tower))
     with torch.device("meta"):
@@ -119,3 +119,24 @@ def test_medsiglip_full_size_builds_abstractly_with_transformers_parameter_count
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
     assert count == expected
     assert 850e6 < count < 900e6  # about 400M + 400M and the embeddings
+
+
+def test_medclip_evaluate_and_zeroshot_run_google_medsiglip_448_from_the_cache(cached_medsiglip, tmp_path, capsys):
+    import json
+    import re
+
+    from medclip.cli import main
+    from medclip.data.synthetic import write_synthetic_dataset
+
+    jsonl = write_synthetic_dataset(tmp_path / "data", 8, seed=5, image_size=40)
+    out = tmp_path / "results.json"
+    assert main(["evaluate", REPO, str(jsonl), "--out", str(out), "--batch_size", "4"]) == 0
+    assert "R@1" in capsys.readouterr().out and json.loads(out.read_text())["n_pairs"] == 8
+    image = min((tmp_path / "data" / "images").iterdir())
+    assert main(["zeroshot", REPO, str(image), "--labels", "CT", "MRI", "ultrasound"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    parsed = [re.match(r"\s*\d+\s+p=(\S+)\s+cos=(\S+)\s+(.*)$", line).groups() for line in lines]
+    theirs, _ = cached_medsiglip
+    scale, bias = float(theirs.logit_scale.exp()), float(theirs.logit_bias)
+    for p, cos, _ in parsed:  # sigmoid(scale * cos + bias) per label, not a softmax over them
+        assert float(p) == pytest.approx(1 / (1 + np.exp(-(scale * float(cos) + bias))), abs=2e-4)

@@ -16,9 +16,9 @@ from medclip.models.tower_contract import UnsupportedOptionError
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from tests.hf_fixtures import randomize  # noqa: E402
+from tests.hf_fixtures import randomize
 
-TOWER = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+TOWER = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4}
 LOGIT_SCALE, LOGIT_BIAS = 4.9, -7.3
 TOLERANCE = 1e-4
 
@@ -115,14 +115,14 @@ def test_siglip2_other_resolutions_are_refused_by_name(tmp_path):
 
 
 def test_clip_models_still_clamp_their_logit_scale():
-    from medclip.models.hybrid import LOGIT_SCALE_MAX, HybridCLIPConfig
+    from medclip.models.hybrid import LOGIT_SCALE_MAX, HybridCLIPConfig, logit_temperature
 
-    config = HybridCLIPConfig.tiny("clip_text_model").replace(logit_scale_init_value=LOGIT_SCALE)
-    model = FlaxHybridCLIP(config)
-    assert float(model.temperature_scale()) == LOGIT_SCALE_MAX
-    unclamped = FlaxHybridCLIP(config.replace(clamp_logit_scale=False))
-    assert float(unclamped.temperature_scale()) == pytest.approx(np.exp(LOGIT_SCALE), rel=1e-6)
-    assert HybridCLIPConfig.from_dict(unclamped.config.to_dict()) == unclamped.config
+    config = HybridCLIPConfig.tiny("clip_text_model")
+    assert config.clamp_logit_scale and "clamp_logit_scale" not in config.to_dict()["medclip"]
+    assert float(logit_temperature(jnp.asarray(LOGIT_SCALE), config.clamp_logit_scale)) == LOGIT_SCALE_MAX
+    unclamped = config.replace(clamp_logit_scale=False)
+    assert float(logit_temperature(jnp.asarray(LOGIT_SCALE), False)) == pytest.approx(np.exp(LOGIT_SCALE), rel=1e-6)
+    assert HybridCLIPConfig.from_dict(unclamped.to_dict()) == unclamped
 
 
 def test_eval_loss_rebuilds_siglip_logits_unclamped():
@@ -157,3 +157,21 @@ def test_siglip_towers_pair_from_their_folders(tmp_path):
         hidden = theirs.text_model(input_ids=torch.from_numpy(ids)).last_hidden_state[:, -1].numpy()
     _, text = paired.text_model(jnp.asarray(ids))
     np.testing.assert_allclose(np.asarray(text), hidden, atol=TOLERANCE, rtol=0)
+
+
+def test_an_open_clip_siglip_folder_is_refused_by_name(tmp_path):
+    """open_clip's ViT-SO400M-14-SigLIP-384 config: a timm trunk with MAP pooling, text pooled at the last token."""
+    from medclip.checkpoints.openclip import OpenCLIPConfigError
+
+    model_cfg = {"embed_dim": 1152, "init_logit_bias": -10, "custom_text": True,
+                 "vision_cfg": {"image_size": 384, "timm_model_name": "vit_so400m_patch14_siglip_384",
+                                "timm_model_pretrained": False, "timm_pool": "map", "timm_proj": "none"},
+                 "text_cfg": {"context_length": 64, "vocab_size": 32000, "width": 1152, "heads": 16, "layers": 27,
+                              "mlp_ratio": 3.7362, "no_causal_mask": True, "proj_bias": True, "pool_type": "last",
+                              "norm_kwargs": {"eps": 1e-6}}}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+    from safetensors.numpy import save_file
+
+    save_file({"logit_bias": np.zeros((1,), np.float32)}, str(tmp_path / "open_clip_model.safetensors"))
+    with pytest.raises(OpenCLIPConfigError, match="OpenCLIP SigLIP model .* load its transformers SiglipModel"):
+        FlaxHybridCLIP.from_pretrained(tmp_path)

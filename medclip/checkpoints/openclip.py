@@ -143,6 +143,10 @@ def config_from_open_clip(model_cfg: dict[str, Any], preprocess_cfg: dict[str, A
     for key in ("embed_dim", "vision_cfg", "text_cfg"):
         if key not in model_cfg:
             raise OpenCLIPConfigError(f"{where}: model_cfg lacks {key!r}")
+    if model_cfg["vision_cfg"].get("timm_pool") == "map" or model_cfg["text_cfg"].get("pool_type") == "last":
+        raise OpenCLIPConfigError(f"{where}: an OpenCLIP SigLIP model (timm trunk with attention pooling, text pooled "
+                                  "at the last token) is not supported in OpenCLIP's layout; load its transformers "
+                                  "SiglipModel release (config.json with model_type siglip) instead")
     embed_dim, quick_gelu = model_cfg["embed_dim"], bool(model_cfg.get("quick_gelu", False))
     vision, vision_head = _vision_config(model_cfg["vision_cfg"], embed_dim, quick_gelu)
     text, text_head = _text_config(model_cfg["text_cfg"], embed_dim, quick_gelu, tensors, where)

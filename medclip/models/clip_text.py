@@ -11,7 +11,7 @@ from flax import nnx
 
 from medclip.models.clip_vision import _hf_layer, openclip_resblock
 from medclip.models.config_base import TextTowerConfig
-from medclip.models.layers import Encoder, PreNormLayer, attention_bias, pool_encoder, pooled_rows
+from medclip.models.layers import attention_bias, pool_encoder, pooled_rows, pre_norm_encoder
 from medclip.models.packing import PackingPlan, make_packing
 from medclip.models.registry import register
 from medclip.models.tower_contract import TowerSpec
@@ -67,11 +67,7 @@ class CLIPTextTower(nnx.Module):
         d, eps = config.hidden_size, config.layer_norm_eps
         self.token_embedding = nnx.Embed(config.vocab_size, d, dtype=dtype, rngs=rngs)
         self.position_embedding = nnx.Embed(config.max_position_embeddings, d, dtype=dtype, rngs=rngs)
-        self.encoder = Encoder([
-            PreNormLayer(d, config.num_attention_heads, config.intermediate_size, config.hidden_act, eps,
-                         config.attention_dropout, dtype=dtype, rngs=rngs)
-            for _ in range(config.num_hidden_layers)
-        ], remat=remat)
+        self.encoder = pre_norm_encoder(config, dtype=dtype, remat=remat, rngs=rngs)
         self.final_layer_norm = nnx.LayerNorm(d, epsilon=eps, dtype=dtype, rngs=rngs)
         self.dtype = dtype
 

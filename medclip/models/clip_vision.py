@@ -16,7 +16,7 @@ from flax import nnx
 
 from medclip.models.config_base import VisionTowerConfig
 from medclip.models.kernels import dense
-from medclip.models.layers import Encoder, PreNormLayer
+from medclip.models.layers import pre_norm_encoder
 from medclip.models.preprocess import CLIP_PREPROCESS, Preprocess
 from medclip.models.registry import register
 from medclip.models.tower_contract import TowerSpec
@@ -67,6 +67,21 @@ class CLIPVisionConfig(VisionTowerConfig):
         return (self.image_size // self.patch_size) ** 2
 
 
+def patchify(pixel_values: jax.Array, config: Any, dtype) -> jax.Array:
+    """(batch, grid^2, patch * patch * channels) from NHWC pixels of the config's size, each patch flattened in
+    (row, column, channel) order: a conv kernel's HWIO order, and SigLIP 2's flattened patches."""
+    batch, height, width, channels = pixel_values.shape
+    size, p = config.image_size, config.patch_size
+    if channels != config.num_channels or height != size or width != size:
+        raise ValueError(
+            f"pixel_values must be NHWC (batch, {size}, {size}, {config.num_channels}) for this vision config, "
+            f"got {pixel_values.shape}; NCHW input needs a transpose to NHWC")
+    grid = size // p
+    x = pixel_values[:, : grid * p, : grid * p].astype(dtype)
+    patches = x.reshape(batch, grid, p, grid, p, channels).transpose(0, 1, 3, 2, 4, 5)
+    return patches.reshape(batch, grid * grid, p * p * channels)
+
+
 class VisionEmbeddings(nnx.Module):
     def __init__(self, config: CLIPVisionConfig, *, dtype, rngs: nnx.Rngs):
         p, c, d = config.patch_size, config.num_channels, config.hidden_size
@@ -80,21 +95,11 @@ class VisionEmbeddings(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
-        cfg = self.config
-        batch, height, width, channels = pixel_values.shape
-        if channels != cfg.num_channels or height != cfg.image_size or width != cfg.image_size:
-            raise ValueError(
-                f"pixel_values must be NHWC (batch, {cfg.image_size}, {cfg.image_size}, {cfg.num_channels}) "
-                f"for this vision config, got {pixel_values.shape}; NCHW input needs a transpose to NHWC")
-        p = cfg.patch_size
-        grid = cfg.image_size // p
-        x = pixel_values[:, : grid * p, : grid * p].astype(self.dtype)
-        patches = x.reshape(batch, grid, p, grid, p, channels).transpose(0, 1, 3, 2, 4, 5)
-        patches = patches.reshape(batch, grid * grid, p * p * channels)
-        kernel = self.patch_embedding[...].reshape(p * p * channels, -1).astype(self.dtype)
+        patches = patchify(pixel_values, self.config, self.dtype)
+        kernel = self.patch_embedding[...].reshape(patches.shape[-1], -1).astype(self.dtype)
         bias = None if self.patch_bias is None else self.patch_bias[...].astype(self.dtype)
         embeds = dense(patches, kernel, bias)  # (batch, patches, hidden)
-        cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (batch, 1, embeds.shape[-1]))
+        cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (embeds.shape[0], 1, embeds.shape[-1]))
         embeds = jnp.concatenate([cls, embeds], axis=1)
         return embeds + self.position_embedding.embedding[...].astype(self.dtype)[None]
 
@@ -108,11 +113,7 @@ class VisionTransformer(nnx.Module):
         self.embeddings = VisionEmbeddings(config, dtype=dtype, rngs=rngs)
         self.pre_layernorm = (nnx.LayerNorm(d, epsilon=eps, dtype=dtype, rngs=rngs)
                               if config.pre_layernorm else None)
-        self.encoder = Encoder([
-            PreNormLayer(d, config.num_attention_heads, config.intermediate_size, config.hidden_act, eps,
-                         config.attention_dropout, dtype=dtype, rngs=rngs)
-            for _ in range(config.num_hidden_layers)
-        ], remat=remat)
+        self.encoder = pre_norm_encoder(config, dtype=dtype, remat=remat, rngs=rngs)
         self.post_layernorm = nnx.LayerNorm(d, epsilon=eps, dtype=dtype, rngs=rngs)
 
     def __call__(self, pixel_values: jax.Array, *, dropout_rng: jax.Array | None = None,

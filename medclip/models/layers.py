@@ -229,6 +229,16 @@ class Encoder(nnx.Module):
         return x if packing is None or rows is not None else packing.unpack(x)
 
 
+def pre_norm_encoder(config, *, dtype, remat: bool, rngs: nnx.Rngs) -> Encoder:
+    """CLIP's and SigLIP's encoder: `num_hidden_layers` pre-norm layers, sized by a config that names its fields
+    as transformers' CLIP and SigLIP configs do."""
+    return Encoder([
+        PreNormLayer(config.hidden_size, config.num_attention_heads, config.intermediate_size, config.hidden_act,
+                     config.layer_norm_eps, config.attention_dropout, dtype=dtype, rngs=rngs)
+        for _ in range(config.num_hidden_layers)
+    ], remat=remat)
+
+
 def _rows_bias(bias: Array | None, rows: Array | None) -> Array | None:
     """The attention bias (batch or 1, 1, q, k) of the query rows `rows` only; a padding-only bias (q = 1)
     already serves every query."""

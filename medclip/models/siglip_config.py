@@ -13,7 +13,12 @@ import math
 from typing import Any
 
 from medclip.models.heads import HeadConfig
-from medclip.models.preprocess import SIGLIP_PREPROCESS, Preprocess, TextPreprocess, siglip_text
+from medclip.models.preprocess import (
+    SIGLIP_PREPROCESS,
+    Preprocess,
+    TextPreprocess,
+    siglip_text,
+)
 from medclip.models.siglip_text import Siglip2TextConfig, SiglipTextConfig
 from medclip.models.siglip_vision import Siglip2VisionConfig, SiglipVisionConfig
 from medclip.models.tower_contract import UnsupportedOptionError
@@ -63,12 +68,12 @@ def siglip_fields(data: dict[str, Any]) -> dict[str, Any]:
         raise UnsupportedOptionError(f"{model_type}: the text head projects to {projection} but the image embedding "
                                      f"(the vision tower's width) is {vision.hidden_size}; they must be equal")
     extra = data.get("medclip") or {}
-    return dict(
-        vision_config=vision, text_config=text, projection_dim=projection,
-        logit_scale_init_value=data.get("logit_scale_init_value", LOGIT_SCALE_INIT),
-        logit_bias_init_value=data.get("logit_bias_init_value", LOGIT_BIAS_INIT),
-        vision_head=VISION_HEAD, text_head=TEXT_HEAD, clamp_logit_scale=False,
-        preprocess=Preprocess.from_dict(extra["preprocess"]) if "preprocess" in extra else SIGLIP_PREPROCESS,
-        text_preprocess=(TextPreprocess.from_dict(extra["text_preprocess"]) if "text_preprocess" in extra
-                         else siglip_text(text.max_position_embeddings)),
-    )
+    return {
+        "vision_config": vision, "text_config": text, "projection_dim": projection,
+        "logit_scale_init_value": data.get("logit_scale_init_value", LOGIT_SCALE_INIT),
+        "logit_bias_init_value": data.get("logit_bias_init_value", LOGIT_BIAS_INIT),
+        "vision_head": VISION_HEAD, "text_head": TEXT_HEAD, "clamp_logit_scale": False,
+        "preprocess": Preprocess.from_dict(extra["preprocess"]) if "preprocess" in extra else SIGLIP_PREPROCESS,
+        "text_preprocess": (TextPreprocess.from_dict(extra["text_preprocess"]) if "text_preprocess" in extra
+                            else siglip_text(text.max_position_embeddings)),
+    }

@@ -13,15 +13,15 @@ from typing import Any, ClassVar, Self
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from medclip.models.clip_vision import _hf_layer
+from medclip.models.clip_text import HF_RULES as CLIP_TEXT_HF_RULES
+from medclip.models.clip_text import CLIPTextTower
 from medclip.models.config_base import TextTowerConfig
-from medclip.models.layers import Encoder, PreNormLayer, attention_bias, pool_encoder, pooled_rows
+from medclip.models.layers import attention_bias, pool_encoder, pooled_rows
 from medclip.models.packing import PackingPlan
 from medclip.models.registry import register
 from medclip.models.tower_contract import TowerSpec
-from medclip.models.weights import Rule, embedding, norm
+from medclip.models.weights import Rule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,21 +75,10 @@ class Siglip2TextConfig(SiglipTextConfig):
     model_type: ClassVar[str] = "siglip2_text_model"
 
 
-class SiglipTextTower(nnx.Module):
-    """Returns (last_hidden_state, pooled_output) like transformers' SiglipTextModel before its `head`."""
-
-    def __init__(self, config: SiglipTextConfig, *, dtype=jnp.float32, remat: bool = False, rngs: nnx.Rngs):
-        self.config = config
-        d, eps = config.hidden_size, config.layer_norm_eps
-        self.token_embedding = nnx.Embed(config.vocab_size, d, dtype=dtype, rngs=rngs)
-        self.position_embedding = nnx.Embed(config.max_position_embeddings, d, dtype=dtype, rngs=rngs)
-        self.encoder = Encoder([
-            PreNormLayer(d, config.num_attention_heads, config.intermediate_size, config.hidden_act, eps,
-                         config.attention_dropout, dtype=dtype, rngs=rngs)
-            for _ in range(config.num_hidden_layers)
-        ], remat=remat)
-        self.final_layer_norm = nnx.LayerNorm(d, epsilon=eps, dtype=dtype, rngs=rngs)
-        self.dtype = dtype
+class SiglipTextTower(CLIPTextTower):
+    """Returns (last_hidden_state, pooled_output) like transformers' SiglipTextModel before its `head`. CLIP's
+    text transformer's modules (token and position embeddings, pre-norm layers, final layer norm) in another
+    computation: no causal mask, pooled at the last position."""
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                  dropout_rng: jax.Array | None = None, pooled_only: bool = False,
@@ -110,13 +99,9 @@ class SiglipTextTower(nnx.Module):
                             rows, pooled_only, attention_mask)
 
 
-# transformers' SiglipTextModel (SiglipModel.text_model); its `head` is the model's text projection
-HF_RULES = [
-    *embedding("embeddings.token_embedding", "token_embedding"),
-    *embedding("embeddings.position_embedding", "position_embedding"),
-    *_hf_layer("encoder.layers"),
-    *norm("final_layer_norm", "final_layer_norm"),
-]
+# transformers' SiglipTextModel (SiglipModel.text_model) names its modules as CLIPTextModel does; its `head` is the
+# model's text projection
+HF_RULES = CLIP_TEXT_HF_RULES
 
 
 def conversion_rules(config: SiglipTextConfig, fmt: str) -> list[Rule]:

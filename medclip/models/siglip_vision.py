@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from medclip.models.clip_vision import _hf_layer
+from medclip.models.clip_vision import _hf_layer, patchify
 from medclip.models.config_base import VisionTowerConfig
 from medclip.models.kernels import attention, dense
-from medclip.models.layers import MLP, Encoder, PreNormLayer, SelfAttention, linear
+from medclip.models.layers import MLP, SelfAttention, linear, pre_norm_encoder
 from medclip.models.preprocess import SIGLIP_PREPROCESS, Preprocess
 from medclip.models.registry import register
 from medclip.models.tower_contract import TowerSpec, UnsupportedOptionError
@@ -138,22 +138,11 @@ class SiglipEmbeddings(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
-        cfg = self.config
-        batch, height, width, channels = pixel_values.shape
-        if channels != cfg.num_channels or height != cfg.image_size or width != cfg.image_size:
-            raise ValueError(
-                f"pixel_values must be NHWC (batch, {cfg.image_size}, {cfg.image_size}, {cfg.num_channels}) "
-                f"for this SigLIP vision config, got {pixel_values.shape}; NCHW input needs a transpose to NHWC")
-        p = cfg.patch_size
-        grid = cfg.image_size // p
-        x = pixel_values.astype(self.dtype)
-        # (row, column, channel) within each patch: the conv's HWIO order and SigLIP 2's flattened patches alike
-        patches = x.reshape(batch, grid, p, grid, p, channels).transpose(0, 1, 3, 2, 4, 5)
-        patches = patches.reshape(batch, grid * grid, p * p * channels)
-        if cfg.patch_linear:
+        patches = patchify(pixel_values, self.config, self.dtype)
+        if self.config.patch_linear:
             embeds = linear(self.patch_embedding, patches)
         else:
-            kernel = self.patch_embedding[...].reshape(p * p * channels, -1).astype(self.dtype)
+            kernel = self.patch_embedding[...].reshape(patches.shape[-1], -1).astype(self.dtype)
             embeds = dense(patches, kernel, self.patch_bias[...].astype(self.dtype))
         return embeds + self.position_embedding.embedding[...].astype(self.dtype)[None]
 
@@ -192,11 +181,7 @@ class SiglipVisionTower(nnx.Module):
         self.config = config
         d, eps = config.hidden_size, config.layer_norm_eps
         self.embeddings = SiglipEmbeddings(config, dtype=dtype, rngs=rngs)
-        self.encoder = Encoder([
-            PreNormLayer(d, config.num_attention_heads, config.intermediate_size, config.hidden_act, eps,
-                         config.attention_dropout, dtype=dtype, rngs=rngs)
-            for _ in range(config.num_hidden_layers)
-        ], remat=remat)
+        self.encoder = pre_norm_encoder(config, dtype=dtype, remat=remat, rngs=rngs)
         self.post_layernorm = nnx.LayerNorm(d, epsilon=eps, dtype=dtype, rngs=rngs)
         self.head = AttentionPoolingHead(config, dtype=dtype, rngs=rngs)
 
