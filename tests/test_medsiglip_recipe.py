@@ -16,6 +16,7 @@ from medclip import FlaxHybridCLIP
 from medclip.models.hybrid import HybridCLIPConfig
 from medclip.models.siglip_text import SiglipTextConfig
 from medclip.models.siglip_vision import SiglipVisionConfig
+from tests.test_recipes import _parse
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,15 +28,6 @@ def _tiny_siglip_folder(folder: Path, vocab_size: int) -> Path:
                                          "text_config": text.to_hf_dict()})
     FlaxHybridCLIP(config).save_pretrained(folder)
     return folder
-
-
-def _script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("run_hybrid_clip", ROOT / "run_hybrid_clip.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
 
 
 @pytest.mark.heavy
@@ -64,8 +56,8 @@ def test_medsiglip_recipe_lowers_the_loss_on_tiny_siglip_towers(tmp_path):
 def test_medsiglip_lit_option_caches_the_locked_image_tower(tmp_path):
     from medclip.training.image_cache import why_not_cacheable
 
-    model_args, data_args, train_args = _script().parse(
-        ["--output_dir", "out", "--recipe", "medsiglip", "--data_dir", "/data/roco", "--freeze_vision", "true"])
+    model_args, data_args, train_args = _parse("--recipe", "medsiglip", "--data_dir", "/data/roco",
+                                               "--freeze_vision", "true")
     config = HybridCLIPConfig.from_dict({"model_type": "siglip", "vision_config": SiglipVisionConfig.tiny().to_hf_dict(),
                                          "text_config": SiglipTextConfig.tiny().to_hf_dict()})
     model = FlaxHybridCLIP(config)
@@ -74,6 +66,6 @@ def test_medsiglip_lit_option_caches_the_locked_image_tower(tmp_path):
                              hflip=data_args.hflip, dropout=model_args.text_dropout,
                              freeze_bn_stats=train_args.freeze_bn_stats) is None
     # and without --freeze_vision the recipe trains the whole model
-    _, data_args, train_args = _script().parse(["--output_dir", "out", "--recipe", "medsiglip"])
+    _, data_args, train_args = _parse("--recipe", "medsiglip")
     assert why_not_cacheable(model, freeze_vision=train_args.freeze_vision, train_crop=data_args.train_crop,
                              hflip=data_args.hflip, dropout=True, freeze_bn_stats=False) is not None
