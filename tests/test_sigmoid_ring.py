@@ -18,6 +18,7 @@ from medclip.training.config_check import ConfigError, validate
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.heavy
 def test_ring_equals_gathered_at_eight_devices():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-m", "tests.sigmoid_ring_check"], cwd=ROOT, env=env,
