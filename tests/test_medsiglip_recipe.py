@@ -13,9 +13,7 @@ import numpy as np
 import pytest
 
 from medclip import FlaxHybridCLIP
-from medclip.models.hybrid import HybridCLIPConfig
-from medclip.models.siglip_text import SiglipTextConfig
-from medclip.models.siglip_vision import SiglipVisionConfig
+from tests.sigmoid_ring_check import tiny_siglip
 from tests.test_recipes import _parse
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,10 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _tiny_siglip_folder(folder: Path, vocab_size: int) -> Path:
     """A SiglipModel folder (saved by our code as transformers lays it out) of tiny towers: 32 px, 16 tokens."""
-    text = SiglipTextConfig.tiny().replace(vocab_size=vocab_size, pad_token_id=0)
-    config = HybridCLIPConfig.from_dict({"model_type": "siglip", "vision_config": SiglipVisionConfig.tiny().to_hf_dict(),
-                                         "text_config": text.to_hf_dict()})
-    FlaxHybridCLIP(config).save_pretrained(folder)
+    config = tiny_siglip()
+    text = config.text_config.replace(vocab_size=vocab_size, pad_token_id=0)
+    FlaxHybridCLIP(config.replace(text_config=text)).save_pretrained(folder)
     return folder
 
 
@@ -58,9 +55,7 @@ def test_medsiglip_lit_option_caches_the_locked_image_tower(tmp_path):
 
     model_args, data_args, train_args = _parse("--recipe", "medsiglip", "--data_dir", "/data/roco",
                                                "--freeze_vision", "true")
-    config = HybridCLIPConfig.from_dict({"model_type": "siglip", "vision_config": SiglipVisionConfig.tiny().to_hf_dict(),
-                                         "text_config": SiglipTextConfig.tiny().to_hf_dict()})
-    model = FlaxHybridCLIP(config)
+    model = FlaxHybridCLIP(tiny_siglip())
     assert train_args.cache_locked_image == "auto"
     assert why_not_cacheable(model, freeze_vision=train_args.freeze_vision, train_crop=data_args.train_crop,
                              hflip=data_args.hflip, dropout=model_args.text_dropout,
