@@ -40,8 +40,10 @@ def family_config(family: str) -> HybridCLIPConfig:
                                text_config=tiny.text_config.replace(num_hidden_layers=1))
 
 
-def run(devices, fully_sharded: bool, batches, dropout: bool = True, packed: bool = False, family: str = "bert"):
-    config = family_config(family)
+def run(devices, fully_sharded: bool, batches, dropout: bool = True, packed: bool = False, family: str = "bert",
+        config: HybridCLIPConfig | None = None, step_config: StepConfig | None = None):
+    """`config` replaces the family's model; `step_config` the step's (its dropout and mesh are this run's)."""
+    config = config or family_config(family)
     model = FlaxHybridCLIP(config, rngs=nnx.Rngs(0))
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
@@ -56,7 +58,8 @@ def run(devices, fully_sharded: bool, batches, dropout: bool = True, packed: boo
         plan = plan_packing(batch["attention_mask"], groups=len(devices)) if packed else None
         assert plan is not None or not packed, "the packed case needs batches with padding"
         if plan not in steps:
-            steps[plan] = jax.jit(make_train_step(graphdef, tx, StepConfig(dropout=dropout), plan),
+            step_config = dataclasses.replace(step_config or StepConfig(), dropout=dropout, mesh=mesh)
+            steps[plan] = jax.jit(make_train_step(graphdef, tx, step_config, plan),
                                   in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
                                   out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
         state, metrics = steps[plan](state, mesh_lib.global_batch(mesh, batch))

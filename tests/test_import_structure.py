@@ -34,7 +34,7 @@ LAYERS = {
 ONLY = {("data", "models"): {"medclip.models", "medclip.models.preprocess"}}
 TOWERS = ("bert", "clip_text", "clip_vision", "modified_resnet", "siglip_text", "siglip_vision", "timm_convnext",
           "timm_efficientnet", "timm_resnet", "timm_vit")
-FORMATS = ("hf_layout", "openclip", "pmc_clip")
+FORMATS = ("big_vision", "hf_layout", "openclip", "pmc_clip")
 
 
 def modules(root: Path = ROOT) -> dict[str, Path]:

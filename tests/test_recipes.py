@@ -398,6 +398,47 @@ SOURCES = {
                       + [(None, "batch 80 on one GPU", "80 per device",
                           "on N devices pass --per_device_train_batch_size 80/N"), PRECISION],
     } for name in CLIP_TF_MODELS},
+    "medsiglip": {
+        "source": "Google Health, MedSigLIP fine-tuning notebook: https://github.com/google-health/medsiglip/blob/main/"
+                  "notebooks/fine_tune_with_hugging_face.ipynb",
+        "stated": [
+            ("model_name_or_path", "google/medsiglip-448", "model_id = 'google/medsiglip-448'"),
+            ("num_train_epochs", 2, "num_train_epochs = 2"),
+            ("learning_rate", 1e-4, "learning_rate = 1e-4"),
+            ("per_device_train_batch_size", 8, "per_device_train_batch_size=8"),
+            ("per_device_eval_batch_size", 8, "per_device_eval_batch_size=8"),
+            ("gradient_accumulation_steps", 8, "gradient_accumulation_steps=8"),
+            ("weight_decay", 0.01, "weight_decay=0.01"),
+            ("warmup_steps", 5, "warmup_steps=5"),
+            ("lr_schedule", "cosine", "lr_scheduler_type='cosine'"),
+            ("weight_decay_type", "decoupled", "transformers Trainer's default optimizer: AdamW"),
+            ("adam_beta1", 0.9, "TrainingArguments default"),
+            ("adam_beta2", 0.999, "TrainingArguments default"),
+            ("adam_epsilon", 1e-8, "TrainingArguments default"),
+            ("max_grad_norm", 1.0, "TrainingArguments default"),
+            ("max_seq_length", 64, "processor.tokenizer(max_length=64, padding='max_length')"),
+            ("train_crop", "center", "Resize((size, size)) only: no random crop"),
+            ("hflip", False, "no flips"),
+            ("loss", "sigmoid", "SiglipModel(return_loss=True): the sigmoid loss with its learned scale and bias"),
+        ],
+        "deviations": [
+            ("dtype", "float32 (no bf16/fp16 in TrainingArguments)", "auto",
+             "bf16 compute on TPU/GPU (fp32 on CPU), fp32 parameters; --dtype float32 follows the notebook"),
+            ("remat", False, True, "the 400M towers at 1,024 image tokens: activations recomputed in the backward "
+             "pass (the notebook keeps them, on a 40 GB A100)"),
+            ("text_mask_padding", True, False, "the notebook's collator passes attention_mask, so SiglipModel masks "
+             "the padding in training; MedSigLIP is pretrained without a mask and the setting is saved with the "
+             "model, so evaluation computes the same (--text_mask_padding true follows the notebook)"),
+            ("weight_decay_mask", "transformers Trainer: every parameter but biases and LayerNorms", "ndim",
+             "the same set except logit_scale, which ndim does not decay"),
+            (None, "NCT-CRC-HE-100K histology patches, class names as captions", "ROCO captions",
+             "the recipe's purpose: MedSigLIP continued on ROCO"),
+            (None, "evaluation every 50 steps on 200 validation pairs", "every epoch on the validation split",
+             "--eval_epochs counts epochs"),
+            (None, "batch 8 x 8 accumulated on one GPU", "8 per device x 8 accumulated",
+             "on N devices pass --per_device_train_batch_size 8/N to keep 64 pairs per update"),
+        ],
+    },
     "clip-medical-caption": {
         "source": "CLIP-for-Medical-Caption (CLIP on ROCOv2 for caption retrieval), as issue 15 summarises it",
         "stated": [

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from medclip.checkpoints import hf_layout, openclip, pmc_clip
+from medclip.checkpoints import big_vision, hf_layout, openclip, pmc_clip
 from medclip.checkpoints.assembly import state_dict_from_checkpoint
 from medclip.checkpoints.hub import resolve_model_dir, resolve_model_name
 from medclip.checkpoints.readers import read_checkpoint
@@ -28,6 +28,7 @@ Spec = str | os.PathLike | dict | None  # an OpenCLIP model config: a name, a JS
 # state dict is the fallback: its loader asks for a model config when none was given.
 STATE_DICT_FORMATS: list[tuple[Callable[[Spec, dict[str, np.ndarray]], bool], Callable[..., nnx.Module]]] = [
     (pmc_clip.recognise_state_dict, pmc_clip.load_tensors),
+    (big_vision.recognise_state_dict, big_vision.load_tensors),  # a SigLIP .npz: '/'-joined img/ and txt/ keys
     (lambda spec, tensors: True, openclip.load_state_dict),
 ]
 

@@ -31,6 +31,7 @@ __all__ = [
     "find_checkpoint_file",
     "read_checkpoint",
     "read_flax_msgpack",
+    "read_npz",
     "read_safetensors",
     "read_torch_bin",
 ]
@@ -115,6 +116,19 @@ def read_flax_msgpack(path: str | Path) -> dict[str, np.ndarray]:
     return out
 
 
+def read_npz(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a NumPy ``.npz`` of named arrays (big_vision's checkpoints), without pickles; bfloat16 arrays, which
+    NumPy stores as 2-byte void, come back as ``ml_dtypes.bfloat16``."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:  # pickled objects, a broken zip: not usable
+        raise CheckpointError(f"{path}: could not read .npz file ({e}). {_REDOWNLOAD}") from e
+    return {k: v.view(ml_dtypes.bfloat16) if v.dtype.kind == "V" and v.itemsize == 2 else v
+            for k, v in arrays.items()}
+
+
 def read_torch_bin(path: str | Path) -> dict[str, np.ndarray]:
     """Read a ``torch.save`` state dict (zip or legacy format) with a restricted unpickler; torch not needed.
 
@@ -160,8 +174,10 @@ def _read_single(path: Path) -> dict[str, np.ndarray]:
         return read_torch_bin(path)
     if name.endswith(".msgpack"):
         return read_flax_msgpack(path)
+    if name.endswith(".npz"):
+        return read_npz(path)
     raise CheckpointError(
-        f"{path}: unsupported checkpoint type; expected .safetensors, {'/'.join(_TORCH_SUFFIXES)}, .msgpack "
+        f"{path}: unsupported checkpoint type; expected .safetensors, {'/'.join(_TORCH_SUFFIXES)}, .msgpack, .npz "
         "or a *.index.json of shards."
     )
 

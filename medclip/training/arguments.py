@@ -198,6 +198,10 @@ class TrainingArguments:
     loss: str = field(default="clip", metadata={
         "help": "clip (symmetric InfoNCE), hybrid, sigmoid, or concept (soft targets from the overlap of the "
                 "examples' concept sets, ROCO's CUIs: --concept_target_weight, --false_negatives)."})
+    sigmoid_form: str = field(default="gathered", metadata={
+        "help": "--loss sigmoid over several devices: gathered (one global similarity matrix; XLA gathers the "
+                "embeddings) or ring (big_vision's chunked form: texts passed from device to device, each "
+                "holding only local x local logits; the same loss and gradients)."})
     concept_target_weight: float = field(default=0.5, metadata={
         "help": "--loss concept: targets = (1 - w) * identity + w * row-normalised Jaccard overlap of concept sets."})
     false_negatives: str = field(default="positive", metadata={

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 from medclip.training.errors import ConfigError, check_choice
+from medclip.training.sigmoid_ring import SIGMOID_FORMS
 
 if TYPE_CHECKING:
     from medclip.training.arguments import TrainingArguments
@@ -144,17 +145,23 @@ class LossConfig:
     hybrid_alpha_learnable: bool = False  # hybrid: alpha trained beside the model (ALPHA_PARAM)
     concept_target_weight: float = 0.5  # concept: share of the concept-overlap soft targets
     false_negatives: str = "positive"  # concept: positive | mask | none (concept_loss)
+    sigmoid_form: str = "gathered"  # sigmoid: gathered | ring (training.sigmoid_ring: over the step's mesh)
 
     @classmethod
     def from_args(cls, args: TrainingArguments) -> LossConfig:
         return cls(name=args.loss, hybrid_alpha=args.hybrid_alpha, hybrid_temperature=args.hybrid_temperature,
                    hybrid_form=args.hybrid_form, hybrid_alpha_learnable=args.hybrid_alpha_learnable,
-                   concept_target_weight=args.concept_target_weight, false_negatives=args.false_negatives)
+                   concept_target_weight=args.concept_target_weight, false_negatives=args.false_negatives,
+                   sigmoid_form=args.sigmoid_form)
 
     def check(self) -> None:
         """ConfigError naming the flag, for a setting no loss can use (ranges: arguments.FLAG_RANGES)."""
         check_choice("--loss", self.name, LOSSES)
         check_choice("--hybrid_form", self.hybrid_form, HYBRID_FORMS)
+        check_choice("--sigmoid_form", self.sigmoid_form, SIGMOID_FORMS)
+        if self.sigmoid_form != "gathered" and self.name != "sigmoid":
+            raise ConfigError(f"--sigmoid_form {self.sigmoid_form} computes --loss sigmoid, not --loss {self.name}: "
+                              "drop the flag or use --loss sigmoid")
         if self.name == "concept":
             check_choice("--false_negatives", self.false_negatives, FALSE_NEGATIVES)
         if self.hybrid_form == "report" and self.hybrid_temperature != 1.0:

@@ -17,11 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx, struct
+from jax.sharding import Mesh
 
 from medclip.models.hybrid import HybridCLIPOutput, logit_temperature
 from medclip.models.packing import PackingPlan
 from medclip.training import losses
 from medclip.training.mlm import MASK_STREAM, MaskingConfig, mask_batch, mlm_loss_and_accuracy
+from medclip.training.sigmoid_ring import sigmoid_loss_ring
 
 if TYPE_CHECKING:
     from medclip.training.arguments import ModelArguments, TrainingArguments
@@ -50,17 +52,18 @@ class StepConfig:
     masking: MaskingConfig | None = None  # set: PMC-CLIP's MLM objective on the masked captions (--mlm)
     mlm_weight: float = 1.0  # loss = contrastive + mlm_weight * MLM loss
     clamp_logit_scale: bool = True  # the model's (HybridCLIPConfig.clamp_logit_scale): False for SigLIP
+    mesh: Mesh | None = None  # the mesh the step is jitted over; the loss's ring form passes texts around it
 
     @classmethod
     def from_args(cls, model_args: ModelArguments, train_args: TrainingArguments, tokenizer: Any, *,
-                  clamp_logit_scale: bool = True) -> StepConfig:
+                  clamp_logit_scale: bool = True, mesh: Mesh | None = None) -> StepConfig:
         """`tokenizer` gives --mlm its mask token and vocabulary; `clamp_logit_scale` is the model's."""
         masking = (MaskingConfig.from_tokenizer(tokenizer, train_args.mlm_probability, train_args.mlm_masking)
                    if train_args.mlm else None)
         return cls(loss=losses.LossConfig.from_args(train_args), dropout=model_args.text_dropout,
                    freeze_vision=train_args.freeze_vision, freeze_text=train_args.freeze_text,
                    freeze_bn_stats=train_args.freeze_bn_stats, masking=masking, mlm_weight=train_args.mlm_weight,
-                   clamp_logit_scale=clamp_logit_scale)
+                   clamp_logit_scale=clamp_logit_scale, mesh=mesh)
 
 
 def init_state(params: Any, tx: optax.GradientTransformation, seed: int, batch_stats: Any = None) -> TrainState:
@@ -143,17 +146,26 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
                     text_pooled=batch.get("text_pooled"),  # a cached locked text tower (training.text_cache)
                     image_pooled=batch.get("image_pooled"))  # and image tower (training.image_cache)
         new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))  # what train-mode BatchNorm updated
-        loss = losses.compute_loss(out, config.loss, batch, losses.LossParams(model.temperature_scale(), alpha))
+        if config.loss.name == "sigmoid" and config.loss.sigmoid_form == "ring":  # no (global, global) logits anywhere
+            if config.mesh is None:
+                raise ValueError("--sigmoid_form ring passes texts around a device mesh: give StepConfig.mesh")
+            bias = None if model.logit_bias is None else model.logit_bias[...]
+            loss, accuracy = sigmoid_loss_ring(out.image_embeds, out.text_embeds, model.temperature_scale(), bias,
+                                               config.mesh)
+        else:
+            loss = losses.compute_loss(out, config.loss, batch, losses.LossParams(model.temperature_scale(), alpha))
+            logits = out.logits_per_text
+            accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == jnp.arange(logits.shape[0]))
         extra = {} if alpha is None else {"hybrid_alpha": alpha}
         if config.masking is not None:
             mlm_loss, mlm_acc = mlm_loss_and_accuracy(out.mlm_logits, batch["input_ids"], targets)
             extra.update(contrastive_loss=loss, mlm_loss=mlm_loss, mlm_acc=mlm_acc)
             loss = loss + config.mlm_weight * mlm_loss
-        return loss, (out.logits_per_text, new_stats, extra)
+        return loss, (accuracy, new_stats, extra)
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
-        (loss, (logits, new_stats, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        (loss, (accuracy, new_stats, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, state.batch_stats, batch, rng)
         # The global norm is finite exactly when every gradient is (or when their squares overflow fp32, which
         # is as good a reason to skip): one reduction that clipping and the metrics share, instead of a
@@ -172,7 +184,6 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
                                nonfinite_in_a_row=in_a_row,
                                nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
                                batch_stats=batch_stats)
-        accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == jnp.arange(logits.shape[0]))
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
                    "logit_scale": jnp.exp(state.params["logit_scale"]), "in_batch_t2i_acc": accuracy, **extra}
         return new_state, metrics
