@@ -25,7 +25,7 @@ FLAGS = {"loss": "hybrid", "hybrid_alpha": 0.25, "hybrid_temperature": 0.5, "hyb
          "text_learning_rate": 2e-5, "freeze_vision": True, "freeze_text": True, "freeze_bn_stats": True,
          "reduce_lr_on_plateau": True, "plateau_metric": "t2i_R@5", "plateau_factor": 0.5, "plateau_patience": 3,
          "plateau_threshold": 0.01, "plateau_threshold_mode": "abs", "plateau_cooldown": 2, "plateau_min_lr": 1e-7,
-         "mlm_weight": 0.5}
+         "mlm_weight": 0.5, "sigmoid_form": "ring"}
 # config field -> flag, where the names differ
 RENAMED = {"name": "loss", "schedule": "lr_schedule", "lr_multiplier": "reduce_lr_on_plateau",
            "metric": "plateau_metric", **{f: f"plateau_{f}" for f in ("factor", "patience", "threshold",
