@@ -3,8 +3,8 @@ locked tower's cached features. Each is a `Field`, arrays with one row per recor
 pipeline gathers for every element under the field's batch keys, so a new extra is a new provider here, not a new
 argument of the pipeline (medclip.data.pipeline) or of the model call.
 
-    fields = [second_text(items, tokenizer, 64, "keywords"), concepts.field]
-    train = make_train_dataset(items, captions, global_batch_size=256, seed=0, fields=fields)
+    fields = [second_text(items, tokenizer, 64, "keywords"), concept_field(items, vocab, 16)]
+    train = make_train_dataset(items, captions, global_batch_size=256, seed=0, fields=fields)  # data.pipeline
 """
 
 from __future__ import annotations
