@@ -135,9 +135,11 @@ def measure_peer(args, paths: list[str]) -> dict:
 def make_ours(args, items, tokenizer, stream=None):
     from medclip.data import pipeline
 
-    return pipeline.make_train_dataset(items, tokenizer, image_size=args.image_size, max_seq_length=64,
+    return pipeline.make_train_dataset(items, pipeline.tokenize_captions(items, tokenizer, 64),
                                        global_batch_size=args.batch_size, seed=0, process_index=0, process_count=1,
-                                       crop_scale=tuple(args.crop_scale), threads=args.workers, stream=stream)
+                                       image=pipeline.ImageSettings(size=args.image_size,
+                                                                    crop_scale=tuple(args.crop_scale)),
+                                       threads=args.workers, stream=stream)
 
 
 def measure_ours(args, items, tokenizer, stream=None) -> dict:

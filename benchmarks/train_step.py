@@ -347,18 +347,14 @@ def build_torch_model(cfg: BenchConfig):
 def full_last_layer_class():
     """FlaxHybridCLIP computing every token in the towers' last layers, as PyTorch does (`--same-work`)."""
     from medclip import FlaxHybridCLIP
-    from medclip.models.heads import project
-    from medclip.models.hybrid import _head_rng
 
     class FullLastLayerCLIP(FlaxHybridCLIP):
-        def get_image_features(self, pixel_values, *, dropout_rng=None, train=False, head_dropout_rng=None):
-            _, pooled = self.vision_model(pixel_values, dropout_rng=dropout_rng, pooled_only=False, train=train)
-            return project(self.visual_projection, self.config.vision_head, pooled,
-                           _head_rng(dropout_rng if head_dropout_rng is None else head_dropout_rng))
+        def pool_image(self, pixel_values, *, train=False, dropout_rng=None):
+            return self.vision_model(pixel_values, dropout_rng=dropout_rng, pooled_only=False, train=train)[1]
 
-        def _text_features(self, *args, with_hidden=False, **kwargs):  # the hidden states: every token
+        def pool_text(self, *args, with_hidden=False, **kwargs):  # the hidden states: every token
             del with_hidden
-            return super()._text_features(*args, with_hidden=True, **kwargs)
+            return super().pool_text(*args, with_hidden=True, **kwargs)
 
     return FullLastLayerCLIP
 

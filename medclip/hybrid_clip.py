@@ -6,13 +6,14 @@ written to one then uploaded for saving, so the checkpoint readers and writers d
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Self
 
 from medclip import storage
 from medclip.checkpoints import openclip, pretrained
-from medclip.models.hybrid import HybridCLIP
+from medclip.models.hybrid import HybridCLIP, HybridCLIPConfig
 
 
 class FlaxHybridCLIP(HybridCLIP):
@@ -29,8 +30,12 @@ class FlaxHybridCLIP(HybridCLIP):
     @classmethod
     def from_text_vision_pretrained(cls, text_name_or_path: str | os.PathLike,
                                     vision_name_or_path: str | os.PathLike, **kwargs: Any) -> Self:
+        """Two pretrained towers, fresh heads. Keywords: HybridCLIPConfig's fields around the towers
+        (projection_dim, vision_head, ...) and the rest of `pretrained.load_from_towers`'s (dtype, seed...)."""
+        fields = {f.name for f in dataclasses.fields(HybridCLIPConfig)} - {"vision_config", "text_config"}
+        model_fields = {k: kwargs.pop(k) for k in list(kwargs) if k in fields}
         with storage.local_copy(text_name_or_path) as text, storage.local_copy(vision_name_or_path) as vision:
-            return pretrained.load_from_towers(cls, text, vision, **kwargs)
+            return pretrained.load_from_towers(cls, text, vision, model_fields=model_fields, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, tokenizer: Any = None) -> None:
         """transformers' CLIPModel layout when both towers and heads are CLIP's, else VisionTextDualEncoderModel's."""

@@ -163,7 +163,7 @@ def test_transformers_clip_from_files_and_strings(tmp_models):
 def test_eval_and_training_pipelines_read_the_files_as_the_embedder(name, tmp_models):
     """tf.data evaluation and the training pipeline with augmentation off (train_crop center, no flip): the
     embedder's pixels, and the reference's token ids with the model's context length."""
-    from medclip.data.pipeline import decoded_eval_images, make_train_dataset
+    from medclip.data.pipeline import ImageSettings, decoded_eval_images, make_train_dataset, tokenize_captions
     from medclip.data.image_checks import check_images
     from medclip.data.records import DropCounter, Record
 
@@ -185,10 +185,10 @@ def test_eval_and_training_pipelines_read_the_files_as_the_embedder(name, tmp_mo
     one_level = 1 / 255 / min(config.image_preprocess.std) + 1e-5
     atol = np.array([1e-5] * 8 + [one_level]).reshape(9, 1, 1, 1)
     assert (np.abs(pixels - expected) <= atol).all(), np.abs(pixels - expected).reshape(9, -1).max(1)
-    batch = next(make_train_dataset(records, embedder.tokenizer, image_size=size,
-                                    max_seq_length=embedder.max_seq_length, global_batch_size=9, seed=0,
-                                    process_index=0, process_count=1, preprocess=config.image_preprocess,
-                                    train_crop="center"))
+    captions = tokenize_captions(records, embedder.tokenizer, embedder.max_seq_length)
+    image = ImageSettings(size=size, preprocess=config.image_preprocess, train_crop="center")
+    batch = next(make_train_dataset(records, captions, global_batch_size=9, seed=0, process_index=0,
+                                    process_count=1, image=image))
     order = [int(np.argmin(np.abs(expected - p).reshape(9, -1).max(1))) for p in batch["pixel_values"]]
     assert sorted(order) == list(range(9))
     assert (np.abs(batch["pixel_values"] - expected[order]) <= atol[order]).all()

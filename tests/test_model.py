@@ -63,6 +63,28 @@ def test_logit_scale_is_clamped_at_100_and_bias_is_added():
     np.testing.assert_allclose(np.asarray(out.logits_per_text), expected, rtol=1e-5, atol=1e-4)
 
 
+def test_the_two_encoders_and_logits_are_the_model_and_a_cached_tower_needs_only_the_head():
+    """encode_image / encode_text / logits give __call__'s output; the heads on the towers' pooled outputs (what a
+    locked-tower cache holds) give the encoders' features, with the same dropout keys."""
+    from medclip.models.hybrid import l2_normalize, tower_keys
+
+    config = HybridCLIPConfig.tiny().replace(logit_bias_init_value=-2.0)
+    model = FlaxHybridCLIP(config, rngs=nnx.Rngs(0))
+    ids, mask, px = _batch(config)
+    out = model(ids, px, mask)
+    images, texts = l2_normalize(model.encode_image(px)), l2_normalize(model.encode_text(ids, mask))
+    np.testing.assert_allclose(np.asarray(model.logits(images, texts)), np.asarray(out.logits_per_text), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(model.get_image_features(px)), np.asarray(model.encode_image(px)))
+    image_keys, text_keys = tower_keys(None, jax.random.PRNGKey(3))
+    np.testing.assert_array_equal(np.asarray(model.project_image(model.pool_image(px), **image_keys)),
+                                  np.asarray(model.encode_image(px, **image_keys)))
+    _, pooled = model.pool_text(ids, mask)
+    np.testing.assert_array_equal(np.asarray(model.project_text(pooled, **text_keys)),
+                                  np.asarray(model.encode_text(ids, mask, **text_keys)))
+    with pytest.raises(ValueError, match="fusion module"):
+        model.fusion_logits(pooled[:, None], images, mask)
+
+
 def test_remat_gives_same_values_and_gradients():
     config = HybridCLIPConfig.tiny()
     plain = FlaxHybridCLIP(config, rngs=nnx.Rngs(0))

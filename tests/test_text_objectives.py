@@ -302,7 +302,7 @@ def test_contradictory_flags_are_config_errors(tmp_path):
 
 
 def test_unknown_second_text_field_is_a_data_error():
-    from medclip.data.pipeline import second_texts
+    from medclip.data.fields import second_texts
     from medclip.data.records import Record
 
     items = [Record(id="a", image="a.jpg", captions=["x"], keywords=["ct", "chest"], fields={"caption": "x"})]

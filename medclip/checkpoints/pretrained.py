@@ -9,10 +9,10 @@ writes our layout (`save_hybrid`) or OpenCLIP's (`openclip.save_open_clip`).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -30,8 +30,8 @@ from medclip.checkpoints.hub import resolve_model_dir
 from medclip.checkpoints.readers import CheckpointError
 from medclip.models import registry
 from medclip.models.config_base import TextTowerConfig
-from medclip.models.fusion import FusionConfig, MLMFusion
-from medclip.models.heads import HeadConfig, build_head
+from medclip.models.fusion import MLMFusion
+from medclip.models.heads import build_head
 from medclip.models.hybrid import HybridCLIPConfig, text_config_from_hf_dict, vision_config_from_hf_dict
 from medclip.models.preprocess import Preprocess
 
@@ -166,25 +166,20 @@ def load_tower(model: nnx.Module, kind: str, name_or_path: str | os.PathLike, *,
 
 
 def load_from_towers(cls, text_name_or_path: str | os.PathLike, vision_name_or_path: str | os.PathLike, *,
-                     projection_dim: int = 512, logit_scale_init_value: float = math.log(1 / 0.07),
-                     logit_bias_init_value: float | None = None, vision_config_overrides: dict | None = None,
-                     text_config_overrides: dict | None = None, vision_head: HeadConfig | None = None,
-                     text_head: HeadConfig | None = None, text_inputs: int = 1, fusion: FusionConfig | None = None,
-                     dtype=jnp.float32, remat: bool = False, seed: int = 0,
-                     revision: str | None = None) -> nnx.Module:
+                     model_fields: Mapping[str, Any] | None = None, vision_config_overrides: dict | None = None,
+                     text_config_overrides: dict | None = None, dtype=jnp.float32, remat: bool = False,
+                     seed: int = 0, revision: str | None = None) -> nnx.Module:
     """Pairs a pretrained vision tower (a full CLIP checkpoint or a vision-only one) with a pretrained text
     encoder; projections and temperature start fresh, as in transformers' `from_vision_text_pretrained`.
-    `vision_config_overrides={"image_size": 336}` interpolates the position embeddings."""
+    `model_fields`: HybridCLIPConfig's fields around the towers (projection_dim, heads, logit scale and bias,
+    text_inputs, fusion). `vision_config_overrides={"image_size": 336}` interpolates the position embeddings."""
     vision_dir = resolve_model_dir(vision_name_or_path, revision=revision)
     text_dir = resolve_model_dir(text_name_or_path, revision=revision)
     vision_config, preprocess = pretrained_tower_config(vision_dir, "vision", vision_config_overrides,
                                                         str(vision_name_or_path))
     text_config, _ = pretrained_tower_config(text_dir, "text", text_config_overrides, str(text_name_or_path))
-    config = HybridCLIPConfig(vision_config=vision_config, text_config=text_config,
-                              projection_dim=projection_dim, logit_scale_init_value=logit_scale_init_value,
-                              logit_bias_init_value=logit_bias_init_value,
-                              vision_head=vision_head or HeadConfig(), text_head=text_head or HeadConfig(),
-                              preprocess=preprocess, text_inputs=text_inputs, fusion=fusion)
+    config = HybridCLIPConfig(vision_config=vision_config, text_config=text_config, preprocess=preprocess,
+                              **{k: v for k, v in (model_fields or {}).items() if v is not None})
     abstract = abstract_model(cls, config, dtype, remat)
     shapes = param_shapes(abstract)
     vision_tensors, vision_source = load_tensors(vision_dir)

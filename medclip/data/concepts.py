@@ -20,7 +20,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from medclip.data.records import Record
+from medclip.data.fields import Field
+from medclip.data.records import DropCounter, Record
 
 DEFAULT_CONCEPT_WIDTH = 16
 PAD = -1
@@ -85,18 +86,13 @@ def caption_group_ids(captions: Sequence[str]) -> np.ndarray:
     return np.array([groups.setdefault(normalise_caption(c), len(groups)) for c in captions], np.int32)
 
 
-@dataclasses.dataclass(frozen=True)
-class ConceptFields:
-    """The per-example fields of concept-aware losses, for records tokenised as `pipeline.tokenize_captions`
-    lays them out (record i owns caption rows first[i] : first[i] + count[i])."""
-
-    concept_ids: np.ndarray  # (num_records, width) int32, -1 padding
-    caption_group: np.ndarray  # (num_captions,) int32, one per caption row
-    truncated: list[str]  # ids of the records whose concept set was cut to `width`
-
-
-def concept_fields(items: Sequence[Record], vocab: ConceptVocabulary,
-                   width: int = DEFAULT_CONCEPT_WIDTH) -> ConceptFields:
+def concept_field(items: Sequence[Record], vocab: ConceptVocabulary, width: int = DEFAULT_CONCEPT_WIDTH,
+                  counter: DropCounter | None = None) -> Field:
+    """The batch fields of concept-aware losses: "concept_ids" (width,) per record, -1 padding, and
+    "caption_group" per caption row (captions laid out as `pipeline.tokenize_captions` lays them out). The sets cut
+    to `width` are counted in `counter` (changed: concept_set_truncated)."""
     concept_ids, truncated = vocab.encode(items, width)
     groups = caption_group_ids([caption for record in items for caption in record.captions])
-    return ConceptFields(concept_ids, groups, truncated)
+    if counter is not None:
+        counter.change("concept_set_truncated", len(truncated), example=", ".join(truncated[:3]))
+    return Field(per_record={"concept_ids": concept_ids}, per_caption={"caption_group": groups})

@@ -1,14 +1,14 @@
 """The tf.data input pipeline: records -> numpy batches ready to be sharded on the device mesh.
 
-    train = make_train_dataset(records, tokenizer, image_size=224, max_seq_length=128, global_batch_size=256, seed=0)
+    captions = tokenize_captions(records, tokenizer, max_seq_length=128)
+    train = make_train_dataset(records, captions, global_batch_size=256, seed=0, image=ImageSettings(size=224))
     batch = next(train)        # {"pixel_values": (B, H, W, 3) float32, "input_ids": (B, L) int32,
                                #  "attention_mask": (B, L) int32}; B = global_batch_size / process_count
     state = train.state()      # save with the model checkpoint; `train.restore(state)` resumes exactly there
     for batch in make_eval_dataset(...): ...   # the same keys plus "mask": (B,) bool, False on padding
 
-With `concept_width=K` the training batches also hold "concept_ids" (B, K) int32 (each example's concept set
-as ids of a vocabulary built over the training records, -1 padding) and "caption_group" (B,) int32 (equal for
-identical normalised captions), for concept-aware losses (medclip.data.concepts).
+Per-example extras (a second text, concept sets, a locked tower's cached features...) are `fields`
+(medclip.data.fields): each adds its batch keys, gathered per record or per caption row.
 
 Order. Every epoch is a permutation of all records drawn from (seed, epoch); it is cut into global batches (the
 last partial one is dropped) and each process takes its slice of every global batch, so the data seen does not
@@ -37,13 +37,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from medclip.data import images, records
-from medclip.data.concepts import ConceptFields, ConceptVocabulary, concept_fields
+from medclip.data.fields import Field, check_fields, tokenize
 from medclip.data.records import DropCounter, Record
 from medclip.data.shards import ShardStream, parse_in_graph
 from medclip.models.preprocess import Preprocess
@@ -56,15 +56,6 @@ TRAIN_CROPS = ("random", "center")
 
 
 @dataclasses.dataclass(frozen=True)
-class ImageFeatures:
-    """A locked image tower's pooled output for every record (medclip.training.image_cache): the training
-    batches carry it as "image_pooled" and the step skips the tower."""
-
-    features: np.ndarray  # (num_records, hidden) float32
-    valid: np.ndarray  # (num_records,) bool: False where the image could not be decoded (zeros in features)
-
-
-@dataclasses.dataclass(frozen=True)
 class Captions:
     """All captions of all records tokenised once: record i owns rows first[i] : first[i] + count[i]."""
 
@@ -72,65 +63,54 @@ class Captions:
     attention_mask: np.ndarray  # (num_captions, max_seq_length) int32
     first: np.ndarray  # (num_records,) int64
     count: np.ndarray  # (num_records,) int64
-    # The second text input (--second_text_field), one row per record: (num_records, max_seq_length) int32
-    second_input_ids: np.ndarray | None = None
-    second_attention_mask: np.ndarray | None = None
-    # A locked text tower's pooled output for every caption row, (num_captions, hidden) float32: when set,
-    # batches carry it as "text_pooled" and the step skips the tower (medclip.training.text_cache).
-    pooled: np.ndarray | None = None
-    # Whole-word masking (--mlm_masking whole_word): 1 where a token starts a word, (num_captions, max_seq_length)
-    # int32 (medclip.training.mlm.word_starts); batches then carry it as "word_start".
-    word_start: np.ndarray | None = None
 
 
-def _tokenize(tokenizer, texts: list[str], max_seq_length: int) -> tuple[np.ndarray, np.ndarray]:
-    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=max_seq_length,
-                        return_attention_mask=True, return_token_type_ids=False, return_tensors="np")
-    return encoded["input_ids"].astype(np.int32), encoded["attention_mask"].astype(np.int32)
-
-
-def second_texts(items: list[Record], field: str) -> list[str]:
-    """Each record's second text: its keywords or concepts joined by ", " (the concepts' names where the records
-    carry them, as the CLIP-TF report feeds them), or another CSV column / JSON field (`Record.fields`); "" where
-    a record has none. A field no record has is refused (a typo, most likely)."""
-    if field == "concepts":
-        return [", ".join(record.concept_names or record.concepts) for record in items]
-    if field == "keywords":
-        return [", ".join(record.keywords) for record in items]
-    if items and not any(field in record.fields for record in items):
-        raise ValueError(f"no record has a {field!r} field (--second_text_field): use keywords, concepts, or a "
-                         f"CSV column / JSON field of the data (e.g. {sorted(items[0].fields)[:8]})")
-    return [record.fields.get(field, "") for record in items]
-
-
-def tokenize_captions(items: list[Record], tokenizer, max_seq_length: int,
-                      second_text_field: str | None = None) -> Captions:
-    """One batched call of the (Rust) fast tokenizer for every caption of every record (and one for the second
-    texts)."""
+def tokenize_captions(items: list[Record], tokenizer, max_seq_length: int) -> Captions:
+    """One batched call of the (Rust) fast tokenizer for every caption of every record."""
     texts = [caption for record in items for caption in record.captions]
     count = np.array([len(record.captions) for record in items], np.int64)
     if (count == 0).any():
         raise ValueError(f"record {items[int(np.argmin(count))].id} has no caption; load records through a source")
-    input_ids, attention_mask = _tokenize(tokenizer, texts, max_seq_length)
-    second = (None, None)
-    if second_text_field:
-        second = _tokenize(tokenizer, second_texts(items, second_text_field), max_seq_length)
-    return Captions(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        first=np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64),
-        count=count,
-        second_input_ids=second[0],
-        second_attention_mask=second[1],
-    )
+    input_ids, attention_mask = tokenize(tokenizer, texts, max_seq_length)
+    return Captions(input_ids=input_ids, attention_mask=attention_mask,
+                    first=np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64), count=count)
 
 
-def _second_inputs(captions: Captions) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
-    """record index -> {"second_input_ids", "second_attention_mask"}, or {} without a second text."""
-    if captions.second_input_ids is None:
-        return lambda index: {}
-    ids, mask = tf.constant(captions.second_input_ids), tf.constant(captions.second_attention_mask)
-    return lambda index: {"second_input_ids": ids[index], "second_attention_mask": mask[index]}
+@dataclasses.dataclass(frozen=True)
+class ImageSettings:
+    """How images become pixels: size and normalisation (`config.image_preprocess`; None: CLIP's), and for
+    training the random resized crop's scale, the optional flip and the crop ("center": evaluation's resize +
+    centre crop, no augmentation but the flip)."""
+
+    size: int = 224
+    preprocess: Preprocess | None = None
+    crop_scale: tuple[float, float] = images.DEFAULT_CROP_SCALE
+    hflip: bool = False
+    train_crop: str = "random"
+
+    def __post_init__(self):
+        if self.train_crop not in TRAIN_CROPS:
+            raise ValueError(f"train_crop must be one of {TRAIN_CROPS}, not {self.train_crop!r}")
+        object.__setattr__(self, "crop_scale", tuple(self.crop_scale))
+
+
+def _gather_fields(fields: Sequence[Field]) -> Callable[[tf.Tensor, tf.Tensor], dict[str, tf.Tensor]]:
+    """(record index, caption row) -> every field's values, in the graph. A field's `valid` False makes the element
+    fail, and `ignore_errors` skip it as it skips an undecodable image."""
+    per_record = {key: tf.constant(array) for field in fields for key, array in field.per_record.items()}
+    per_caption = {key: tf.constant(array) for field in fields for key, array in field.per_caption.items()}
+    valid = [tf.constant(field.valid) for field in fields if field.valid is not None]
+
+    def gather(index, row):
+        values = {**{key: array[index] for key, array in per_record.items()},
+                  **{key: array[row] for key, array in per_caption.items()}}
+        if not valid:
+            return values
+        checks = [tf.debugging.assert_equal(v[index], True, message="image could not be decoded") for v in valid]
+        with tf.control_dependencies(checks):
+            return {key: tf.identity(value) for key, value in values.items()}
+
+    return gather
 
 
 def vision_image_size(config) -> int:
@@ -233,20 +213,14 @@ def _options(threads: int | None = None) -> tf.data.Options:
     return options
 
 
-def build_train_dataset(items: list[Record], captions: Captions, layout: Layout, *, image_size: int, seed: int,
-                        crop_scale=images.DEFAULT_CROP_SCALE, hflip: bool = False, position: int = 0,
-                        threads: int | None = None, preprocess: Preprocess | None = None,
-                        concepts: ConceptFields | None = None, train_crop: str = "random",
-                        image_pooled: ImageFeatures | None = None, stream: ShardStream | None = None
-                        ) -> tf.data.Dataset:
+def build_train_dataset(items: list[Record], captions: Captions, layout: Layout, *, seed: int,
+                        image: ImageSettings = ImageSettings(), fields: Sequence[Field] = (), position: int = 0,
+                        threads: int | None = None, stream: ShardStream | None = None) -> tf.data.Dataset:
     """The tf.data graph behind `TrainIterator`, starting at stream `position` (skipping costs no decoding).
-    With `image_pooled` the elements carry each record's cached image features instead of pixels, and a record
-    whose image failed to decode when they were computed is skipped here, as an undecodable image always is.
+    A field that `replaces_pixels` (cached image features) stands in for the image, which is then not decoded.
     With `stream` the images (and each element's record index) come from sharded records in the stream's order
     (`medclip.data.shards`) instead of `epoch_order` over `items`, whose text the batches still take."""
-    if train_crop not in TRAIN_CROPS:
-        raise ValueError(f"train_crop must be one of {TRAIN_CROPS}, not {train_crop!r}")
-    if stream is not None and image_pooled is not None:
+    if stream is not None and any(field.replaces_pixels for field in fields):
         raise ValueError("cached image features need every image up front; sharded records stream them")
     per_epoch = layout.per_epoch
     start_epoch, offset = divmod(position, per_epoch)
@@ -260,45 +234,25 @@ def build_train_dataset(items: list[Record], captions: Captions, layout: Layout,
     read_image = _image_reader(items)
     input_ids, attention_mask = tf.constant(captions.input_ids), tf.constant(captions.attention_mask)
     first, count = tf.constant(captions.first), tf.constant(captions.count)
-    second = _second_inputs(captions)
-    if concepts is not None:
-        concept_ids, caption_group = tf.constant(concepts.concept_ids), tf.constant(concepts.caption_group)
-    pooled = None if captions.pooled is None else tf.constant(captions.pooled)
-    word_start = None if captions.word_start is None else tf.constant(captions.word_start)
-    if image_pooled is not None:
-        image_features, image_valid = tf.constant(image_pooled.features), tf.constant(image_pooled.valid)
+    extras = _gather_fields(fields)
+    decode = not any(field.replaces_pixels for field in fields)
 
     def pixels(contents, image_seed):
-        if train_crop == "random":
-            return images.train_image(contents, image_seed, image_size, crop_scale, hflip, preprocess)
-        image = images.eval_image(contents, image_size, preprocess)
-        return images.random_flip(image, image_seed) if hflip else image
-
-    def image_entry(index, image_seed, contents):
-        if image_pooled is None:
-            return {"pixel_values": pixels(read_image(index) if contents is None else contents, image_seed)}
-        check = tf.debugging.assert_equal(image_valid[index], True, message="image could not be decoded")
-        with tf.control_dependencies([check]):
-            return {"image_pooled": tf.identity(image_features[index])}
+        if image.train_crop == "random":
+            return images.train_image(contents, image_seed, image.size, image.crop_scale, image.hflip,
+                                      image.preprocess)
+        pixels = images.eval_image(contents, image.size, image.preprocess)
+        return images.random_flip(pixels, image_seed) if image.hflip else pixels
 
     def load(position, epoch, index, contents=None):
         element_seed = tf.stack([tf.constant(seed, tf.int64), epoch * layout.num_records + index])
         caption_seed, image_seed = tf.unstack(tf.random.experimental.stateless_split(element_seed, 2))
         pick = tf.random.stateless_uniform([], caption_seed, maxval=count[index], dtype=tf.int64)
         row = first[index] + pick
-        element = {
-            **image_entry(index, image_seed, contents),
-            "input_ids": input_ids[row],
-            "attention_mask": attention_mask[row],
-            "position": position,
-            **second(index),
-        }
-        if concepts is not None:
-            element.update(concept_ids=concept_ids[index], caption_group=caption_group[row])
-        if pooled is not None:
-            element["text_pooled"] = pooled[row]
-        if word_start is not None:
-            element["word_start"] = word_start[row]
+        element = {"input_ids": input_ids[row], "attention_mask": attention_mask[row], "position": position,
+                   **extras(index, row)}
+        if decode:
+            element["pixel_values"] = pixels(read_image(index) if contents is None else contents, image_seed)
         return element
 
     if stream is None:
@@ -360,19 +314,14 @@ class _GapAccounting:
 class TrainIterator(Iterator[dict[str, np.ndarray]]):
     """Endless training batches with an exact, cheap-to-restore position. Build with `make_train_dataset`."""
 
-    def __init__(self, items: list[Record], captions: Captions, layout: Layout, *, image_size: int, seed: int,
-                 crop_scale=images.DEFAULT_CROP_SCALE, hflip: bool = False, counter: DropCounter | None = None,
-                 threads: int | None = None, preprocess: Preprocess | None = None,
-                 concepts: ConceptFields | None = None, concept_vocab: ConceptVocabulary | None = None,
-                 train_crop: str = "random", stream: ShardStream | None = None):
+    def __init__(self, items: list[Record], captions: Captions, layout: Layout, *, seed: int,
+                 image: ImageSettings = ImageSettings(), fields: Sequence[Field] = (),
+                 counter: DropCounter | None = None, threads: int | None = None, stream: ShardStream | None = None):
         if layout.steps_per_epoch == 0:
             raise ValueError(f"{layout.num_records} records do not fill one global batch of {layout.global_batch_size}")
+        check_fields(fields, len(items), len(captions.input_ids))
         self.items, self.captions, self.layout = items, captions, layout
-        self.settings = dict(image_size=image_size, seed=seed, crop_scale=tuple(crop_scale), hflip=hflip,
-                             threads=threads, preprocess=preprocess, concepts=concepts, train_crop=train_crop)
-        # set by the trainer when a locked image tower is cached (medclip.training.image_cache)
-        self.image_pooled: ImageFeatures | None = None
-        self.concept_vocab = concept_vocab  # with `concepts`: the vocabulary their ids index (eval reuses it)
+        self.settings = dict(seed=seed, image=image, fields=tuple(fields), threads=threads)
         self.stream = stream  # sharded records: images streamed in the stream's order (medclip.data.shards)
         self.counter = counter if counter is not None else DropCounter()
         self.position = 0
@@ -391,8 +340,8 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
     def dataset(self, position: int | None = None) -> tf.data.Dataset:
         """The tf.data.Dataset from `position` (default: the current one); its batches also hold "position"."""
         return build_train_dataset(self.items, self.captions, self.layout,
-                                   position=self.position if position is None else position,
-                                   image_pooled=self.image_pooled, stream=self.stream, **self.settings)
+                                   position=self.position if position is None else position, stream=self.stream,
+                                   **self.settings)
 
     def __next__(self) -> dict[str, np.ndarray]:
         if self._batches is None:
@@ -438,62 +387,36 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         return int(self._orders[epoch][offset])
 
 
-def make_train_dataset(
-    items: list[Record],
-    tokenizer,
-    *,
-    image_size: int,
-    max_seq_length: int,
-    global_batch_size: int,
-    seed: int,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    crop_scale: tuple[float, float] = images.DEFAULT_CROP_SCALE,
-    hflip: bool = False,
-    counter: DropCounter | None = None,
-    threads: int | None = None,
-    preprocess: Preprocess | None = None,
-    second_text_field: str | None = None,
-    concept_width: int = 0,
-    concept_source: str = "cuis",
-    train_crop: str = "random",
-    stream: ShardStream | None = None,
-) -> TrainIterator:
+def make_train_dataset(items: list[Record], captions: Captions, *, global_batch_size: int, seed: int,
+                       image: ImageSettings = ImageSettings(), fields: Sequence[Field] = (),
+                       counter: DropCounter | None = None, threads: int | None = None,
+                       process_index: int | None = None, process_count: int | None = None,
+                       stream: ShardStream | None = None) -> TrainIterator:
     """Endless shuffled training batches for this process (random resized crop, optional flip, CLIP normalisation).
 
-    `process_index`/`process_count` default to JAX's. `counter` receives images that fail to decode in the graph.
-    `threads` gives the pipeline its own thread pool of that size (default: TF's shared pool, one per core).
-    `preprocess` is the model's normalisation (`config.image_preprocess`; default CLIP's). `second_text_field`
-    adds each record's second text (`second_texts`) as "second_input_ids" / "second_attention_mask".
-    `concept_width` K > 0 adds "concept_ids" (B, K) and "caption_group" (B,) to every batch; the number of
-    concept sets cut to K is counted in `counter` (changed: concept_set_truncated); `concept_source` picks the
-    sets (`medclip.data.concepts.concept_set`). `train_crop` "center" replaces the random resized crop by
-    evaluation's resize + centre crop (no augmentation but the optional flip). `stream`: the images come from
-    sharded records (`medclip.data.shards.ShardStream` over the split whose metadata `items` are), streamed.
+    `captions`: `tokenize_captions(items, ...)`. `image`: the pixels' size, normalisation (the model's
+    `config.image_preprocess`) and augmentation. `fields`: per-example extras (medclip.data.fields), each adding
+    its batch keys. `counter` receives images that fail to decode in the graph. `threads` gives the pipeline its own
+    thread pool of that size (default: TF's shared pool, one per core). `process_index`/`process_count` default
+    to JAX's. `stream`: the images come from sharded records (`medclip.data.shards.ShardStream` over the split
+    whose metadata `items` are), streamed.
     """
     layout = make_layout(len(items), global_batch_size, process_index, process_count)
-    captions = tokenize_captions(items, tokenizer, max_seq_length, second_text_field)
-    fields = vocab = None
-    if concept_width > 0:
-        vocab = ConceptVocabulary.build(items, source=concept_source)
-        fields = concept_fields(items, vocab, concept_width)
-    iterator = TrainIterator(items, captions, layout, image_size=image_size, seed=seed, crop_scale=crop_scale,
-                             hflip=hflip, counter=counter, threads=threads, preprocess=preprocess,
-                             concepts=fields, concept_vocab=vocab, train_crop=train_crop, stream=stream)
-    if fields is not None:
-        iterator.counter.change("concept_set_truncated", len(fields.truncated),
-                                example=", ".join(fields.truncated[:3]))
-    return iterator
+    return TrainIterator(items, captions, layout, seed=seed, image=image, fields=fields, counter=counter,
+                         threads=threads, stream=stream)
 
 
 class EvalDataset:
     """Every record exactly once (resize + center crop, first caption), in padded batches with a "mask"."""
 
-    def __init__(self, items: list[Record], captions: Captions, layout: Layout, *, image_size: int,
-                 counter: DropCounter | None = None, preprocess: Preprocess | None = None,
-                 threads: int | None = None):
-        self.items, self.captions, self.layout, self.image_size = items, captions, layout, image_size
-        self.preprocess = preprocess
+    def __init__(self, items: list[Record], captions: Captions, layout: Layout, *,
+                 image: ImageSettings = ImageSettings(), fields: Sequence[Field] = (),
+                 counter: DropCounter | None = None, threads: int | None = None):
+        if any(field.replaces_pixels or field.valid is not None for field in fields):
+            raise ValueError("evaluation decodes every image: a field cannot replace the pixels")
+        check_fields(fields, len(items), len(captions.input_ids))
+        self.items, self.captions, self.layout, self.image = items, captions, layout, image
+        self.fields = tuple(fields)
         self.threads = threads
         self.counter = counter if counter is not None else DropCounter()
         self.num_batches = math.ceil(len(items) / layout.global_batch_size)
@@ -514,23 +437,23 @@ class EvalDataset:
 
     def dataset(self) -> tf.data.Dataset:
         """The tf.data.Dataset; its batches also hold "position" (-1 for filler after skipped images)."""
-        size, batch = self.image_size, self.layout.batch_size
+        size, batch = self.image.size, self.layout.batch_size
         real = self.order < len(self.items)
         indices = np.where(real, self.order, 0)
         read_image = _image_reader(self.items)
         first = tf.constant(self.captions.first)
         input_ids, attention_mask = tf.constant(self.captions.input_ids), tf.constant(self.captions.attention_mask)
-        second = _second_inputs(self.captions)
+        extras = _gather_fields(self.fields)
 
         def load(position, index, mask):
             row = first[index]
             return {
-                "pixel_values": images.eval_image(read_image(index), size, self.preprocess),
+                "pixel_values": images.eval_image(read_image(index), size, self.image.preprocess),
                 "input_ids": input_ids[row],
                 "attention_mask": attention_mask[row],
                 "mask": mask,
                 "position": position,
-                **second(index),
+                **extras(index, row),
             }
 
         filler = {
@@ -539,9 +462,9 @@ class EvalDataset:
             "attention_mask": tf.zeros([self.captions.input_ids.shape[1]], tf.int32),
             "mask": tf.constant(False),
             "position": tf.constant(-1, tf.int64),
+            **{key: tf.zeros(array.shape[1:], array.dtype) for field in self.fields
+               for key, array in (*field.per_record.items(), *field.per_caption.items())},
         }
-        if self.captions.second_input_ids is not None:
-            filler["second_input_ids"] = filler["second_attention_mask"] = filler["attention_mask"]
         elements = tf.data.Dataset.from_tensor_slices((np.arange(len(self.order), dtype=np.int64), indices, real))
         dataset = elements.map(load, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
         # Skipped images would leave this process short: top up with filler so every process has num_batches.
@@ -563,24 +486,12 @@ class EvalDataset:
                     self._gaps.report(position)
 
 
-def make_eval_dataset(
-    items: list[Record],
-    tokenizer,
-    *,
-    image_size: int,
-    max_seq_length: int,
-    global_batch_size: int,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    counter: DropCounter | None = None,
-    preprocess: Preprocess | None = None,
-    threads: int | None = None,
-    second_text_field: str | None = None,
-) -> EvalDataset:
+def make_eval_dataset(items: list[Record], captions: Captions, *, global_batch_size: int,
+                      image: ImageSettings = ImageSettings(), fields: Sequence[Field] = (),
+                      counter: DropCounter | None = None, threads: int | None = None,
+                      process_index: int | None = None, process_count: int | None = None) -> EvalDataset:
     """Eval batches for this process: resize + center crop, CLIP normalisation, first caption, "mask" for padding.
-    `threads` and `second_text_field` as in `make_train_dataset` (evaluation sees the records' second texts, as
-    training does; the embedder, zero-shot and the app, with captions alone, feed the caption as both inputs)."""
+    Arguments as `make_train_dataset` (evaluation sees the records' second texts, as training does; the embedder,
+    zero-shot and the app, with captions alone, feed the caption as both inputs)."""
     layout = make_layout(len(items), global_batch_size, process_index, process_count)
-    captions = tokenize_captions(items, tokenizer, max_seq_length, second_text_field)
-    return EvalDataset(items, captions, layout, image_size=image_size, counter=counter, preprocess=preprocess,
-                       threads=threads)
+    return EvalDataset(items, captions, layout, image=image, fields=fields, counter=counter, threads=threads)

@@ -82,10 +82,10 @@ class Embedder:
         self.image_preprocess = (config.image_preprocess if resample is None
                                  else config.image_preprocess.replace(resample=resample))
         graphdef, params = nnx.split(self.model)
-        self._image_fn = jax.jit(lambda p, x: l2_normalize(nnx.merge(graphdef, p).get_image_features(x)))
+        self._image_fn = jax.jit(lambda p, x: l2_normalize(nnx.merge(graphdef, p).encode_image(x)))
         self._text_fn = jax.jit(lambda p, ids, mask, second_ids, second_mask: l2_normalize(
-            nnx.merge(graphdef, p).get_text_features(ids, mask, second_input_ids=second_ids,
-                                                     second_attention_mask=second_mask)))
+            nnx.merge(graphdef, p).encode_text(ids, mask, second_input_ids=second_ids,
+                                               second_attention_mask=second_mask)))
         self._params = params
 
     @property

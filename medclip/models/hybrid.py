@@ -224,9 +224,32 @@ def l2_normalize(x: jax.Array) -> jax.Array:
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
+def contrastive_logits(image_embeds: jax.Array, text_embeds: jax.Array, scale: jax.Array,
+                       bias: jax.Array | None = None) -> jax.Array:
+    """logits_per_text (texts, images) of normalised embeddings at temperature `scale` (already clamped), plus an
+    optional bias: `HybridCLIP.logits` and the evaluation loss (rebuilt from saved embeddings) share it."""
+    logits_per_text = text_embeds @ image_embeds.T * scale
+    return logits_per_text if bias is None else logits_per_text + bias
+
+
+def tower_keys(dropout_rng: jax.Array | None,
+               head_dropout_rng: jax.Array | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The image side's and the text side's dropout keys (towers', heads'), as keyword arguments of the encode and
+    project calls: one split for both calls of a step, so a cached tower sees the key the tower would have."""
+    vision_rng, text_rng = split_rng(dropout_rng, 2)
+    vision_head_rng, text_head_rng = split_rng(head_dropout_rng, 2)
+    return ({"dropout_rng": vision_rng, "head_dropout_rng": vision_head_rng},
+            {"dropout_rng": text_rng, "head_dropout_rng": text_head_rng})
+
+
 class HybridCLIP(nnx.Module):
-    """Two-tower contrastive model (medclip.FlaxHybridCLIP adds loading and saving). Parameters are fp32; `dtype` sets the compute dtype (bf16 on TPU/GPU);
-    `remat` rematerialises each encoder layer to save activation memory."""
+    """Two-tower contrastive model (medclip.FlaxHybridCLIP adds loading and saving). Parameters are fp32; `dtype`
+    sets the compute dtype (bf16 on TPU/GPU); `remat` rematerialises each encoder layer to save activation memory.
+
+    Its interface is two encoders and a logits function, as big_vision's two-tower model: `encode_image`,
+    `encode_text` (each a tower's pooled output, `pool_*`, through its head, `project_*`) and `logits`. A caller
+    that holds a locked tower's pooled output (a cache) calls `project_*` on it instead; `fusion_logits` is
+    PMC-CLIP's MLM head over the caption's hidden states. `__call__` composes them for convenience."""
 
     def __init__(self, config: HybridCLIPConfig, *, dtype=jnp.float32, remat: bool = False,
                  rngs: nnx.Rngs | None = None):
@@ -246,50 +269,41 @@ class HybridCLIP(nnx.Module):
                                  config.text_config.vocab_size, dtype=dtype, rngs=rngs)
                        if config.fusion is not None else None)
 
-    def get_image_features(self, pixel_values: jax.Array, *, dropout_rng: jax.Array | None = None,
-                           train: bool = False, head_dropout_rng: jax.Array | None = None) -> jax.Array:
-        """Projected, unnormalised image embeddings (batch, projection_dim); pixel_values are NHWC. The head's
-        dropout key is `head_dropout_rng`, else derived from `dropout_rng` (None: no dropout)."""
-        _, pooled = self.vision_model(pixel_values, dropout_rng=dropout_rng, pooled_only=True, train=train)
-        return self._image_head(pooled, dropout_rng, head_dropout_rng)
+    # -- image ---------------------------------------------------------------------------------------------
+    def pool_image(self, pixel_values: jax.Array, *, train: bool = False,
+                   dropout_rng: jax.Array | None = None) -> jax.Array:
+        """The image tower's pooled output (batch, hidden) of NHWC pixels: what a locked tower's cache holds."""
+        return self.vision_model(pixel_values, dropout_rng=dropout_rng, pooled_only=True, train=train)[1]
 
-    def _image_head(self, pooled: jax.Array, dropout_rng: jax.Array | None,
-                    head_dropout_rng: jax.Array | None) -> jax.Array:
-        """The image projection of the tower's pooled output (computed now or cached)."""
+    def project_image(self, pooled: jax.Array, *, dropout_rng: jax.Array | None = None,
+                      head_dropout_rng: jax.Array | None = None) -> jax.Array:
+        """The image head on a pooled output (computed now or cached). Its dropout key is `head_dropout_rng`,
+        else derived from `dropout_rng` (None: no dropout)."""
         return project(self.visual_projection, self.config.vision_head, pooled,
                        _head_rng(dropout_rng if head_dropout_rng is None else head_dropout_rng))
 
-    def get_text_features(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                          token_type_ids: jax.Array | None = None, position_ids: jax.Array | None = None, *,
-                          dropout_rng: jax.Array | None = None, text_packing: PackingPlan | None = None,
-                          second_input_ids: jax.Array | None = None,
-                          second_attention_mask: jax.Array | None = None,
-                          head_dropout_rng: jax.Array | None = None) -> jax.Array:
-        """Projected, unnormalised text embeddings (batch, projection_dim). `text_packing` (from
-        `medclip.models.packing.plan_packing` on this batch's mask) skips the padding's work. A two-input
-        model (config.text_inputs == 2) encodes `second_input_ids` with the same tower (padded, no packing)
-        and projects both pooled outputs concatenated; without a second input the caption fills it."""
-        return self._text_features(input_ids, attention_mask, token_type_ids, position_ids, dropout_rng,
-                                   text_packing, second_input_ids, second_attention_mask, head_dropout_rng)[1]
+    def encode_image(self, pixel_values: jax.Array, *, train: bool = False, dropout_rng: jax.Array | None = None,
+                     head_dropout_rng: jax.Array | None = None) -> jax.Array:
+        """Projected, unnormalised image embeddings (batch, projection_dim); pixel_values are NHWC."""
+        pooled = self.pool_image(pixel_values, train=train, dropout_rng=dropout_rng)
+        return self.project_image(pooled, dropout_rng=dropout_rng, head_dropout_rng=head_dropout_rng)
 
-    def _text_features(self, input_ids, attention_mask, token_type_ids, position_ids, dropout_rng, text_packing,
-                       second_input_ids, second_attention_mask, head_dropout_rng,
-                       with_hidden: bool = False, text_pooled: jax.Array | None = None
-                       ) -> tuple[jax.Array | None, jax.Array]:
-        """(the caption's last hidden states (batch, length, hidden) when `with_hidden`, else None; features).
-        `text_pooled` is a locked tower's pooled output computed beforehand: only the head runs."""
-        if text_pooled is not None:
-            if with_hidden or self.config.text_inputs != 1:
-                raise ValueError("text_pooled stands in for a one-input text tower without MLM")
-            head_rng = _head_rng(dropout_rng if head_dropout_rng is None else head_dropout_rng)
-            return None, project(self.text_projection, self.config.text_head, text_pooled, head_rng)
+    # -- text ----------------------------------------------------------------------------------------------
+    def pool_text(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+                  second_input_ids: jax.Array | None = None, second_attention_mask: jax.Array | None = None,
+                  dropout_rng: jax.Array | None = None, text_packing: PackingPlan | None = None,
+                  with_hidden: bool = False) -> tuple[jax.Array | None, jax.Array]:
+        """(the caption's last hidden states (batch, length, hidden) when `with_hidden`, else None; the pooled
+        output the text head reads). A two-input model (config.text_inputs == 2) encodes `second_input_ids` with
+        the same tower (padded, no packing) and concatenates both pooled outputs; without a second input the
+        caption fills it. `text_packing` (`medclip.models.packing.plan_packing` on this batch's mask) skips the
+        padding's work."""
         first_rng, second_rng = split_rng(dropout_rng, 2) if self.config.text_inputs == 2 else (dropout_rng, None)
         if text_packing is not None and not self.config.text_preprocess.mask_padding:
             raise ValueError("text packing drops the padding, which this model attends to (mask_padding=False)")
         attention_mask = self.config.text_attention_mask(attention_mask)
         second_attention_mask = self.config.text_attention_mask(second_attention_mask)
-        hidden, pooled = self.text_model(input_ids, attention_mask, token_type_ids=token_type_ids,
-                                         position_ids=position_ids, dropout_rng=first_rng,
+        hidden, pooled = self.text_model(input_ids, attention_mask, dropout_rng=first_rng,
                                          pooled_only=not with_hidden, packing=text_packing,
                                          pooler=self.config.text_head.pooler)
         if self.config.text_inputs == 2:
@@ -300,45 +314,72 @@ class HybridCLIP(nnx.Module):
             pooled = jnp.concatenate([pooled, second], axis=-1)
         elif second_input_ids is not None:
             raise ValueError("this model takes one text input (config.text_inputs == 1); got second_input_ids")
-        head_rng = _head_rng(dropout_rng if head_dropout_rng is None else head_dropout_rng)
-        return hidden, project(self.text_projection, self.config.text_head, pooled, head_rng)
+        return (hidden if with_hidden else None), pooled
 
+    def project_text(self, pooled: jax.Array, *, dropout_rng: jax.Array | None = None,
+                     head_dropout_rng: jax.Array | None = None) -> jax.Array:
+        """The text head on a pooled output (computed now or cached); dropout keys as `project_image`."""
+        return project(self.text_projection, self.config.text_head, pooled,
+                       _head_rng(dropout_rng if head_dropout_rng is None else head_dropout_rng))
+
+    def encode_text(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+                    second_input_ids: jax.Array | None = None, second_attention_mask: jax.Array | None = None,
+                    dropout_rng: jax.Array | None = None, head_dropout_rng: jax.Array | None = None,
+                    text_packing: PackingPlan | None = None) -> jax.Array:
+        """Projected, unnormalised text embeddings (batch, projection_dim); the inputs as `pool_text`."""
+        _, pooled = self.pool_text(input_ids, attention_mask, second_input_ids=second_input_ids,
+                                   second_attention_mask=second_attention_mask, dropout_rng=dropout_rng,
+                                   text_packing=text_packing)
+        return self.project_text(pooled, dropout_rng=dropout_rng, head_dropout_rng=head_dropout_rng)
+
+    # transformers' names for the two encoders (the tools and users' code call these)
+    def get_image_features(self, pixel_values: jax.Array, **kwargs: Any) -> jax.Array:
+        return self.encode_image(pixel_values, **kwargs)
+
+    def get_text_features(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                          **kwargs: Any) -> jax.Array:
+        return self.encode_text(input_ids, attention_mask, **kwargs)
+
+    # -- the contrastive and MLM heads ---------------------------------------------------------------------
     def temperature_scale(self) -> jax.Array:
         return logit_temperature(self.logit_scale[...], self.config.clamp_logit_scale)
 
-    def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None,
-                 attention_mask: jax.Array | None = None,
-                 token_type_ids: jax.Array | None = None, position_ids: jax.Array | None = None, *,
-                 dropout_rng: jax.Array | None = None, text_packing: PackingPlan | None = None,
-                 train: bool = False, second_input_ids: jax.Array | None = None,
-                 second_attention_mask: jax.Array | None = None, head_dropout_rng: jax.Array | None = None,
-                 mlm: bool = False, text_pooled: jax.Array | None = None,
-                 image_pooled: jax.Array | None = None) -> HybridCLIPOutput:
-        """`dropout_rng` drives the towers' dropout, `head_dropout_rng` the heads' (projection dropout; default:
-        derived from `dropout_rng`); None means none. `mlm` also runs the fusion module on the caption's
-        hidden states and the image embeddings: `mlm_logits` (PMC-CLIP's objective; pass masked input_ids).
-        `text_pooled` (batch, hidden): a locked text tower's pooled output, cached; the tower is not run.
-        `image_pooled` likewise for the image tower (then `pixel_values` may be None)."""
-        if mlm and self.fusion is None:
-            raise ValueError("mlm=True needs a model with a fusion module (config.fusion)")
-        vision_rng, text_rng = split_rng(dropout_rng, 2)
-        vision_head_rng, text_head_rng = split_rng(head_dropout_rng, 2)
-        if image_pooled is not None:
-            image_features = self._image_head(image_pooled, vision_rng, vision_head_rng)
-        elif pixel_values is None:
-            raise ValueError("pass pixel_values, or image_pooled for a cached locked image tower")
-        else:
-            image_features = self.get_image_features(pixel_values, dropout_rng=vision_rng, train=train,
-                                                     head_dropout_rng=vision_head_rng)
-        image_embeds = l2_normalize(image_features)
-        text_hidden, text_features = self._text_features(
-            input_ids, attention_mask, token_type_ids, position_ids, text_rng, text_packing, second_input_ids,
-            second_attention_mask, text_head_rng, with_hidden=mlm, text_pooled=text_pooled)
-        text_embeds = l2_normalize(text_features)
-        logits_per_text = text_embeds @ image_embeds.T * self.temperature_scale()
-        if self.logit_bias is not None:
-            logits_per_text = logits_per_text + self.logit_bias[...]
-        mlm_logits = (self.fusion(text_hidden, image_embeds, self.config.text_attention_mask(attention_mask))
-                      if mlm else None)
+    def logits(self, image_embeds: jax.Array, text_embeds: jax.Array) -> jax.Array:
+        """logits_per_text (texts, images) of L2-normalised embeddings: the learned temperature and bias."""
+        return contrastive_logits(image_embeds, text_embeds, self.temperature_scale(),
+                                  None if self.logit_bias is None else self.logit_bias[...])
+
+    def fusion_logits(self, text_hidden: jax.Array, image_embeds: jax.Array,
+                      attention_mask: jax.Array | None) -> jax.Array:
+        """PMC-CLIP's MLM logits (texts, length, vocab_size) from the (masked) caption's hidden states
+        (`pool_text(..., with_hidden=True)`) and the normalised image embeddings."""
+        if self.fusion is None:
+            raise ValueError("MLM needs a model with a fusion module (config.fusion)")
+        return self.fusion(text_hidden, image_embeds, self.config.text_attention_mask(attention_mask))
+
+    def output(self, image_features: jax.Array, text_features: jax.Array, *, text_hidden: jax.Array | None = None,
+               attention_mask: jax.Array | None = None) -> HybridCLIPOutput:
+        """Normalised embeddings, logits and (given the caption's hidden states) MLM logits from the two encoders'
+        features, however they were computed."""
+        image_embeds, text_embeds = l2_normalize(image_features), l2_normalize(text_features)
+        logits_per_text = self.logits(image_embeds, text_embeds)
+        mlm_logits = None if text_hidden is None else self.fusion_logits(text_hidden, image_embeds, attention_mask)
         return HybridCLIPOutput(logits_per_image=logits_per_text.T, logits_per_text=logits_per_text,
                                 image_embeds=image_embeds, text_embeds=text_embeds, mlm_logits=mlm_logits)
+
+    def __call__(self, input_ids: jax.Array, pixel_values: jax.Array, attention_mask: jax.Array | None = None, *,
+                 dropout_rng: jax.Array | None = None, head_dropout_rng: jax.Array | None = None,
+                 train: bool = False, second_input_ids: jax.Array | None = None,
+                 second_attention_mask: jax.Array | None = None, mlm: bool = False) -> HybridCLIPOutput:
+        """Both encoders and the logits in one call. `dropout_rng` drives the towers' dropout,
+        `head_dropout_rng` the heads' (default: derived from `dropout_rng`); None means none. `mlm` also runs
+        the fusion module (PMC-CLIP's objective; pass masked input_ids)."""
+        if mlm and self.fusion is None:
+            raise ValueError("mlm=True needs a model with a fusion module (config.fusion)")
+        image_keys, text_keys = tower_keys(dropout_rng, head_dropout_rng)
+        image_features = self.encode_image(pixel_values, train=train, **image_keys)
+        text_hidden, pooled = self.pool_text(input_ids, attention_mask, second_input_ids=second_input_ids,
+                                             second_attention_mask=second_attention_mask,
+                                             dropout_rng=text_keys["dropout_rng"], with_hidden=mlm)
+        return self.output(image_features, self.project_text(pooled, **text_keys),
+                           text_hidden=text_hidden if mlm else None, attention_mask=attention_mask)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,10 @@ from jax.experimental import multihost_utils
 
 from medclip import storage
 from medclip.data import shard_manifest, shards
-from medclip.data.concepts import ConceptVocabulary, caption_group_ids
-from medclip.data.pipeline import EvalDataset, TrainIterator, make_eval_dataset, make_train_dataset, second_texts
+from medclip.data.concepts import ConceptVocabulary, caption_group_ids, concept_field
+from medclip.data.fields import Field, second_text
+from medclip.data.pipeline import (Captions, EvalDataset, ImageSettings, TrainIterator, epoch_order,
+                                   make_eval_dataset, make_train_dataset, tokenize_captions)
 from medclip.data.records import DropCounter, Record
 from medclip.data.sources.auto import load_records
 from medclip.data.sources.concept_names import ConceptNamesError, concept_names_for, name_records
@@ -85,11 +88,17 @@ def _manifest(source) -> dict:
         raise DataError(str(error)) from None
 
 
+def streams_train(args: DataArguments) -> bool:
+    """Whether the training data is a prepared folder of sharded records, whose images stream."""
+    source = args.train_file or args.data_dir or args.dataset_name
+    return not args.synthetic_train_samples and shard_manifest.is_prepared(source)
+
+
 def prepared_train(args: DataArguments) -> tuple[list[Record], DropCounter, shards.ShardStream] | None:
     """A prepared folder of sharded records (`medclip prepare --format shards`) named as the training data: its
     examples' text in memory, its images as a stream. None for any other source."""
     source = args.train_file or args.data_dir or args.dataset_name
-    if args.synthetic_train_samples or not shard_manifest.is_prepared(source):
+    if not streams_train(args):
         return None
     for flag, value in (("--split_ratios", args.split_ratios), ("--max_train_samples", args.max_train_samples)):
         if value:
@@ -191,13 +200,26 @@ class DataFeed:
         return iter(self.eval)
 
 
+# (training records, their tokenised captions) -> more per-example fields: what the trainer computes from the
+# model before the feed is built (a locked tower's cached features, whole-word flags).
+TrainFields = Callable[[list[Record], Captions], Sequence[Field]]
+
+
+def image_settings(args: DataArguments, model_config) -> ImageSettings:
+    """The pixels of both pipelines (and of a cached locked image tower): the model's size and normalisation."""
+    return ImageSettings(size=model_config.vision_config.image_size, preprocess=model_config.image_preprocess,
+                         crop_scale=(args.crop_scale_min, 1.0), hflip=args.hflip, train_crop=args.train_crop)
+
+
 def build_data(args: DataArguments, train_args: TrainingArguments, tokenizer, model_config, output_dir: Path, *,
-               num_devices: int) -> DataFeed:
-    image_size = model_config.vision_config.image_size
+               num_devices: int, train_fields: TrainFields | None = None) -> DataFeed:
+    """`train_fields` adds per-example fields computed from the training records and captions, before the
+    training iterator is built."""
+    image = image_settings(args, model_config)
     global_train = train_args.per_device_train_batch_size * num_devices
     global_eval = train_args.per_device_eval_batch_size * num_devices
     counters: dict[str, tuple[int, DropCounter]] = {}
-    train = evaluation = None
+    train = evaluation = vocab = None
     eval_captions: list[str] = []
     eval_loss_fields: dict[str, np.ndarray] = {}
     concept_width = args.concept_width if batch_fields(train_args.loss) else 0
@@ -212,31 +234,29 @@ def build_data(args: DataArguments, train_args: TrainingArguments, tokenizer, mo
         if not items:
             raise ConfigError("--do_train needs training data: --train_file, --data_dir, --dataset_name or "
                              "--synthetic_train_samples")
-        _check_second_field(items, args.second_text_field)
+        fields = _second_text(items, tokenizer, args)
         if len(items) < global_train:
             raise DataError(f"{len(items)} training pairs do not fill one global batch of {global_train} "
                              f"({train_args.per_device_train_batch_size} per device x {num_devices} devices)")
-        train = make_train_dataset(items, tokenizer, image_size=image_size, max_seq_length=args.max_seq_length,
-                                   global_batch_size=global_train, seed=train_args.seed,
-                                   crop_scale=(args.crop_scale_min, 1.0), hflip=args.hflip, counter=counter,
-                                   preprocess=model_config.image_preprocess, threads=args.preprocessing_num_workers,
-                                   second_text_field=args.second_text_field,
-                                   concept_width=concept_width, concept_source=args.concept_source,
-                                   train_crop=args.train_crop, stream=stream)
+        captions = tokenize_captions(items, tokenizer, args.max_seq_length)
+        if concept_width:
+            vocab = ConceptVocabulary.build(items, source=args.concept_source)
+            fields.append(concept_field(items, vocab, concept_width, counter))
+        fields += train_fields(items, captions) if train_fields is not None else []
+        train = make_train_dataset(items, captions, global_batch_size=global_train, seed=train_args.seed,
+                                   image=image, fields=fields, counter=counter,
+                                   threads=args.preprocessing_num_workers, stream=stream)
     if train_args.do_eval or train_args.do_train:
         items, counter = load_split(args, "validation", output_dir, train_args.seed)
         if items:
-            _check_second_field(items, args.second_text_field)
+            fields = _second_text(items, tokenizer, args)
             counters["validation"] = (len(items), counter)
-            evaluation = make_eval_dataset(items, tokenizer, image_size=image_size,
-                                           max_seq_length=args.max_seq_length, global_batch_size=global_eval,
-                                           counter=counter, preprocess=model_config.image_preprocess,
-                                           threads=args.preprocessing_num_workers,
-                                           second_text_field=args.second_text_field)
+            evaluation = make_eval_dataset(items, tokenize_captions(items, tokenizer, args.max_seq_length),
+                                           global_batch_size=global_eval, image=image, fields=fields,
+                                           counter=counter, threads=args.preprocessing_num_workers)
             eval_captions = [record.captions[0] for record in items]
             if concept_width:  # the training vocabulary (the eval set's own for --do_eval alone)
-                vocab = train.concept_vocab if train is not None else ConceptVocabulary.build(
-                    items, source=args.concept_source)
+                vocab = vocab or ConceptVocabulary.build(items, source=args.concept_source)
                 eval_loss_fields = {"concept_ids": vocab.encode(items, concept_width)[0],
                                     "caption_group": caption_group_ids(eval_captions)}
     feed = DataFeed(train=train, eval=evaluation, eval_captions=eval_captions, counters=counters,
@@ -246,12 +266,14 @@ def build_data(args: DataArguments, train_args: TrainingArguments, tokenizer, mo
     return feed
 
 
-def _check_second_field(items: list[Record], field: str | None) -> None:
-    if field:
-        try:
-            second_texts(items, field)
-        except ValueError as error:
-            raise DataError(str(error)) from None
+def _second_text(items: list[Record], tokenizer, args: DataArguments) -> list[Field]:
+    """[--second_text_field's tokenised texts], or [] without one; a field no record has is a data error."""
+    if not args.second_text_field:
+        return []
+    try:
+        return [second_text(items, tokenizer, args.max_seq_length, args.second_text_field)]
+    except ValueError as error:
+        raise DataError(str(error)) from None
 
 
 def write_data_report(feed: DataFeed, output_dir: Path) -> None:

@@ -21,7 +21,8 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from medclip.data.pipeline import ImageFeatures, decoded_eval_images
+from medclip.data.fields import ImageFeatures
+from medclip.data.pipeline import decoded_eval_images
 from medclip.data.records import Record
 
 logger = logging.getLogger(__name__)

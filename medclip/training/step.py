@@ -19,7 +19,8 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from medclip.models.hybrid import HybridCLIPOutput, logit_temperature
+from medclip.models.hybrid import (HybridCLIP, HybridCLIPOutput, contrastive_logits, l2_normalize,
+                                  logit_temperature, tower_keys)
 from medclip.models.packing import PackingPlan
 from medclip.training import losses
 from medclip.training.mlm import MASK_STREAM, MaskingConfig, mask_batch, mlm_loss_and_accuracy
@@ -75,11 +76,9 @@ def init_state(params: Any, tx: optax.GradientTransformation, seed: int, batch_s
 
 def embeddings_output(image_embeds: jax.Array, text_embeds: jax.Array, logit_scale: jax.Array,
                       logit_bias: jax.Array | None = None, clamp: bool = True) -> HybridCLIPOutput:
-    """The model's output rebuilt from its (normalised) embeddings and temperature/bias parameters, as
-    `FlaxHybridCLIP.__call__` forms its logits (tests/test_eval_loss.py checks they agree)."""
-    logits_per_text = text_embeds @ image_embeds.T * logit_temperature(logit_scale, clamp)
-    if logit_bias is not None:
-        logits_per_text = logits_per_text + logit_bias
+    """The model's output rebuilt from its (normalised) embeddings and temperature/bias parameters, with the
+    logits function `HybridCLIP.logits` uses (tests/test_eval_loss.py checks they agree)."""
+    logits_per_text = contrastive_logits(image_embeds, text_embeds, logit_temperature(logit_scale, clamp), logit_bias)
     return HybridCLIPOutput(logits_per_image=logits_per_text.T, logits_per_text=logits_per_text,
                             image_embeds=image_embeds, text_embeds=text_embeds)
 
@@ -118,6 +117,30 @@ def _keep_state(grads: Any, opt_state: Any, params: Any) -> tuple[Any, Any]:
     return params, opt_state
 
 
+def forward(model: HybridCLIP, batch: dict, *, tower_rng: jax.Array | None, head_rng: jax.Array | None,
+            train: bool, text_packing: PackingPlan | None = None, mlm: bool = False) -> HybridCLIPOutput:
+    """The model's output on a training batch, each side's features from its tower or, where the batch carries a
+    locked tower's cached pooled output ("image_pooled", "text_pooled": training.image_cache / text_cache), from
+    that cache through the head alone."""
+    image_keys, text_keys = tower_keys(tower_rng, head_rng)
+    if "image_pooled" in batch:
+        image_features = model.project_image(batch["image_pooled"], **image_keys)
+    else:
+        image_features = model.encode_image(batch["pixel_values"], train=train, **image_keys)
+    if "text_pooled" in batch:
+        if mlm or model.config.text_inputs != 1:
+            raise ValueError("text_pooled stands in for a one-input text tower without MLM")
+        text_hidden, pooled = None, batch["text_pooled"]
+    else:
+        text_hidden, pooled = model.pool_text(batch["input_ids"], batch["attention_mask"],
+                                              second_input_ids=batch.get("second_input_ids"),
+                                              second_attention_mask=batch.get("second_attention_mask"),
+                                              dropout_rng=text_keys["dropout_rng"], text_packing=text_packing,
+                                              with_hidden=mlm)
+    return model.output(image_features, model.project_text(pooled, **text_keys),
+                        text_hidden=text_hidden if mlm else None, attention_mask=batch["attention_mask"])
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config: StepConfig,
                     text_packing: PackingPlan | None = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Returns step(state, batch) -> (state, metrics), not yet jitted (the trainer jits with shardings).
@@ -139,12 +162,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
             input_ids, attention_mask, targets = mask_batch(jax.random.fold_in(rng, MASK_STREAM), input_ids,
                                                             attention_mask, batch.get("word_start"), config.masking)
         # The heads' (projection) dropout always gets the key in training; --text_dropout governs the towers'.
-        out = model(input_ids, batch.get("pixel_values"), attention_mask,
-                    dropout_rng=rng if config.dropout else None, head_dropout_rng=rng, text_packing=text_packing,
-                    train=not config.freeze_bn_stats, second_input_ids=batch.get("second_input_ids"),
-                    second_attention_mask=batch.get("second_attention_mask"), mlm=config.masking is not None,
-                    text_pooled=batch.get("text_pooled"),  # a cached locked text tower (training.text_cache)
-                    image_pooled=batch.get("image_pooled"))  # and image tower (training.image_cache)
+        inputs = {**batch, "input_ids": input_ids, "attention_mask": attention_mask}
+        out = forward(model, inputs, tower_rng=rng if config.dropout else None, head_rng=rng,
+                      train=not config.freeze_bn_stats, text_packing=text_packing, mlm=config.masking is not None)
         new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))  # what train-mode BatchNorm updated
         if config.loss.name == "sigmoid" and config.loss.sigmoid_form == "ring":  # no (global, global) logits anywhere
             if config.mesh is None:
@@ -197,9 +217,9 @@ def make_embed_step(graphdef: nnx.GraphDef) -> Callable[[Any, Any, dict], tuple[
 
     def embed(params, batch_stats, batch):
         model = nnx.merge(graphdef, losses.split_params(params)[0], batch_stats)
-        out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
-                    second_input_ids=batch.get("second_input_ids"),
-                    second_attention_mask=batch.get("second_attention_mask"))
-        return out.image_embeds, out.text_embeds
+        text = model.encode_text(batch["input_ids"], batch["attention_mask"],
+                                 second_input_ids=batch.get("second_input_ids"),
+                                 second_attention_mask=batch.get("second_attention_mask"))
+        return l2_normalize(model.encode_image(batch["pixel_values"])), l2_normalize(text)
 
     return embed

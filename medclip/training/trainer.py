@@ -19,6 +19,9 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from medclip import storage
+from medclip.data.fields import Field, ImageFeatures, cached_text, word_start
+from medclip.data.pipeline import Captions
+from medclip.data.records import Record
 from medclip.hybrid_clip import FlaxHybridCLIP
 from medclip.models.packing import PackingPlan, plan_packing
 from medclip.training import mesh as mesh_lib
@@ -27,7 +30,7 @@ from medclip.training.arguments import DataArguments, ModelArguments, TrainingAr
 from medclip.training.checkpointing import Checkpointer
 from medclip.training import export
 from medclip.training.config_check import ConfigError, ModelFacts, check_model, metric_key, model_name, validate
-from medclip.training.data_feed import DataFeed, build_data, write_data_report
+from medclip.training.data_feed import DataFeed, build_data, image_settings, streams_train, write_data_report
 from medclip.training.locations import check_locations, prepare_output_dir
 from medclip.training.logger import MetricsLogger, truncate_jsonl
 from medclip.training.losses import alpha_param, split_params
@@ -96,12 +99,10 @@ class Trainer:
                                                                train_args.seed, self.output_dir, mlm=train_args.mlm)
         # What validate could not know before loading (a Hub model), now from the model itself.
         check_model(model_args, data_args, train_args, ModelFacts.of(self.model.config, model_name(model_args)))
+        self.text_cached = self.image_cached = False  # set by _train_fields
         self.data: DataFeed = build_data(data_args, train_args, self.tokenizer, self.model.config,
-                                         self.output_dir, num_devices=jax.device_count())
-        self.text_cached = self._cache_locked_text()
-        if train_args.mlm and train_args.mlm_masking == "whole_word" and self.data.has_train:
-            self._add_word_starts()
-        self.image_cached = self._cache_locked_image()
+                                         self.output_dir, num_devices=jax.device_count(),
+                                         train_fields=self._train_fields)
         self.graphdef, params, batch_stats = nnx.split(self.model, nnx.Param, nnx.BatchStat)
         self.params, self.batch_stats = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
         if train_args.hybrid_alpha_learnable:  # trained beside the model, not exported with it
@@ -153,56 +154,66 @@ class Trainer:
                 out_shardings=(self.state_shardings, mesh_lib.replicated(self.mesh)), donate_argnums=0)
         return self._train_steps[plan](state, mesh_lib.global_batch(self.mesh, batch))
 
-    def _cache_locked_text(self) -> bool:
+    def _train_fields(self, items: list[Record], captions: Captions) -> list[Field]:
+        """What the training batches carry beyond pixels and captions, computed from the model and the training
+        records before the feed is built: locked towers' cached features, whole-word flags."""
+        fields = []
+        pooled = self._cache_locked_text(captions)
+        if pooled is not None:
+            fields.append(cached_text(pooled))
+        if self.args.mlm and self.args.mlm_masking == "whole_word":
+            fields.append(word_start(self._word_starts(items, captions)))
+        features = self._cache_locked_image(items)
+        if features is not None:
+            fields.append(features.field())
+        self.text_cached, self.image_cached = pooled is not None, features is not None
+        return fields
+
+    def _cache_locked_text(self, captions: Captions) -> np.ndarray | None:
         """--cache_locked_text: the frozen text tower's pooled output of every training caption, computed once
         (medclip.training.text_cache); the batches then carry it and the step skips the tower."""
-        if self.args.cache_locked_text == "off" or not self.data.has_train:
-            return False
+        if self.args.cache_locked_text == "off":
+            return None
         reason = why_not_cacheable(self.model.config, freeze_text=self.args.freeze_text,
                                    text_dropout=self.model_args.text_dropout, mlm=self.args.mlm)
         if not _may_cache("text", self.args.cache_locked_text, reason, self.args.freeze_text):
-            return False
-        captions = self.data.train.captions
+            return None
         pooled = pooled_text_features(self.model, captions.input_ids, captions.attention_mask,
                                       progress=jax.process_index() == 0)
-        self.data.train.captions = dataclasses.replace(captions, pooled=pooled)
         logger.info("locked text tower cached: %d captions x %d, computed once", *pooled.shape)
-        return True
+        return pooled
 
-    def _add_word_starts(self) -> None:
+    def _word_starts(self, items: list[Record], captions: Captions) -> np.ndarray:
         """--mlm_masking whole_word: which token starts each caption's words, once per caption (mlm.word_starts)."""
-        captions = self.data.train.captions
-        texts = [caption for record in self.data.train.items for caption in record.captions]
+        texts = [caption for record in items for caption in record.captions]
         try:
-            starts = word_starts(self.tokenizer, texts, captions.input_ids)
+            return word_starts(self.tokenizer, texts, captions.input_ids)
         except ValueError as error:
             raise ConfigError(f"--mlm_masking whole_word: {error}") from None
-        self.data.train.captions = dataclasses.replace(captions, word_start=starts)
 
-    def _cache_locked_image(self) -> bool:
+    def _cache_locked_image(self, items: list[Record]) -> ImageFeatures | None:
         """--cache_locked_image: the frozen image tower's pooled output of every training image, computed once
         (medclip.training.image_cache); the batches then carry it, the pipeline decodes no images and the step
         skips the tower."""
-        if self.args.cache_locked_image == "off" or not self.data.has_train:
-            return False
+        if self.args.cache_locked_image == "off":
+            return None
         reason = why_not_image_cacheable(self.model, freeze_vision=self.args.freeze_vision,
                                          train_crop=self.data_args.train_crop, hflip=self.data_args.hflip,
                                          dropout=self.model_args.text_dropout,
                                          freeze_bn_stats=self.args.freeze_bn_stats)
-        if reason is None and self.data.train.stream is not None:
+        if reason is None and streams_train(self.data_args):
             reason = "the training images stream from sharded records (medclip.data.shards)"
         if not _may_cache("image", self.args.cache_locked_image, reason, self.args.freeze_vision):
-            return False
-        train = self.data.train
-        cached = pooled_image_features(self.model, train.items, image_size=train.settings["image_size"],
-                                       preprocess=train.settings["preprocess"], threads=train.settings["threads"],
+            return None
+        image = image_settings(self.data_args, self.model.config)
+        cached = pooled_image_features(self.model, items, image_size=image.size, preprocess=image.preprocess,
+                                       threads=self.data_args.preprocessing_num_workers,
                                        progress=jax.process_index() == 0)
-        train.image_pooled = cached
         undecoded = int((~cached.valid).sum())
         logger.info("locked image tower cached: %d images x %d, computed once%s", *cached.features.shape,
                     f"; {undecoded} did not decode and are skipped (counted when training reaches them)"
                     if undecoded else "")
-        return True
+        return cached
 
     def _packing_plan(self, attention_mask: np.ndarray) -> PackingPlan | None:
         # Every process must compile the same program, and each sees only its own rows: multi-host runs

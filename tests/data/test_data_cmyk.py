@@ -11,7 +11,7 @@ import tensorflow as tf
 from PIL import Image
 
 from medclip.data import image_checks, images
-from medclip.data.pipeline import make_eval_dataset
+from medclip.data.pipeline import ImageSettings, make_eval_dataset, tokenize_captions
 from medclip.data.records import DropCounter
 from medclip.data.sources import jsonl
 from tests.data import bad_files
@@ -61,8 +61,8 @@ def test_cmyk_is_kept_converted_and_counted(cmyk_files):
 def test_pipeline_pixels_match_pil(cmyk_files, tokenizer):
     folder, data = cmyk_files
     items = jsonl.load_jsonl(folder / "data.jsonl", counter=DropCounter())
-    batch = next(iter(make_eval_dataset(items, tokenizer, image_size=32, max_seq_length=16, global_batch_size=3,
-                                        process_index=0, process_count=1)))
+    batch = next(iter(make_eval_dataset(items, tokenize_captions(items, tokenizer, 16), global_batch_size=3,
+                                        image=ImageSettings(size=32), process_index=0, process_count=1)))
     for row, name in enumerate(["adobe.jpg", "plain.jpg"]):
         buffer = io.BytesIO()
         Image.open(io.BytesIO(data[name])).convert("RGB").save(buffer, "PNG")

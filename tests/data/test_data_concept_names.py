@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from medclip.data.pipeline import second_texts
+from medclip.data.fields import second_texts
 from medclip.data.records import Record
 from medclip.data.sources.concept_names import (ConceptNamesError, concept_names_for, name_records,
                                                 read_concept_names)

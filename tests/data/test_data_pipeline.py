@@ -6,21 +6,24 @@ import numpy as np
 import pytest
 
 from medclip.data import pipeline
+from medclip.data.fields import Field, ImageFeatures, second_text
 from medclip.data.records import DataError, DropCounter, Record
 from tests.data import bad_files
 
 SIZE, LENGTH = 24, 16
 
 
-def train(items, tokenizer, **kwargs):
-    settings = dict(image_size=SIZE, max_seq_length=LENGTH, global_batch_size=8, seed=0, process_index=0,
-                    process_count=1)
-    return pipeline.make_train_dataset(items, tokenizer, **{**settings, **kwargs})
+def train(items, tokenizer, train_crop="random", **kwargs):
+    settings = dict(global_batch_size=8, seed=0, process_index=0, process_count=1,
+                    image=pipeline.ImageSettings(size=SIZE, train_crop=train_crop))
+    captions = pipeline.tokenize_captions(items, tokenizer, LENGTH)
+    return pipeline.make_train_dataset(items, captions, **{**settings, **kwargs})
 
 
 def evaluation(items, tokenizer, **kwargs):
-    settings = dict(image_size=SIZE, max_seq_length=LENGTH, global_batch_size=8, process_index=0, process_count=1)
-    return pipeline.make_eval_dataset(items, tokenizer, **{**settings, **kwargs})
+    settings = dict(global_batch_size=8, process_index=0, process_count=1, image=pipeline.ImageSettings(size=SIZE))
+    captions = pipeline.tokenize_captions(items, tokenizer, LENGTH)
+    return pipeline.make_eval_dataset(items, captions, **{**settings, **kwargs})
 
 
 def take(iterator, n):
@@ -176,17 +179,18 @@ def test_concept_fields_in_train_batches(synthetic_records, tokenizer):
     most frequent kept when cut to K), -1 padding; caption_group: equal for equal normalised captions."""
     import dataclasses
 
-    from medclip.data.concepts import ConceptVocabulary
+    from medclip.data.concepts import ConceptVocabulary, concept_field
 
     items = [dataclasses.replace(r, concepts=[f"C{i % 3}", f"C{i % 5 + 10}", f"U{i}"], id=f"r{i}")
              for i, r in enumerate(synthetic_records[:16])]
     items[1] = dataclasses.replace(items[1], captions=[items[0].captions[0].upper() + " ."])
     counter = DropCounter()
-    iterator = train(items, tokenizer, concept_width=2, global_batch_size=16, counter=counter)
+    vocab = ConceptVocabulary.build(items)
+    iterator = train(items, tokenizer, fields=[concept_field(items, vocab, 2, counter)], global_batch_size=16,
+                     counter=counter)
     batch = next(iterator)
     assert batch["concept_ids"].shape == (16, 2) and batch["concept_ids"].dtype == np.int32
     assert batch["caption_group"].shape == (16,) and batch["caption_group"].dtype == np.int32
-    vocab = ConceptVocabulary.build(items)
     assert "U3" not in vocab.ids and len(vocab) == 8  # singletons out: C0-C2, C10-C14
     ids = vocab.ids
     assert len(set(batch["caption_group"])) == 15  # records 0 and 1 share their normalised caption
@@ -195,7 +199,9 @@ def test_concept_fields_in_train_batches(synthetic_records, tokenizer):
     expected = {tuple(sorted(ids[c] for c in r.concepts if c in ids)) for r in items}
     assert {tuple(row) for row in batch["concept_ids"]} == expected
     assert counter.summary()["changed"] == {"concept_set_truncated": 0}
-    cut = train(items, tokenizer, concept_width=1, global_batch_size=16, counter=DropCounter())
+    counter = DropCounter()
+    cut = train(items, tokenizer, fields=[concept_field(items, vocab, 1, counter)], global_batch_size=16,
+                counter=counter)
     assert cut.counter.summary()["changed"] == {"concept_set_truncated": 16}
     assert set(next(cut)) == {"pixel_values", "input_ids", "attention_mask", "concept_ids", "caption_group"}
 
@@ -204,7 +210,7 @@ def test_semantic_types_as_the_concept_source(synthetic_records, tokenizer):
     """--concept_source: the same vocabulary and ids machinery over the records' semantic types, or the union."""
     import dataclasses
 
-    from medclip.data.concepts import ConceptVocabulary, concept_set
+    from medclip.data.concepts import ConceptVocabulary, concept_field, concept_set
 
     items = [dataclasses.replace(r, concepts=[f"C{i % 4}"], semantic_types=["T033", f"T0{60 + i % 2}"], id=f"r{i}")
              for i, r in enumerate(synthetic_records[:16])]
@@ -213,7 +219,8 @@ def test_semantic_types_as_the_concept_source(synthetic_records, tokenizer):
     assert concept_set(items[1], "both") == ["C1", "T033", "T061"]
     with pytest.raises(ValueError, match="concept source"):
         concept_set(items[0], "keywords")
-    batch = next(train(items, tokenizer, concept_width=4, global_batch_size=16, concept_source="semtypes"))
+    field = concept_field(items, ConceptVocabulary.build(items, source="semtypes"), 4)
+    batch = next(train(items, tokenizer, fields=[field], global_batch_size=16))
     assert {tuple(row[row >= 0]) for row in batch["concept_ids"]} == {(0, 1), (0, 2)}
 
 
@@ -240,8 +247,8 @@ def test_cached_image_features_replace_pixels_and_undecodable_ones_are_skipped(s
     valid[decoded] = True
     features = np.repeat(np.arange(len(items), dtype=np.float32)[:, None], 3, axis=1)  # row i holds i
     counter = DropCounter()
-    iterator = train(items, tokenizer, global_batch_size=4, counter=counter, train_crop="center")
-    iterator.image_pooled = pipeline.ImageFeatures(features, valid)
+    iterator = train(items, tokenizer, global_batch_size=4, counter=counter, train_crop="center",
+                     fields=[ImageFeatures(features, valid).field()])
     batches = take(iterator, 12)  # three epochs of 17 records
     assert set(batches[0]) == {"image_pooled", "input_ids", "attention_mask"}
     seen = np.concatenate([b["image_pooled"][:, 0] for b in batches]).astype(int)
@@ -253,3 +260,28 @@ def test_cached_image_features_replace_pixels_and_undecodable_ones_are_skipped(s
         assert (own == row).all(axis=1).any()
     assert dict(counter.counts) == {"corrupt_image": 1}
     assert "corrupt.jsonl:7: corrupt_image" in counter.examples["corrupt_image"][0]
+
+
+def test_fields_add_their_keys_per_record_and_per_caption_row(synthetic_records, tokenizer):
+    """A field's per-record array follows the example's record, its per-caption array the caption drawn, in
+    training and evaluation; a wrong row count or a key given twice is refused."""
+    multi = Record("multi", synthetic_records[7].image, ["First caption here.", "Second one."])
+    items = synthetic_records[:7] + [multi]
+    captions = pipeline.tokenize_captions(items, tokenizer, LENGTH)
+    tag = Field(per_record={"record": np.arange(8, dtype=np.int32)},
+                per_caption={"row": np.arange(9, dtype=np.int32)})
+    for batch in take(train(items, tokenizer, fields=[tag]), 3):
+        for record, row, ids in zip(batch["record"], batch["row"], batch["input_ids"]):
+            assert captions.first[record] <= row < captions.first[record] + captions.count[record]
+            np.testing.assert_array_equal(ids, captions.input_ids[row])
+    import dataclasses
+
+    second = second_text(items, tokenizer, LENGTH, "keywords")
+    five = [dataclasses.replace(r, keywords=[r.captions[0]]) for r in synthetic_records[:5]]
+    batch = next(iter(evaluation(five, tokenizer, fields=[second_text(five, tokenizer, LENGTH, "keywords")])))
+    np.testing.assert_array_equal(batch["second_input_ids"][:5], batch["input_ids"][:5])
+    assert not batch["mask"][5:].any()
+    with pytest.raises(ValueError, match="7 rows for 8"):
+        train(items, tokenizer, fields=[Field(per_record={"x": np.zeros(7)})])
+    with pytest.raises(ValueError, match="second_input_ids"):
+        train(items, tokenizer, fields=[second, second])
