@@ -122,8 +122,9 @@ def test_training_batches_resume_mid_epoch_exactly(prepared):
     tokenizer = write_synthetic_tokenizer(prepared.parent / "tokenizer")
 
     def make(host: int = 0):
-        return pipeline.make_train_dataset(items, tokenizer, image_size=16, max_seq_length=16, global_batch_size=4,
-                                           seed=7, process_index=host, process_count=2, train_crop="center",
+        return pipeline.make_train_dataset(items, pipeline.tokenize_captions(items, tokenizer, 16),
+                                           global_batch_size=4, seed=7, process_index=host, process_count=2,
+                                           image=pipeline.ImageSettings(size=16, train_crop="center"),
                                            stream=shards.ShardStream(split, cycle=3, window=5))
 
     reference = make()
