@@ -439,6 +439,24 @@ SOURCES = {
              "on N devices pass --per_device_train_batch_size 8/N to keep 64 pairs per update"),
         ],
     },
+    "roco-small": {
+        "source": "benchmarks/quality.py: the setup its PyTorch reference trains (cosine schedule)",
+        "stated": [
+            ("projection_dim", 256, "ours_argv / reference_main: 256-d projections"),
+            ("freeze_text", True, "the locked MiniLM text tower"),
+            ("max_seq_length", 48, "max_length=48"),
+            ("per_device_train_batch_size", 64, "--batch_size 64"),
+            ("learning_rate", 5e-4, "--learning_rate 5e-4"),
+            ("weight_decay", 0.1, "--weight_decay 0.1"),
+            ("num_train_epochs", 5, "--epochs 5"),
+            ("lr_schedule", "cosine", "--reference_schedule cosine"),
+        ],
+        "deviations": [
+            ("loss", "clip", "concept", "concept-aware targets from ROCO's CUIs: better zero-shot and retrieval on "
+             "the shared data (README, Quality benchmark)"),
+            PRECISION,
+        ],
+    },
     "clip-medical-caption": {
         "source": "CLIP-for-Medical-Caption (CLIP on ROCOv2 for caption retrieval), as issue 15 summarises it",
         "stated": [
