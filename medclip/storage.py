@@ -272,15 +272,16 @@ def _translated(path: PathLike, what: str = "") -> Iterator[None]:
     except FileNotFoundError:
         raise StorageError(f"{label}: not found") from None
     except PermissionError as error:
-        raise StorageError(f"{label}: permission denied ({_first_line(error)})") from None
+        raise StorageError(f"{label}: permission denied ({first_line(error)})") from None
     except ImportError as error:  # the scheme's fsspec package (s3fs, adlfs) is not installed
-        raise StorageError(f"{label}: {_first_line(error)}") from None
+        raise StorageError(f"{label}: {first_line(error)}") from None
     except Exception as error:
         if type(error).__module__.split(".")[0] in ("gcsfs", "google", "aiohttp", "s3fs", "botocore", "fsspec"):
-            raise StorageError(f"{label}: {type(error).__name__}: {_first_line(error)}") from None
+            raise StorageError(f"{label}: {type(error).__name__}: {first_line(error)}") from None
         raise
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """An error's message as one line (its first), or its type's name when it has none."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__

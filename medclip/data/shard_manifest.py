@@ -52,7 +52,7 @@ def read_manifest(source: str | os.PathLike) -> dict:
     try:
         manifest = json.loads(storage.read_bytes(path))
     except (OSError, ValueError) as error:
-        raise ShardError(f"{path}: not a readable shards manifest ({storage_error_line(error)})") from None
+        raise ShardError(f"{path}: not a readable shards manifest ({storage.first_line(error)})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ShardError(f"{path}: not a {FORMAT} manifest (format {manifest.get('format')!r}); prepare the data "
                          "with `medclip prepare --format shards`")
@@ -60,10 +60,6 @@ def read_manifest(source: str | os.PathLike) -> dict:
         raise ShardError(f"{path}: manifest version {manifest.get('version')!r}, this medclip reads version "
                          f"{VERSION}; prepare the data again with this medclip")
     return manifest
-
-
-def storage_error_line(error: BaseException) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,8 +130,7 @@ def _file_sizes(folder: str) -> dict[str, int]:
         return {info["name"].rsplit("/", 1)[-1]: int(info["size"]) for info in fs.ls(path, detail=True)
                 if info.get("type") == "file"}
     except (OSError, ValueError) as error:
-        raise ShardError(f"{folder}: cannot list the shards ({storage_error_line(error)})") from None
-
+        raise ShardError(f"{folder}: cannot list the shards ({storage.first_line(error)})") from None
 
 
 def load_metadata(split: ShardSplit) -> list[Record]:
@@ -159,7 +154,6 @@ def load_metadata(split: ShardSplit) -> list[Record]:
     if len(items) != split.total:
         raise ShardError(f"{split.metadata}: {len(items)} examples, the manifest says {split.total}")
     return items
-
 
 
 def write_manifest(folder: str | os.PathLike, splits: dict[str, dict], *, source: str, shuffle_seed: int | None,

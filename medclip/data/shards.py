@@ -38,7 +38,7 @@ import tensorflow as tf
 from medclip import storage
 from medclip.data import records
 from medclip.data.records import DropCounter, Record
-from medclip.data.shard_manifest import ShardError, ShardSplit, open_split, storage_error_line
+from medclip.data.shard_manifest import ShardError, ShardSplit, open_split
 
 DEFAULT_SHARD_SIZE = 1024
 DEFAULT_CYCLE = 8  # shards read at once, interleaved
@@ -153,7 +153,7 @@ def write_split(items: list[Record], folder: str | os.PathLike, split: str, *, c
             try:
                 image = record.image if isinstance(record.image, bytes) else storage.read_bytes(record.image)
             except OSError as error:
-                counter.drop(records.MISSING_FILE, record.source or record.id, storage_error_line(error))
+                counter.drop(records.MISSING_FILE, record.source or record.id, storage.first_line(error))
                 counter.kept -= 1
                 continue
             if writer is None:

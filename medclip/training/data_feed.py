@@ -110,7 +110,7 @@ def prepared_train(args: DataArguments) -> tuple[list[Record], DropCounter, shar
     except shard_manifest.ShardError as error:
         raise DataError(str(error)) from None
     except OSError as error:
-        raise DataError(f"{source}: {shard_manifest.storage_error_line(error)}") from None
+        raise DataError(f"{source}: {storage.first_line(error)}") from None
     counter = DropCounter(strict=args.strict)
     counter.kept = len(items)
     if args.second_text_field == "concepts":
