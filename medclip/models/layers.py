@@ -51,21 +51,23 @@ def linear(layer: nnx.Linear, x: Array) -> Array:
     return kernels.dense(x.astype(dtype), layer.kernel[...].astype(dtype), bias)
 
 
-def dropout(x: Array, rate: float, rng: Array | None) -> Array:
-    """Inverted dropout; a `None` key means inference, so evaluation never needs a key."""
+def _drop(x: Array, rate: float, rng: Array | None, keep_shape: tuple[int, ...]) -> Array:
+    """Zeroes `x` where a Bernoulli(1 - rate) draw of `keep_shape` (broadcast over `x`) fails and scales the rest by
+    1 / (1 - rate), so the expectation is unchanged; a `None` key means inference."""
     if rng is None or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    keep = jax.random.bernoulli(rng, 1.0 - rate, keep_shape)
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def dropout(x: Array, rate: float, rng: Array | None) -> Array:
+    """Inverted dropout; a `None` key means inference, so evaluation never needs a key."""
+    return _drop(x, rate, rng, x.shape)
 
 
 def drop_path(x: Array, rate: float, rng: Array | None) -> Array:
-    """Stochastic depth (timm's DropPath): a residual branch zeroed for whole examples with probability `rate`,
-    the kept ones scaled by 1 / (1 - rate), so the expectation is unchanged; a `None` key means inference."""
-    if rng is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+    """Stochastic depth (timm's DropPath): a residual branch zeroed for whole examples with probability `rate`."""
+    return _drop(x, rate, rng, (x.shape[0],) + (1,) * (x.ndim - 1))
 
 
 def split_rng(rng: Array | None, n: int) -> list[Array | None]:
