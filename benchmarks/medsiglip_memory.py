@@ -55,7 +55,7 @@ def measure(depth: int, batch: int, remat: bool) -> dict:
     batch_shapes = {"input_ids": jax.ShapeDtypeStruct((batch, length), jnp.int32),
                     "attention_mask": jax.ShapeDtypeStruct((batch, length), jnp.int32),
                     "pixel_values": jax.ShapeDtypeStruct((batch, side, side, 3), jnp.float32)}
-    step = make_train_step(graphdef, tx, StepConfig(loss=LossConfig(name="sigmoid"), clamp_logit_scale=False))
+    step = make_train_step(graphdef, tx, StepConfig(loss=LossConfig(name="sigmoid")))
     start = time.perf_counter()
     compiled = jax.jit(step, donate_argnums=0).lower(state, batch_shapes).compile()
     memory = compiled.memory_analysis()

@@ -38,9 +38,8 @@ def logit_temperature(logit_scale: jax.Array, clamp: bool = True) -> jax.Array:
 
 
 def text_config_from_hf_dict(data: dict[str, Any]) -> Any:
-    """Picks the text tower from `model_type`; unknown types fail here rather than load wrong weights."""
-    if data.get("model_type") in SIGLIP_TYPES:  # a whole SiglipConfig: its text tower reads the nesting
-        return registry.config_from_hf_dict(data, "text")
+    """Picks the text tower from `model_type` (a whole SiglipConfig: its text tower reads the nesting); unknown
+    types fail here rather than load wrong weights."""
     if data.get("model_type") == "clip":  # a whole CLIP config given as a text tower's
         data = {"model_type": "clip_text_model", **data.get("text_config", {})}
     return registry.config_from_hf_dict(data, "text")
@@ -381,5 +380,5 @@ class HybridCLIP(nnx.Module):
         text_hidden, pooled = self.pool_text(input_ids, attention_mask, second_input_ids=second_input_ids,
                                              second_attention_mask=second_attention_mask,
                                              dropout_rng=text_keys["dropout_rng"], with_hidden=mlm)
-        return self.output(image_features, self.project_text(pooled, **text_keys),
-                           text_hidden=text_hidden if mlm else None, attention_mask=attention_mask)
+        return self.output(image_features, self.project_text(pooled, **text_keys), text_hidden=text_hidden,
+                           attention_mask=attention_mask)

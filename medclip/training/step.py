@@ -52,19 +52,18 @@ class StepConfig:
     freeze_bn_stats: bool = False  # BatchNorm uses and keeps its running statistics (open_clip's freeze_bn_stats)
     masking: MaskingConfig | None = None  # set: PMC-CLIP's MLM objective on the masked captions (--mlm)
     mlm_weight: float = 1.0  # loss = contrastive + mlm_weight * MLM loss
-    clamp_logit_scale: bool = True  # the model's (HybridCLIPConfig.clamp_logit_scale): False for SigLIP
     mesh: Mesh | None = None  # the mesh the step is jitted over; the loss's ring form passes texts around it
 
     @classmethod
     def from_args(cls, model_args: ModelArguments, train_args: TrainingArguments, tokenizer: Any, *,
-                  clamp_logit_scale: bool = True, mesh: Mesh | None = None) -> StepConfig:
-        """`tokenizer` gives --mlm its mask token and vocabulary; `clamp_logit_scale` is the model's."""
+                  mesh: Mesh | None = None) -> StepConfig:
+        """`tokenizer` gives --mlm its mask token and vocabulary."""
         masking = (MaskingConfig.from_tokenizer(tokenizer, train_args.mlm_probability, train_args.mlm_masking)
                    if train_args.mlm else None)
         return cls(loss=losses.LossConfig.from_args(train_args), dropout=model_args.text_dropout,
                    freeze_vision=train_args.freeze_vision, freeze_text=train_args.freeze_text,
                    freeze_bn_stats=train_args.freeze_bn_stats, masking=masking, mlm_weight=train_args.mlm_weight,
-                   clamp_logit_scale=clamp_logit_scale, mesh=mesh)
+                   mesh=mesh)
 
 
 def init_state(params: Any, tx: optax.GradientTransformation, seed: int, batch_stats: Any = None) -> TrainState:
@@ -86,6 +85,7 @@ def embeddings_output(image_embeds: jax.Array, text_embeds: jax.Array, logit_sca
 def make_eval_loss(config: losses.LossConfig, clamp_logit_scale: bool = True) -> Callable[..., float]:
     """(image_embeds, text_embeds, params, batch, fields) -> the configured training loss averaged over eval
     batches of `batch` pairs (the global train batch size, so it is comparable to the training loss).
+    `clamp_logit_scale`: the model's (`HybridCLIPConfig.clamp_logit_scale`; False for SigLIP).
     `fields` holds the per-example arrays the loss reads (`losses.batch_fields`: the concept loss's concept ids
     and caption groups), in the order of the embeddings; they are cut into the same batches."""
     loss = jax.jit(lambda image, text, scale, bias, alpha, fields: losses.compute_loss(
@@ -137,8 +137,8 @@ def forward(model: HybridCLIP, batch: dict, *, tower_rng: jax.Array | None, head
                                               second_attention_mask=batch.get("second_attention_mask"),
                                               dropout_rng=text_keys["dropout_rng"], text_packing=text_packing,
                                               with_hidden=mlm)
-    return model.output(image_features, model.project_text(pooled, **text_keys),
-                        text_hidden=text_hidden if mlm else None, attention_mask=batch["attention_mask"])
+    return model.output(image_features, model.project_text(pooled, **text_keys), text_hidden=text_hidden,
+                        attention_mask=batch["attention_mask"])
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config: StepConfig,

@@ -112,9 +112,8 @@ class Trainer:
                             else math.ceil(train_args.num_train_epochs * max(steps_per_epoch, 1)))
         self.optimizer_config = OptimizerConfig.from_args(train_args, self.total_steps)
         self.tx, self.schedules = make_optimizer(self.params, self.optimizer_config)
-        self.step_config = StepConfig.from_args(model_args, train_args, self.tokenizer,
-                                                clamp_logit_scale=self.model.config.clamp_logit_scale, mesh=self.mesh)
-        self.eval_loss = make_eval_loss(self.step_config.loss, self.step_config.clamp_logit_scale)
+        self.step_config = StepConfig.from_args(model_args, train_args, self.tokenizer, mesh=self.mesh)
+        self.eval_loss = make_eval_loss(self.step_config.loss, self.model.config.clamp_logit_scale)
         self.plateau_config = PlateauConfig.from_args(train_args) if train_args.reduce_lr_on_plateau else None
         self.lr_scale = 1.0  # the plateau's multiplier, for logging (the step reads it from the optimizer state)
         self.checkpointer = Checkpointer(self.output_dir / "checkpoints", max_to_keep=train_args.save_total_limit)
