@@ -170,7 +170,7 @@ def cmd_rank(args) -> int:
     cosines = texts @ image[0]
     probs = embedder.match_probabilities(cosines)
     for rank, i in enumerate(np.argsort(-cosines, kind="stable"), 1):
-        print(f"{rank:>3}  p={probs[i]:.4f}  cos={texts[i] @ image[0]:.4f}  {args.captions[i]}")
+        print(f"{rank:>3}  p={probs[i]:.4f}  cos={cosines[i]:.4f}  {args.captions[i]}")
     return 0
 
 
