@@ -234,3 +234,29 @@ def test_start_up_asks_once_whether_a_bucket_source_is_prepared(tmp_path, bucket
                       tmp_path / "out", num_devices=1, prepared=prepared)
     assert feed.train.layout.num_records == 16 and feed.eval.num_examples == 16
     assert manifest_requests() == one_question  # train, validation, the loader and the trainer: one question
+
+
+def test_a_process_training_from_bucket_objects_exits_with_its_iterator_alive(tmp_path, bucket):
+    """The iterator is still prefetching when the script ends; freed during interpreter finalisation it would wait
+    for fetches that need fsspec's IO thread, stopped by then, and the process would never exit."""
+    import os
+    import subprocess
+
+    _, remote_jsonl = _jsonl_in_bucket(tmp_path, bucket, 16, 32, "exit")
+    script = f"""
+from medclip.data import pipeline
+from medclip.data.records import DropCounter
+from medclip.data.sources.auto import load_records
+from medclip.data.synthetic import write_synthetic_tokenizer
+
+items = load_records({remote_jsonl!r}, counter=DropCounter())
+captions = pipeline.tokenize_captions(items, write_synthetic_tokenizer({str(tmp_path / "tok")!r}), 16)
+train = pipeline.make_train_dataset(items, captions, global_batch_size=8, seed=0, process_index=0, process_count=1,
+                                    image=pipeline.ImageSettings(size=32), threads=2)
+print("batch", next(train)["pixel_values"].shape)
+"""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=HANG_S,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "batch (8, 32, 32, 3)" in done.stdout

@@ -38,8 +38,10 @@ Horizontal flips are off by default: radiology captions say "left" and "right", 
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import math
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -341,6 +343,19 @@ class _GapAccounting:
                           "decoded in the input pipeline; skipped")
 
 
+# Train iterators alive, released at exit (below).
+_LIVE: weakref.WeakSet[TrainIterator] = weakref.WeakSet()
+
+
+@atexit.register
+def _release_iterators() -> None:
+    """Drops the TF iterators of live train iterators while the interpreter still runs every thread: one freed
+    during finalisation waits for its in-flight fetches, which need fsspec's IO thread, stopped by then (a
+    process training from a bucket would hang at exit)."""
+    for live in list(_LIVE):
+        live.close()
+
+
 class TrainIterator(Iterator[dict[str, np.ndarray]]):
     """Endless training batches with an exact, cheap-to-restore position. Build with `make_train_dataset`."""
 
@@ -358,6 +373,11 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         self._batches = None
         self._orders: dict[int, np.ndarray] = {}
         self._gaps = _GapAccounting(items, self.counter)
+        _LIVE.add(self)
+
+    def close(self) -> None:
+        """Stops the background reading now (the next batch starts it again from the position)."""
+        self._batches = None
 
     @property
     def steps_per_epoch(self) -> int:
