@@ -260,3 +260,21 @@ print("batch", next(train)["pixel_values"].shape)
                           env={**os.environ, "PYTHONPATH": str(root)})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "batch (8, 32, 32, 3)" in done.stdout
+
+
+def test_read_many_reads_files_and_objects_alike_and_returns_errors_in_place(tmp_path, bucket):
+    from medclip import storage
+
+    local = tmp_path / "blob.bin"
+    local.write_bytes(bytes(range(200)))
+    url = f"{bucket}/many/blob.bin"
+    storage.write_bytes(url, local.read_bytes())
+    missing = [str(tmp_path / "none.bin"), f"{bucket}/many/none.bin"]
+    paths = [str(local), url, *missing]
+    for start, end, expected in ((None, None, bytes(range(200))), (10, 20, bytes(range(10, 20))),
+                                 (-5, None, bytes(range(195, 200)))):
+        found = storage.read_many(paths, start, end)
+        assert found[:2] == [expected, expected], (start, end)
+        assert [type(error) for error in found[2:]] == [storage.StorageError] * 2
+        assert all(path in str(error) for path, error in zip(missing, found[2:]))
+    assert storage.read_many([str(local), url], [0, 100], [3, 103]) == [bytes([0, 1, 2]), bytes([100, 101, 102])]
