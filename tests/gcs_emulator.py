@@ -57,30 +57,36 @@ def running_emulator() -> Iterator[str]:
     """Starts the emulator (in memory) with one empty bucket and sets the environment for it; yields
     `gs://BUCKET`."""
     binary = _binary()
-    gcsfs = pytest.importorskip("gcsfs")
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([str(binary), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
-                             "-port", str(port), "-external-url", url, "-log-level", "error"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "NO_GCE_CHECK": "true", "EPATH_USE_TF": "false"}
     saved = {key: os.environ.get(key) for key in env}
+    # Set before gcsfs is first imported, which is when gcsfs reads it: otherwise every open asks the emulator's
+    # missing gRPC API for the bucket type again (and logs that it could not).
+    os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+    proc = None
     try:
+        gcsfs = pytest.importorskip("gcsfs")
+        proc = subprocess.Popen([str(binary), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+                                 "-port", str(port), "-external-url", url, "-log-level", "error"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_for(port, proc)
         os.environ.update(env)
         gcsfs.GCSFileSystem.clear_instance_cache()  # a client made for another emulator must not be reused
         gcsfs.GCSFileSystem().mkdir(BUCKET)
         yield f"gs://{BUCKET}"
     finally:
-        proc.kill()  # by its PID; it holds nothing worth a clean shutdown (in memory)
-        proc.wait()
+        if proc is not None:
+            proc.kill()  # by its PID; it holds nothing worth a clean shutdown (in memory)
+            proc.wait()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        gcsfs.GCSFileSystem.clear_instance_cache()
+        if proc is not None:
+            gcsfs.GCSFileSystem.clear_instance_cache()
 
 
 def listing(url: str) -> list[str]:

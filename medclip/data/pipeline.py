@@ -26,6 +26,9 @@ record is counted exactly once across processes; every process yields the same n
 Text. Captions are tokenised once, in one vectorised call of the fast tokenizer, padded/truncated to
 `max_seq_length`; the graph only gathers rows.
 
+Images in a bucket. Objects are fetched `_FETCH_CHUNK` at a time, concurrently on fsspec's IO loop, from one Python
+call per chunk (a few chunks in flight), not by one blocking call per image, in the same order.
+
 Bad images. Sources check images before they get here (`medclip.data.image_checks`). An image that still fails to
 decode in the graph is skipped and counted in `counter` as `corrupt_image` with its record's file and line (strict
 mode raises `DataError` instead): elements carry their stream position, and gaps are accounted for in Python.
@@ -35,8 +38,10 @@ Horizontal flips are off by default: radiology captions say "left" and "right", 
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import math
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -44,10 +49,11 @@ import tensorflow as tf
 
 from medclip.data import images, records
 from medclip.data.fields import Field, check_fields, tokenize
+from medclip.data.image_checks import encoded_images
 from medclip.data.records import DropCounter, Record
 from medclip.data.shards import ShardStream, parse_in_graph
 from medclip.models.preprocess import Preprocess
-from medclip.storage import is_url, read_bytes
+from medclip.storage import is_url
 
 _INFINITE_EPOCHS = 2**40
 
@@ -171,20 +177,16 @@ def epoch_order(seed: int, epoch: int, layout: Layout) -> np.ndarray:
 
 
 def _image_reader(items: list[Record]) -> Callable[[tf.Tensor], tf.Tensor]:
-    """record index -> encoded image bytes, inside the graph. Local files are read by TF; records holding bytes
-    (images from a dataset, CMYK JPEGs converted to RGB by the image checks) are served from memory, and objects in
-    a bucket fetched by medclip.storage, through Python."""
-    in_memory = np.array([isinstance(record.image, bytes) or is_url(record.image) for record in items], bool)
+    """record index -> encoded image bytes, inside the graph, for records whose images are local files (read by
+    TF) or bytes (images from a dataset, CMYK JPEGs converted to RGB by the image checks: served from memory).
+    Objects in a bucket are fetched by `_with_fetched_images` instead."""
+    in_memory = np.array([isinstance(record.image, bytes) for record in items], bool)
     paths = tf.constant(["" if held else record.image for record, held in zip(items, in_memory)], tf.string)
     if not in_memory.any():
         return lambda index: tf.io.read_file(tf.gather(paths, index))
 
-    def lookup(index):
-        image = items[int(index)].image
-        return image if isinstance(image, bytes) else _fetch(image)
-
     def from_memory(index):
-        contents = tf.numpy_function(lookup, [index], tf.string, stateful=False)
+        contents = tf.numpy_function(lambda i: items[int(i)].image, [index], tf.string, stateful=False)
         contents.set_shape([])
         return contents
 
@@ -195,12 +197,31 @@ def _image_reader(items: list[Record]) -> Callable[[tf.Tensor], tf.Tensor]:
                                  lambda: tf.io.read_file(tf.gather(paths, index)))
 
 
-def _fetch(url: str) -> bytes:
-    """An object's bytes; b"" when it cannot be read, so that it fails to decode and is counted like a bad file."""
-    try:
-        return read_bytes(url)
-    except OSError:
-        return b""
+def _in_bucket(items: list[Record]) -> bool:
+    return any(isinstance(record.image, str) and is_url(record.image) for record in items)
+
+
+# Objects fetched per Python call, concurrently, and calls in flight: up to 4 x 32 requests open, while TF decodes.
+_FETCH_CHUNK = 32
+_FETCHES_IN_FLIGHT = 4
+
+
+def _with_fetched_images(dataset: tf.data.Dataset, items: list[Record], index_at: int) -> tf.data.Dataset:
+    """Appends to each element (a tuple whose column `index_at` is the record index) its record's encoded image.
+    For records with images in a bucket: `_FETCH_CHUNK` elements at a time, one `encoded_images` call each, which
+    requests the objects concurrently on fsspec's IO loop; the order is kept. An object that cannot be read gives
+    b"", which fails to decode and is counted like a bad file."""
+
+    def fetch(indices: np.ndarray) -> np.ndarray:
+        return np.array(encoded_images([items[int(i)].image for i in indices]), dtype=object)
+
+    def fetch_chunk(*columns):
+        contents = tf.numpy_function(fetch, [columns[index_at]], tf.string, stateful=False)
+        contents.set_shape(columns[index_at].shape)
+        return (*columns, contents)
+
+    chunks = dataset.batch(_FETCH_CHUNK).map(fetch_chunk, num_parallel_calls=_FETCHES_IN_FLIGHT, deterministic=True)
+    return chunks.unbatch()
 
 
 def _options(threads: int | None = None) -> tf.data.Options:
@@ -231,11 +252,12 @@ def build_train_dataset(items: list[Record], captions: Captions, layout: Layout,
         positions = epoch * per_epoch + tf.range(per_epoch, dtype=tf.int64)
         return tf.data.Dataset.from_tensor_slices((positions, tf.fill([per_epoch], epoch), order))
 
-    read_image = _image_reader(items)
+    decode = not any(field.replaces_pixels for field in fields)
+    fetched = stream is None and decode and _in_bucket(items)
+    read_image = None if fetched else _image_reader(items)
     input_ids, attention_mask = tf.constant(captions.input_ids), tf.constant(captions.attention_mask)
     first, count = tf.constant(captions.first), tf.constant(captions.count)
     extras = _gather_fields(fields)
-    decode = not any(field.replaces_pixels for field in fields)
 
     def pixels(contents, image_seed):
         if image.train_crop == "random":
@@ -257,6 +279,8 @@ def build_train_dataset(items: list[Record], captions: Captions, layout: Layout,
 
     if stream is None:
         dataset = tf.data.Dataset.range(start_epoch, _INFINITE_EPOCHS).flat_map(epoch_elements).skip(offset)
+        if fetched:
+            dataset = _with_fetched_images(dataset, items, index_at=2)
         dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
     else:
         def load_streamed(position, epoch, serialized):
@@ -275,33 +299,41 @@ def decoded_eval_images(items: list[Record], *, image_size: int, batch_size: int
     """Every record's image as evaluation (and `--train_crop center`) decodes it, in batches of (record indices,
     pixels (n, size, size, 3) float32); records whose image does not decode are left out of the indices (the
     caller counts them: the training pipeline skips and reports them when it reaches them)."""
-    read_image = _image_reader(items)
+    fetched = _in_bucket(items)
+    read_image = None if fetched else _image_reader(items)
 
-    def load(index):
-        return index, images.eval_image(read_image(index), image_size, preprocess)
+    def load(index, contents=None):
+        return index, images.eval_image(read_image(index) if contents is None else contents, image_size, preprocess)
 
-    dataset = tf.data.Dataset.range(len(items)).map(load, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+    dataset = tf.data.Dataset.range(len(items))
+    if fetched:
+        dataset = _with_fetched_images(dataset.map(lambda index: (index,)), items, index_at=0)
+    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
     dataset = dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE).with_options(_options(threads))
     yield from dataset.as_numpy_iterator()
 
 
 class _GapAccounting:
-    """Counts the elements the graph skipped (undecodable images), once per record."""
+    """Counts the elements the graph skipped (undecodable images), once per record. `record_at` (stream position
+    -> record index, None for padding) is passed per call, not kept: a bound method of the iterator kept here
+    would put the iterator in a reference cycle, and a TF iterator freed later by the cyclic collector, on
+    whichever thread it runs (fsspec's IO thread included), waits there for in-flight fetches that wait for that
+    thread: the pipeline over a bucket hung."""
 
-    def __init__(self, items: list[Record], counter: DropCounter, record_at: Callable[[int], int | None]):
-        self.items, self.counter, self.record_at = items, counter, record_at
+    def __init__(self, items: list[Record], counter: DropCounter):
+        self.items, self.counter = items, counter
         self.reported: set[int] = set()
 
-    def check(self, expected_start: int, positions: np.ndarray) -> None:
+    def check(self, expected_start: int, positions: np.ndarray, record_at: Callable[[int], int | None]) -> None:
         """`positions` (sorted, real elements only) should be exactly expected_start, expected_start + 1, ..."""
         if positions.size == 0 or positions[-1] - expected_start + 1 == positions.size:
             return
         missing = np.setdiff1d(np.arange(expected_start, positions[-1] + 1), positions)
         for position in missing:
-            self.report(int(position))
+            self.report(int(position), record_at)
 
-    def report(self, position: int) -> None:
-        index = self.record_at(position)
+    def report(self, position: int, record_at: Callable[[int], int | None]) -> None:
+        index = record_at(position)
         if index is None or index in self.reported:
             return
         self.reported.add(index)
@@ -309,6 +341,19 @@ class _GapAccounting:
         self.counter.drop(records.CORRUPT_IMAGE, record.source or record.id,
                           f"image {record.image if isinstance(record.image, str) else 'bytes'} could not be read or "
                           "decoded in the input pipeline; skipped")
+
+
+# Train iterators alive, released at exit (below).
+_LIVE: weakref.WeakSet[TrainIterator] = weakref.WeakSet()
+
+
+@atexit.register
+def _release_iterators() -> None:
+    """Drops the TF iterators of live train iterators while the interpreter still runs every thread: one freed
+    during finalisation waits for its in-flight fetches, which need fsspec's IO thread, stopped by then (a
+    process training from a bucket would hang at exit)."""
+    for live in list(_LIVE):
+        live.close()
 
 
 class TrainIterator(Iterator[dict[str, np.ndarray]]):
@@ -327,7 +372,12 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         self.position = 0
         self._batches = None
         self._orders: dict[int, np.ndarray] = {}
-        self._gaps = _GapAccounting(items, self.counter, self._record_at)
+        self._gaps = _GapAccounting(items, self.counter)
+        _LIVE.add(self)
+
+    def close(self) -> None:
+        """Stops the background reading now (the next batch starts it again from the position)."""
+        self._batches = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -348,7 +398,7 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
             self._batches = self.dataset().as_numpy_iterator()
         batch = next(self._batches)
         positions = batch.pop("position")
-        self._gaps.check(self.position, positions)
+        self._gaps.check(self.position, positions, self._record_at)
         self.position = int(positions[-1]) + 1
         return batch
 
@@ -422,7 +472,7 @@ class EvalDataset:
         self.num_batches = math.ceil(len(items) / layout.global_batch_size)
         padded = np.arange(self.num_batches * layout.global_batch_size)
         self.order = layout.process_slice(padded)  # global example index per position; >= len(items) is padding
-        self._gaps = _GapAccounting(items, self.counter, self._record_at)
+        self._gaps = _GapAccounting(items, self.counter)
 
     def __len__(self) -> int:
         return self.num_batches
@@ -440,15 +490,17 @@ class EvalDataset:
         size, batch = self.image.size, self.layout.batch_size
         real = self.order < len(self.items)
         indices = np.where(real, self.order, 0)
-        read_image = _image_reader(self.items)
+        fetched = _in_bucket(self.items)
+        read_image = None if fetched else _image_reader(self.items)
         first = tf.constant(self.captions.first)
         input_ids, attention_mask = tf.constant(self.captions.input_ids), tf.constant(self.captions.attention_mask)
         extras = _gather_fields(self.fields)
 
-        def load(position, index, mask):
+        def load(position, index, mask, contents=None):
             row = first[index]
             return {
-                "pixel_values": images.eval_image(read_image(index), size, self.image.preprocess),
+                "pixel_values": images.eval_image(read_image(index) if contents is None else contents, size,
+                                                  self.image.preprocess),
                 "input_ids": input_ids[row],
                 "attention_mask": attention_mask[row],
                 "mask": mask,
@@ -466,6 +518,8 @@ class EvalDataset:
                for key, array in (*field.per_record.items(), *field.per_caption.items())},
         }
         elements = tf.data.Dataset.from_tensor_slices((np.arange(len(self.order), dtype=np.int64), indices, real))
+        if fetched:
+            elements = _with_fetched_images(elements, self.items, index_at=1)
         dataset = elements.map(load, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
         # Skipped images would leave this process short: top up with filler so every process has num_batches.
         dataset = dataset.concatenate(tf.data.Dataset.from_tensors(filler).repeat())
@@ -477,13 +531,13 @@ class EvalDataset:
         for batch in self.dataset().as_numpy_iterator():
             positions = batch.pop("position")
             positions = positions[positions >= 0]
-            self._gaps.check(expected, positions)
+            self._gaps.check(expected, positions, self._record_at)
             expected = int(positions[-1]) + 1 if positions.size else expected
             yield batch
         if expected < len(self.order):  # skipped images at the very end
             for position in range(expected, len(self.order)):
                 if self.order[position] < len(self.items):
-                    self._gaps.report(position)
+                    self._gaps.report(position, self._record_at)
 
 
 def make_eval_dataset(items: list[Record], captions: Captions, *, global_batch_size: int,

@@ -35,8 +35,20 @@ from medclip.training.losses import batch_fields
 logger = logging.getLogger(__name__)
 
 
-def load_split(args: DataArguments, split: str, output_dir: Path, seed: int) -> tuple[list[Record], DropCounter]:
+class PreparedSources(dict):
+    """source -> whether it is a prepared folder of sharded records (`shard_manifest.is_prepared`), asked once per
+    source: on a bucket each question is a request, and one run's start-up asks it of the training source in
+    several places. One per build of a run's data, so a folder prepared later is seen by the next build."""
+
+    def __missing__(self, source: Any) -> bool:
+        self[source] = answer = shard_manifest.is_prepared(source)
+        return answer
+
+
+def load_split(args: DataArguments, split: str, output_dir: Path, seed: int,
+               prepared: PreparedSources | None = None) -> tuple[list[Record], DropCounter]:
     """Records of `split` ("train" or "validation") from whichever source the flags name."""
+    prepared = PreparedSources() if prepared is None else prepared
     counter = DropCounter(strict=args.strict)
     file = args.train_file if split == "train" else args.validation_file
     if args.synthetic_train_samples:
@@ -52,7 +64,7 @@ def load_split(args: DataArguments, split: str, output_dir: Path, seed: int) -> 
         barrier(f"synthetic {split}")
     else:
         source = file or args.data_dir or args.dataset_name
-        if split != "train" and shard_manifest.is_prepared(source) and split not in _manifest(source)["splits"]:
+        if split != "train" and prepared[source] and split not in _manifest(source)["splits"]:
             return [], counter  # prepared without this split: no evaluation, as with no --validation_file
     part = None
     if args.split_ratios and not args.synthetic_train_samples:
@@ -66,7 +78,7 @@ def load_split(args: DataArguments, split: str, output_dir: Path, seed: int) -> 
         items = load_records(source, "train" if part else split, counter=counter,
                              min_caption_length=args.min_caption_length, image_column=args.image_column,
                              caption_column=args.caption_column, delimiter=csv_delimiter(args.csv_delimiter),
-                             **args.load_options())
+                             prepared=prepared[source], **args.load_options())
     except shard_manifest.ShardError as error:  # a prepared folder's missing or truncated shard
         raise DataError(str(error)) from None
     if part is not None:
@@ -88,17 +100,19 @@ def _manifest(source) -> dict:
         raise DataError(str(error)) from None
 
 
-def streams_train(args: DataArguments) -> bool:
+def streams_train(args: DataArguments, prepared: PreparedSources | None = None) -> bool:
     """Whether the training data is a prepared folder of sharded records, whose images stream."""
     source = args.train_file or args.data_dir or args.dataset_name
-    return not args.synthetic_train_samples and shard_manifest.is_prepared(source)
+    prepared = PreparedSources() if prepared is None else prepared
+    return not args.synthetic_train_samples and prepared[source]
 
 
-def prepared_train(args: DataArguments) -> tuple[list[Record], DropCounter, shards.ShardStream] | None:
+def prepared_train(args: DataArguments, prepared: PreparedSources | None = None
+                   ) -> tuple[list[Record], DropCounter, shards.ShardStream] | None:
     """A prepared folder of sharded records (`medclip prepare --format shards`) named as the training data: its
     examples' text in memory, its images as a stream. None for any other source."""
     source = args.train_file or args.data_dir or args.dataset_name
-    if not streams_train(args):
+    if not streams_train(args, prepared):
         return None
     for flag, value in (("--split_ratios", args.split_ratios), ("--max_train_samples", args.max_train_samples)):
         if value:
@@ -212,9 +226,11 @@ def image_settings(args: DataArguments, model_config) -> ImageSettings:
 
 
 def build_data(args: DataArguments, train_args: TrainingArguments, tokenizer, model_config, output_dir: Path, *,
-               num_devices: int, train_fields: TrainFields | None = None) -> DataFeed:
+               num_devices: int, train_fields: TrainFields | None = None,
+               prepared: PreparedSources | None = None) -> DataFeed:
     """`train_fields` adds per-example fields computed from the training records and captions, before the
-    training iterator is built."""
+    training iterator is built. `prepared`: what the caller has learnt of which sources are prepared folders."""
+    prepared = PreparedSources() if prepared is None else prepared
     image = image_settings(args, model_config)
     global_train = train_args.per_device_train_batch_size * num_devices
     global_eval = train_args.per_device_eval_batch_size * num_devices
@@ -224,12 +240,12 @@ def build_data(args: DataArguments, train_args: TrainingArguments, tokenizer, mo
     eval_loss_fields: dict[str, np.ndarray] = {}
     concept_width = args.concept_width if batch_fields(train_args.loss) else 0
     if train_args.do_train:
-        prepared = prepared_train(args)
+        streamed = prepared_train(args, prepared)
         stream = None
-        if prepared is not None:
-            items, counter, stream = prepared
+        if streamed is not None:
+            items, counter, stream = streamed
         else:
-            items, counter = load_split(args, "train", output_dir, train_args.seed)
+            items, counter = load_split(args, "train", output_dir, train_args.seed, prepared)
         counters["train"] = (len(items), counter)
         if not items:
             raise ConfigError("--do_train needs training data: --train_file, --data_dir, --dataset_name or "
@@ -247,7 +263,7 @@ def build_data(args: DataArguments, train_args: TrainingArguments, tokenizer, mo
                                    image=image, fields=fields, counter=counter,
                                    threads=args.preprocessing_num_workers, stream=stream)
     if train_args.do_eval or train_args.do_train:
-        items, counter = load_split(args, "validation", output_dir, train_args.seed)
+        items, counter = load_split(args, "validation", output_dir, train_args.seed, prepared)
         if items:
             fields = _second_text(items, tokenizer, args)
             counters["validation"] = (len(items), counter)

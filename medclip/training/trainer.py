@@ -30,7 +30,8 @@ from medclip.training.arguments import DataArguments, ModelArguments, TrainingAr
 from medclip.training.checkpointing import Checkpointer
 from medclip.training import export
 from medclip.training.config_check import ConfigError, ModelFacts, check_model, metric_key, model_name, validate
-from medclip.training.data_feed import DataFeed, build_data, image_settings, streams_train, write_data_report
+from medclip.training.data_feed import (DataFeed, PreparedSources, build_data, image_settings, streams_train,
+                                       write_data_report)
 from medclip.training.locations import check_locations, prepare_output_dir
 from medclip.training.logger import MetricsLogger, truncate_jsonl
 from medclip.training.losses import alpha_param, split_params
@@ -100,9 +101,10 @@ class Trainer:
         # What validate could not know before loading (a Hub model), now from the model itself.
         check_model(model_args, data_args, train_args, ModelFacts.of(self.model.config, model_name(model_args)))
         self.text_cached = self.image_cached = False  # set by _train_fields
+        self.prepared_sources = PreparedSources()  # asked once per source (a request each on a bucket)
         self.data: DataFeed = build_data(data_args, train_args, self.tokenizer, self.model.config,
                                          self.output_dir, num_devices=jax.device_count(),
-                                         train_fields=self._train_fields)
+                                         train_fields=self._train_fields, prepared=self.prepared_sources)
         self.graphdef, params, batch_stats = nnx.split(self.model, nnx.Param, nnx.BatchStat)
         self.params, self.batch_stats = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
         if train_args.hybrid_alpha_learnable:  # trained beside the model, not exported with it
@@ -200,7 +202,7 @@ class Trainer:
                                          train_crop=self.data_args.train_crop, hflip=self.data_args.hflip,
                                          dropout=self.model_args.text_dropout,
                                          freeze_bn_stats=self.args.freeze_bn_stats)
-        if reason is None and streams_train(self.data_args):
+        if reason is None and streams_train(self.data_args, self.prepared_sources):
             reason = "the training images stream from sharded records (medclip.data.shards)"
         if not _may_cache("image", self.args.cache_locked_image, reason, self.args.freeze_vision):
             return None

@@ -12,14 +12,15 @@ from medclip.storage import as_path, check_readable
 
 def load_records(source: str | Path, split: str = "train", *, counter: DropCounter, min_caption_length: int = 10,
                  image_column: str | None = None, caption_column: str | None = None,
-                 delimiter: str | None = None, **options: Any) -> list[Record]:
+                 delimiter: str | None = None, prepared: bool | None = None, **options: Any) -> list[Record]:
     """A prepared folder of sharded records (has manifest.json), ROCO root folder (has data/<split>/), ROCOv2
     root (has {train,valid,test}_captions.csv) or one ROCOv2 `<split>_captions.csv`, JSON lines, CSV/TSV, or a
     Hugging Face dataset (folder or id). `options` are `medclip.data.sources.base.LoadOptions`
     (min_mean_intensity, text_cleaning, ...). `delimiter`: a CSV/TSV file's field delimiter (default: tab for
-    .tsv, comma for .csv)."""
+    .tsv, comma for .csv). `prepared`: whether `source` is a prepared folder, when the caller has asked already
+    (on a bucket each question is a request)."""
     check_readable(source, "data")  # a bucket URL that is not there: one StorageError naming it
-    if is_prepared(source):  # `medclip prepare --format shards`: the whole split, images in memory
+    if is_prepared(source) if prepared is None else prepared:  # `medclip prepare --format shards`: the whole split
         from medclip.data.shards import load_shards
 
         return load_shards(source, split, counter=counter)
