@@ -1,5 +1,5 @@
-"""The `medclip` command: prepare data (and verify prepared shards), evaluate a model, build an embedding index, search it, rank captions,
-classify zero-shot, plot training curves, and start the demo app.
+"""The `medclip` command: prepare data (and verify prepared shards), evaluate a model, build an embedding index,
+search it, rank captions, classify zero-shot, plot training curves, and start the demo app.
 
 Flags are written with underscores (--max_samples); the dashed spelling (--max-samples) is accepted too.
 A MODEL is a model folder, a Hub id (ORG/NAME, through the huggingface_hub cache; HF_HUB_OFFLINE=1 uses only

@@ -301,7 +301,7 @@ class ShardStream:
             return rows.concatenate(tf.data.Dataset.from_tensors(unread).repeat(stop - start)).take(stop - start)
 
         def note_unread(serialized):
-            self.unread.append(int(bytes(serialized)[len(_UNREAD):]))
+            self.unread.append(int(np.asarray(serialized).item()[len(_UNREAD):]))
             return np.False_
 
         def readable(position, epoch, serialized):
