@@ -114,8 +114,9 @@ class ShardSplit:
 
 
 def open_split(source: str | os.PathLike, split: str, *, check_files: bool = True) -> ShardSplit:
-    """The split's shards; with `check_files` every shard must exist with the byte size the manifest recorded
-    (one listing of the folder), so a missing or truncated shard fails here, before any training."""
+    """The split's shards; with `check_files` every shard must exist with the byte size (in a bucket, the CRC32C)
+    the manifest recorded (one listing of the folder), so a missing, truncated or, in a bucket, changed shard fails
+    here, before any training."""
     manifest = read_manifest(source)
     folder = folder_of(source)
     entry = manifest.get("splits", {}).get(split)

@@ -45,7 +45,7 @@ from medclip import storage
 from medclip.data import records
 from medclip.data.record_frames import crc32c_hex, read_records
 from medclip.data.records import DropCounter, Record
-from medclip.data.shard_manifest import CorruptShardError, ShardError, ShardSplit, open_split
+from medclip.data.shard_manifest import VERIFY_COMMAND, CorruptShardError, ShardError, ShardSplit, open_split
 
 DEFAULT_SHARD_SIZE = 1024
 DEFAULT_CYCLE = 8  # shards read at once, interleaved
@@ -229,7 +229,7 @@ class ShardStream:
         except OSError as error:
             raise ShardError(f"{path}: cannot be read while streaming ({storage.first_line(error)})") from None
         raise ShardError(f"{path}: could not be read while streaming, though its {count} records check now; run "
-                         f"`medclip verify-shards {self.split.folder}`")
+                         f"`{VERIFY_COMMAND} {self.split.folder}`")
 
     def groups(self, seed: int, epoch: int, process_index: int, process_count: int) -> list[list[Segment]]:
         segments = host_segments(self.split.counts, process_index, process_count)
