@@ -291,7 +291,10 @@ class ShardStream:
             """Exactly the segment's stop - start rows: a record that cannot be read (TensorFlow's DataLossError,
             which also ends its file) and every row after it come out as `_UNREAD` + the shard's number."""
             if local:
-                rows = tf.data.TFRecordDataset(tf.gather(path_table, shard), buffer_size=1 << 22).ignore_errors()
+                # ignore_errors retries a file that cannot be opened forever: such a file is left out instead.
+                openable = tf.numpy_function(lambda s: os.access(paths[int(s)], os.R_OK), [shard], tf.bool)
+                files = tf.boolean_mask(tf.reshape(tf.gather(path_table, shard), [1]), tf.reshape(openable, [1]))
+                rows = tf.data.TFRecordDataset(files, buffer_size=1 << 22).ignore_errors()
                 rows = rows.skip(start).take(stop - start)
             else:
                 rows = tf.data.Dataset.from_generator(
