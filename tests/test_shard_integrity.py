@@ -97,13 +97,16 @@ def test_verify_names_each_bad_shard_and_record_in_one_line(prepared, tmp_path, 
     flipped, cut = shard_path(folder, 2), shard_path(folder, 5)
     flipped_row, cut_row = flip_byte(flipped), truncate_and_pad(cut)
     open_split(folder, "train")  # sizes unchanged: the start-up check on a local folder passes
+    missing = shard_path(folder, 6)
+    missing.unlink()
     code, lines = verify(folder, capsys)
     assert code == 1
     bad = [line for line in lines if line.startswith("BAD ")]
-    assert len(bad) == 2, lines
+    assert len(bad) == 3, lines
     assert bad[0] == f"BAD {flipped}: record {flipped_row}: the data's CRC does not match"
     assert bad[1].startswith(f"BAD {cut}: record {cut_row}: the ") and bad[1].endswith("CRC does not match")
-    assert "2 bad file(s)" in lines[-1] and "prepare the data again" in lines[-1]
+    assert bad[2] == f"BAD {missing}: missing"
+    assert "3 bad file(s)" in lines[-1] and "prepare the data again" in lines[-1]
 
 
 def test_a_manifest_without_checksums_still_loads_and_verifies(prepared, tmp_path, capsys):
