@@ -27,6 +27,7 @@ from medclip.training import recipes  # noqa: E402
 from medclip.training.arguments import (DataArguments, FlagError, FlagParser, ModelArguments,  # noqa: E402
                                        TrainingArguments)
 from medclip.storage import StorageError  # noqa: E402
+from medclip.data.records import DataError as RecordsError  # noqa: E402  (e.g. a corrupt shard met mid-run)
 from medclip.training.config_check import ConfigError, DataError, validate  # noqa: E402
 
 EXIT_CONFIG, EXIT_DATA, EXIT_MODEL = 2, 3, 4
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FlagError) as error:
         print(f"run_hybrid_clip.py: configuration error: {error}", file=sys.stderr)
         return EXIT_CONFIG
-    except DataError as error:
+    except (DataError, RecordsError) as error:
         print(f"run_hybrid_clip.py: data error: {error}", file=sys.stderr)
         return EXIT_DATA
     except StorageError as error:  # a bucket, object or credentials that are not there: a bad flag value

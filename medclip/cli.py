@@ -1,5 +1,5 @@
-"""The `medclip` command: prepare data, evaluate a model, build an embedding index, search it, rank captions,
-classify zero-shot, plot training curves, and start the demo app.
+"""The `medclip` command: prepare data (and verify prepared shards), evaluate a model, build an embedding index,
+search it, rank captions, classify zero-shot, plot training curves, and start the demo app.
 
 Flags are written with underscores (--max_samples); the dashed spelling (--max-samples) is accepted too.
 A MODEL is a model folder, a Hub id (ORG/NAME, through the huggingface_hub cache; HF_HUB_OFFLINE=1 uses only
@@ -206,6 +206,15 @@ def cmd_prepare(argv: list[str]) -> int:
     return prepare.main(argv)
 
 
+def cmd_verify_shards(args) -> int:
+    from medclip.data.shard_verify import verify_folder
+
+    result = verify_folder(args.folder, args.splits, progress=args.progress)
+    for line in result.lines:
+        print(line)
+    return EXIT_FAILED if result.bad else 0
+
+
 def cmd_app(argv: list[str]) -> int:
     from medclip.app.launch import main as launch
 
@@ -296,6 +305,16 @@ def build_parser() -> ArgumentParser:
     prompts.add_argument("--templates", nargs="+", help="prompt templates with {} for the label")
     prompts.add_argument("--prompt_set", choices=sorted(PROMPT_SETS), help="a named set of prompt templates")
     p.set_defaults(func=cmd_zeroshot)
+
+    # Its own command rather than a `prepare` flag: it takes a prepared folder and none of prepare's source flags.
+    p = sub.add_parser("verify-shards", help="read every shard of a prepared folder; name each bad one",
+                       description="Reads every shard of a folder `medclip prepare --format shards` wrote, checking "
+                                   "each record's CRCs, the counts and each file's CRC32C against manifest.json; "
+                                   "prints one line per bad file. Exit 0: all intact, 1: bad files found.")
+    p.add_argument("folder", help="the prepared folder (or its manifest.json); a local path or a bucket URL")
+    p.add_argument("--splits", nargs="+", help="default: every split in the manifest")
+    p.add_argument("--no_progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=cmd_verify_shards)
 
     p = sub.add_parser("plot", help="training curves (PNG) from a run's metrics.jsonl")
     p.add_argument("metrics")

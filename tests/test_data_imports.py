@@ -8,7 +8,8 @@ import sys
 
 def test_light_modules_do_not_import_tensorflow():
     code = ("import sys, medclip.data.prepare, medclip.data.sources.roco, medclip.data.sources.csv_source, "
-            "medclip.data.sources.jsonl, medclip.data.sources.hf_datasets, medclip.data.captions; "
+            "medclip.data.sources.jsonl, medclip.data.sources.hf_datasets, medclip.data.captions, "
+            "medclip.data.shard_verify, medclip.data.sources.tfds_source; "
             "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

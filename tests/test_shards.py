@@ -254,3 +254,44 @@ def test_trainer_refuses_flags_that_need_the_records_in_memory(prepared, tmp_pat
 
     with pytest.raises(ConfigError, match="--max_train_samples does not apply to sharded records"):
         prepared_train(DataArguments(data_dir=str(prepared), max_train_samples=8))
+
+
+def test_prepare_from_a_tfds_dataset_writes_its_examples(tmp_path, capsys):
+    """`--source tfds:NAME/CONFIG --tfds_data_dir DIR`: every split of a TFDS dataset built locally with our ROCO
+    builder, as shards holding the TFDS examples (ids, image bytes, captions, concepts, keywords); a dataset not
+    prepared there, or no such dataset, is one line."""
+    import tensorflow_datasets as tfds
+
+    from medclip.data.sources import tfds_roco
+    from tests.data import bad_files
+
+    lines = [bad_files.good_line(f"ROCO_{i}", f"Chest radiograph number {i} showing a mass.") for i in range(1, 6)]
+    images = {f"ROCO_{i}": bad_files.jpeg_bytes(seed=i) for i in range(1, 7)}
+    for split in ("train", "validation"):
+        bad_files.write_roco_tree(tmp_path / "roco", [*lines, bad_files.good_line("ROCO_6", "OPG.")], images,
+                                  split=split)
+    data_dir = tmp_path / "tfds"
+    builder = tfds_roco.Roco(config="radiology", data_dir=str(data_dir))
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / "roco")))
+    output = tmp_path / "shards"
+    args = ["--source", "tfds:roco/radiology", "--output_dir", str(output), "--format", "shards", "--shard_size", "2",
+            "--no_progress"]
+    assert prepare.main([*args, "--tfds_data_dir", str(data_dir)]) == 0
+    manifest = read_manifest(output)
+    assert sorted(manifest["splits"]) == ["train", "validation"] and manifest["source"] == "tfds:roco/radiology"
+    for split in ("train", "validation"):
+        expected = {record.id: record for record in tfds_roco.load_tfds_roco(builder, split)}
+        got = shards.load_shards(output, split)
+        assert sorted(record.id for record in got) == sorted(expected) == [f"ROCO_{i}" for i in range(1, 6)]
+        for record in got:
+            source = expected[record.id]
+            assert record.image == source.image == images[record.id]
+            assert (record.captions, record.concepts, record.keywords) == (source.captions, source.concepts,
+                                                                           source.keywords)
+    capsys.readouterr()
+    for source, data, expected in (("tfds:roco/radiology", tmp_path / "empty", "not prepared"),
+                                   ("tfds:no_such_dataset_here", data_dir, "no such TFDS dataset")):
+        args[1] = source
+        assert prepare.main([*args, "--tfds_data_dir", str(data)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and source in err and expected in err, err

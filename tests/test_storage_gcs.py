@@ -282,3 +282,37 @@ def test_sharded_records_in_a_bucket_are_the_local_shards_and_resume_exactly(tmp
     assert streamed == test_shards.check_stream(local, hosts=2, positions=(0,))
     assert len({record_id for host in streamed for record_id in host[:14]}) == 28  # one epoch: disjoint hosts
     test_shards.check_feed_resume(remote, tmp_path / "feed")
+
+
+def test_a_corrupt_shard_in_a_bucket_fails_in_one_line(tmp_path, bucket, capsys):
+    """`medclip prepare` into a bucket records the CRC32C the bucket lists for each object; a shard rewritten with
+    its size but other bytes fails at start-up from the listing alone, and `verify-shards` names its record. With
+    a manifest from before the CRC32C was recorded it gets past start-up; streaming it from the bucket then stops
+    with the record named."""
+    from medclip import cli, storage
+    from medclip.data.shard_manifest import ShardError, list_files, open_split
+    from tests import test_shard_integrity as integrity
+    from tests import test_shards
+
+    remote = f"{bucket}/shards-corrupt"
+    test_shards.prepare_shards(test_shards.write_source(tmp_path / "source"), remote)
+    manifest = json.loads(storage.read_bytes(f"{remote}/manifest.json"))
+    entries = manifest["splits"]["train"]["shards"]
+    listed = list_files(remote)
+    assert [listed[entry["name"]][1] for entry in entries] == [entry["crc32c"] for entry in entries]
+    shard = f"{remote}/{entries[2]['name']}"
+    local = tmp_path / "shard.tfrecord"
+    local.write_bytes(storage.read_bytes(shard))
+    row = integrity.flip_byte(local)
+    storage.write_bytes(shard, local.read_bytes())
+    with pytest.raises(ShardError, match="in the bucket, the manifest says") as caught:
+        open_split(remote, "train")
+    assert "\n" not in str(caught.value) and str(caught.value).startswith(f"{shard}: CRC32C")
+    assert cli.main(["verify-shards", remote, "--no_progress"]) == 1
+    assert f"BAD {shard}: record {row}: the data's CRC does not match" in capsys.readouterr().out
+
+    for entry in entries:
+        del entry["crc32c"]
+    storage.write_text(f"{remote}/manifest.json", json.dumps(manifest))
+    _, _, error = integrity.stream_until_error(integrity.make_iterator(remote, tmp_path / "tokenizer"))
+    assert str(error).startswith(f"{shard}: record {row} is corrupt") and f"verify-shards {remote}`" in str(error)

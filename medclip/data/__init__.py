@@ -6,5 +6,6 @@
 - `pipeline`: the tf.data train/eval pipelines with an exact, saveable position.
 - `synthetic`: radiology-like image-caption pairs for demos and tests; `prepare`: ROCO raw files -> JSON lines,
   or any source -> sharded records (`shards`: TFRecord shards read whole or streamed per host; `shard_manifest`:
-  their manifest, read without TensorFlow).
+  their manifest, read without TensorFlow; `record_frames`: the TFRecord framing and its CRCs read in Python;
+  `shard_verify`: `medclip verify-shards`).
 """

@@ -396,7 +396,12 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
     def __next__(self) -> dict[str, np.ndarray]:
         if self._batches is None:
             self._batches = self.dataset().as_numpy_iterator()
-        batch = next(self._batches)
+        try:
+            batch = next(self._batches)
+        except StopIteration:
+            if self.stream is not None:  # a shard that cannot be read ends the stream: a typed error naming it
+                self.stream.raise_read_failure()
+            raise
         positions = batch.pop("position")
         self._gaps.check(self.position, positions, self._record_at)
         self.position = int(positions[-1]) + 1

@@ -4,10 +4,14 @@
     # -> data/roco/{train,validation,test}.jsonl (the splits found) and data/roco/summary.json
     medclip prepare --source data/train.jsonl --output_dir gs://bucket/shards --format shards --shard_size 1024
     # -> train-00000.tfrecord ..., train-metadata.jsonl, manifest.json (medclip.data.shards), summary.json
+    medclip prepare --source tfds:roco/radiology --tfds_data_dir ~/tensorflow_datasets --output_dir DIR --format shards
+    medclip verify-shards DIR   # reads every shard back: one line per bad one
 
-`--source` is anything the trainer reads (ROCO or ROCOv2 folder, JSON lines, CSV/TSV, a Hugging Face dataset);
-sharded records are written for every split asked (default: every ROCO split found, else "train"), in an order
-shuffled once with `--shuffle_seed`, to a local folder or a bucket.
+`--source` is anything the trainer reads (ROCO or ROCOv2 folder, JSON lines, CSV/TSV, a Hugging Face dataset) or a
+prepared TFDS dataset (`tfds:NAME[/CONFIG][:VERSION]`, TFDS's spelling, from `--tfds_data_dir`); sharded records are
+written for every split asked (default: every ROCO or TFDS split found, else "train"), in an order shuffled once
+with `--shuffle_seed`, to a local folder or a bucket. The manifest records each shard's CRC32C; in a bucket the
+objects' own CRC32C is compared with it once all are written.
 
 Every image is checked (header, size, end marker) and decoded once with the pipeline's TF decoder, so training
 never meets an image it cannot read; `--min-mean-intensity` also drops near-black images. CMYK JPEGs are converted
@@ -35,7 +39,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--roco_dir", help="ROCO checkout (or its data/ folder) as the fetch script leaves it")
     where.add_argument("--source", help="any data the trainer reads (ROCO/ROCOv2 folder, JSON lines, CSV/TSV, "
-                                        "Hugging Face dataset); a local path or a bucket URL")
+                                        "Hugging Face dataset; a local path or a bucket URL) or a prepared TFDS "
+                                        "dataset, tfds:NAME[/CONFIG][:VERSION]")
+    parser.add_argument("--tfds_data_dir", help="--source tfds:...: the TFDS data dir holding it (default TFDS's: "
+                                                "$TFDS_DATA_DIR or ~/tensorflow_datasets)")
     parser.add_argument("--output_dir", required=True, help="where the output and summary.json go (or a gs:// URL)")
     parser.add_argument("--format", choices=("jsonl", "shards"), default="jsonl",
                         help="jsonl: ROCO raw -> {split}.jsonl; shards: any source -> TFRecord shards + manifest.json")
@@ -59,7 +66,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="skip the full decode check (header checks still run)")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
     args = parser.parse_args(argv)
-    args.roco = args.roco_dir is not None or _is_roco_raw(args.source)
+    from medclip.data.sources.tfds_source import is_tfds
+
+    args.tfds = is_tfds(args.source)
+    if args.tfds_data_dir and not args.tfds:
+        parser.error("--tfds_data_dir goes with --source tfds:NAME")
+    args.roco = args.roco_dir is not None or (not args.tfds and _is_roco_raw(args.source))
     args.source = args.source or args.roco_dir
     if args.format == "jsonl" and not args.roco:
         parser.error(f"--format jsonl writes ROCO raw folders only; {args.source} is not one: use --format shards")
@@ -113,6 +125,10 @@ def _default_splits(args: argparse.Namespace) -> list[str]:
 
     if args.roco:
         return list(roco.available_splits(args.source, tuple(args.subsets)))
+    if args.tfds:
+        from medclip.data.sources import tfds_source
+
+        return tfds_source.split_names(tfds_source.open_builder(args.source, args.tfds_data_dir))
     if is_prepared(args.source):
         return list(read_manifest(args.source)["splits"])
     return ["train"]
@@ -123,6 +139,11 @@ def _load(args: argparse.Namespace, split: str, counter: DropCounter) -> list:
                    verify_decode=args.verify_decode, min_mean_intensity=args.min_mean_intensity)
     if args.roco:
         return roco.load_roco(args.source, split, tuple(args.subsets), **options)
+    if args.tfds:
+        from medclip.data.sources.tfds_source import load_tfds
+
+        return load_tfds(args.source, split, data_dir=args.tfds_data_dir, image_column=args.image_column,
+                         caption_column=args.caption_column, **options)
     from medclip.data.sources.auto import load_records
 
     return load_records(args.source, split, image_column=args.image_column, caption_column=args.caption_column,
@@ -137,7 +158,7 @@ def prepare_shards(args: argparse.Namespace) -> dict:
 
     from medclip import storage
     from medclip.data import shards
-    from medclip.data.shard_manifest import is_prepared, read_manifest, write_manifest
+    from medclip.data.shard_manifest import check_files_listed, is_prepared, read_manifest, split_of, write_manifest
 
     splits = args.splits or _default_splits(args)
     if not splits:
@@ -157,6 +178,7 @@ def prepare_shards(args: argparse.Namespace) -> dict:
         entries[split] = shards.write_split(items, args.output_dir, split, counter=counter,
                                             shard_size=args.shard_size, progress=args.progress)
         entries[split]["source"] = str(args.source)
+        check_files_listed(split_of(str(args.output_dir), split, entries[split]))  # a bucket: its CRC32C too
         print(f"{split}: wrote {len(entries[split]['shards'])} shards, {entries[split]['total']} examples\n  "
               f"{counter.report().replace(chr(10), chr(10) + '  ')}")
         summary["splits"][split] = {"shards": len(entries[split]["shards"]), **counter.summary()}

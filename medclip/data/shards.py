@@ -4,10 +4,11 @@
     # -> {split}-00000.tfrecord ..., {split}-metadata.jsonl, manifest.json
 
 Why. Reading 1.6M loose JPEGs from a bucket costs one request per image; a shard is read front to back in large
-reads. The manifest names every shard with its example count and byte size, so a reader knows the split's size
-(and the example index of every record) without scanning, and catches a missing or truncated shard before
-training starts. The captions, concepts and ids are also written to one small JSON-lines file per split: the
-trainer tokenises all captions once, as it does for any source, while the images stream.
+reads. The manifest names every shard with its example count, byte size and CRC32C, so a reader knows the split's
+size (and the example index of every record) without scanning, and catches a missing or truncated shard (in a
+bucket, any changed one) before training starts. The captions, concepts and ids are also written to one small
+JSON-lines file per split: the trainer tokenises all captions once, as it does for any source, while the images
+stream.
 
 Layout. Example i of a split (its `index`) is the i-th record written; the writer shuffles the source's records
 once (seeded) so that any contiguous range is a fair sample. Each shard holds consecutive indices.
@@ -20,6 +21,12 @@ host), so `order` computes it without reading, and a stream started at a positio
 re-reads at most one group up to that position. Every host yields the same `per_epoch` examples an epoch (the
 pipeline's layout); a host's last few examples of an epoch beyond that are the ones it leaves out, a different
 few each epoch.
+
+Integrity. Every record read is checked against its TFRecord CRCs (by TensorFlow, or `record_frames` for a bucket
+and the in-memory reader). A corrupt shard never surfaces as a DataLossError traceback nor as examples quietly
+missing: the stream ends at the first record it cannot read and `ShardStream.raise_read_failure` (which the
+training iterator calls when its stream ends) raises `CorruptShardError` naming the shard, the record and
+`medclip verify-shards`.
 """
 
 from __future__ import annotations
@@ -27,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import struct
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -37,12 +43,16 @@ import tensorflow as tf
 
 from medclip import storage
 from medclip.data import records
+from medclip.data.record_frames import crc32c_hex, read_records
 from medclip.data.records import DropCounter, Record
-from medclip.data.shard_manifest import ShardError, ShardSplit, open_split
+from medclip.data.shard_manifest import VERIFY_COMMAND, CorruptShardError, ShardError, ShardSplit, open_split
 
 DEFAULT_SHARD_SIZE = 1024
 DEFAULT_CYCLE = 8  # shards read at once, interleaved
 DEFAULT_WINDOW = 1024  # examples permuted together in memory
+# Stands in the stream for a record that could not be read, followed by the shard's number: never the first byte of
+# a serialized tf.train.Example (a protobuf field number is never 0).
+_UNREAD = b"\x00"
 
 
 # ------------------------------------------------------------------------------------------------- examples
@@ -92,24 +102,17 @@ def parse_in_graph(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
 
 def iter_serialized(path: str, start: int = 0, stop: int | None = None) -> Iterator[bytes]:
     """Rows [start, stop) of one TFRecord file (any path or URL, through medclip.storage), skipping earlier rows
-    by seeking past them. CRCs are not checked; the manifest's byte sizes catch truncation up front."""
+    by seeking past them; each row read is checked against its CRCs (`CorruptShardError` names the row)."""
     with storage.open_file(path, "rb") as f:
-        row = 0
-        while stop is None or row < stop:
-            header = f.read(12)
-            if not header:
-                return
-            if len(header) < 12:
-                raise ShardError(f"{path}: truncated at row {row}")
-            (length,) = struct.unpack("<Q", header[:8])
-            if row < start:
-                f.seek(length + 4, 1)
-            else:
-                data = f.read(length)
-                if len(data) < length or len(f.read(4)) < 4:
-                    raise ShardError(f"{path}: truncated at row {row}")
-                yield data
-            row += 1
+        yield from read_records(f, path, start, stop)
+
+
+def _readable_rows(path: str, start: int, stop: int) -> Iterator[bytes]:
+    """Rows [start, stop) up to the first that cannot be read (the stream marks the rest unread)."""
+    try:
+        yield from iter_serialized(path, start, stop)
+    except (ShardError, OSError):
+        return
 
 
 def load_shards(source: str | os.PathLike, split: str = "train", *, counter: DropCounter | None = None) -> list[Record]:
@@ -146,7 +149,7 @@ def write_split(items: list[Record], folder: str | os.PathLike, split: str, *, c
             name = f"{split}-{len(shards):05d}.tfrecord"
             data = Path(local).read_bytes()
             storage.write_bytes(storage.join(folder, name), data)
-            shards.append({"name": name, "examples": rows, "bytes": len(data)})
+            shards.append({"name": name, "examples": rows, "bytes": len(data), "crc32c": crc32c_hex(data)})
 
         rows = 0
         for record in tqdm(items, desc=f"{split} -> shards", unit="ex", disable=not progress):
@@ -209,6 +212,24 @@ class ShardStream:
     split: ShardSplit
     cycle: int = DEFAULT_CYCLE
     window: int = DEFAULT_WINDOW
+    # Shards (numbers) whose unread records ended a stream, in the order met; filled while streaming.
+    unread: list[int] = dataclasses.field(default_factory=list, compare=False, repr=False)
+
+    def raise_read_failure(self) -> None:
+        """After a stream ended early: the first shard that ended it, read again with its CRCs checked, raises
+        `CorruptShardError` naming the bad record (or `ShardError` when it cannot be read at all). Nothing when
+        no shard ended a stream."""
+        if not self.unread:
+            return
+        path = self.split.paths[self.unread[0]]
+        try:
+            count = sum(1 for _ in iter_serialized(path))
+        except CorruptShardError:
+            raise
+        except OSError as error:
+            raise ShardError(f"{path}: cannot be read while streaming ({storage.first_line(error)})") from None
+        raise ShardError(f"{path}: could not be read while streaming, though its {count} records check now; run "
+                         f"`{VERIFY_COMMAND} {self.split.folder}`")
 
     def groups(self, seed: int, epoch: int, process_index: int, process_count: int) -> list[list[Segment]]:
         segments = host_segments(self.split.counts, process_index, process_count)
@@ -267,12 +288,30 @@ class ShardStream:
             return np.concatenate([[int(begin) - starts[first], first, len(groups)], table.ravel()]).astype(np.int64)
 
         def read_segment(shard, start, stop):
+            """Exactly the segment's stop - start rows: a record that cannot be read (TensorFlow's DataLossError,
+            which also ends its file) and every row after it come out as `_UNREAD` + the shard's number."""
             if local:
-                return tf.data.TFRecordDataset(tf.gather(path_table, shard), buffer_size=1 << 22).skip(
-                    start).take(stop - start)
-            return tf.data.Dataset.from_generator(
-                lambda s, a, b: iter_serialized(paths[int(s)], int(a), int(b)), args=(shard, start, stop),
-                output_signature=tf.TensorSpec([], tf.string))
+                # ignore_errors retries a file that cannot be opened forever: such a file is left out instead.
+                openable = tf.numpy_function(lambda s: os.access(paths[int(s)], os.R_OK), [shard], tf.bool)
+                files = tf.boolean_mask(tf.reshape(tf.gather(path_table, shard), [1]), tf.reshape(openable, [1]))
+                rows = tf.data.TFRecordDataset(files, buffer_size=1 << 22).ignore_errors()
+                rows = rows.skip(start).take(stop - start)
+            else:
+                rows = tf.data.Dataset.from_generator(
+                    lambda s, a, b: _readable_rows(paths[int(s)], int(a), int(b)), args=(shard, start, stop),
+                    output_signature=tf.TensorSpec([], tf.string))
+            unread = tf.strings.join([_UNREAD, tf.strings.as_string(shard)])
+            return rows.concatenate(tf.data.Dataset.from_tensors(unread).repeat(stop - start)).take(stop - start)
+
+        def note_unread(serialized):
+            self.unread.append(int(np.asarray(serialized).item()[len(_UNREAD):]))
+            return np.False_
+
+        def readable(position, epoch, serialized):
+            """False at the first unread record, which ends the stream (noted for `raise_read_failure`)."""
+            return tf.cond(tf.strings.substr(serialized, 0, len(_UNREAD)) == _UNREAD,
+                           lambda: tf.reshape(tf.numpy_function(note_unread, [serialized], tf.bool), []),
+                           lambda: tf.constant(True))
 
         def permute(key, window):
             epoch, group = key[0], key[1]
@@ -302,4 +341,4 @@ class ShardStream:
             positions = tf.data.Dataset.range(epoch * per_epoch + begin, (epoch + 1) * per_epoch)
             return tf.data.Dataset.zip((positions, tf.data.Dataset.from_tensors(epoch).repeat(), examples))
 
-        return tf.data.Dataset.range(start_epoch, epochs).flat_map(epoch_stream)
+        return tf.data.Dataset.range(start_epoch, epochs).flat_map(epoch_stream).take_while(readable)

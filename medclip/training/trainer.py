@@ -259,7 +259,11 @@ class Trainer:
         last_time, last_step = time.perf_counter(), step
         while step < self.total_steps and not progress.stopped_early:
             start = self.data.train.position
-            batch = next(self.data.train)
+            try:
+                batch = next(self.data.train)
+            except Exception:  # a data error met mid-run (a corrupt shard): its one line goes below the bar
+                bar.close()
+                raise
             state, metrics = self.train_step(state, batch)
             step += 1
             if args.log_data_order:
