@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import io
 import os
 import re
 import shutil
@@ -189,6 +190,51 @@ def open_file(path: PathLike, mode: str = "rb", **kwargs: Any) -> IO:
         return open(path, mode, **kwargs)
     with _translated(path):
         return as_path(path).open(mode, **kwargs)
+
+
+class _RangedObject(io.RawIOBase):
+    """An object read front to back in ranged requests: `open_sequential`'s raw layer."""
+
+    def __init__(self, url: str):
+        self._url, self._fs, self._pos = url, _filesystem(url), 0
+        with _translated(url):
+            self._size = self._fs.size(url)  # a range past the end is an error (416), not an empty read
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        end = min(self._pos + len(buffer), self._size)
+        if end <= self._pos:
+            return 0
+        with _translated(self._url):
+            data = self._fs.cat_file(self._url, self._pos, end)
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_END:
+            raise io.UnsupportedOperation("no seeks from the end")
+        self._pos = offset if whence == io.SEEK_SET else self._pos + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def open_sequential(path: PathLike, chunk: int = 16 << 20) -> IO[bytes]:
+    """A file read front to back in many small reads (TFRecord frames): an object in a bucket is fetched `chunk`
+    bytes per request and the small reads are served from that buffer by io.BufferedReader. Through gcsfs's own
+    file object each small read costs a round trip through fsspec's IO loop: a 256-example shard read 15x slower
+    than in one request on the GCS emulator. A local file is opened as usual."""
+    if not is_url(path):
+        return open(path, "rb")
+    _check_scheme(os.fspath(path))
+    return io.BufferedReader(_RangedObject(os.fspath(path)), buffer_size=chunk)
 
 
 def remove_tree(path: PathLike) -> None:

@@ -278,3 +278,34 @@ def test_read_many_reads_files_and_objects_alike_and_returns_errors_in_place(tmp
         assert [type(error) for error in found[2:]] == [storage.StorageError] * 2
         assert all(path in str(error) for path, error in zip(missing, found[2:]))
     assert storage.read_many([str(local), url], [0, 100], [3, 103]) == [bytes([0, 1, 2]), bytes([100, 101, 102])]
+
+
+def test_a_shard_in_a_bucket_is_read_in_chunk_requests_and_every_record_checked(tmp_path, bucket, requests):
+    """TFRecord frames are small reads: through gcsfs's file object each went round fsspec's IO loop; through
+    `open_sequential` they come from chunk-sized ranged requests, and the records are the local file's."""
+    from medclip import storage
+    from medclip.data import shards
+    from medclip.data.records import Record
+
+    local = tmp_path / "x.tfrecord"
+    import tensorflow as tf
+
+    records = [Record(id=str(i), image=f"{i}.jpg", captions=[f"caption {i}"]) for i in range(40)]
+    with tf.io.TFRecordWriter(str(local)) as writer:
+        for i, record in enumerate(records):
+            writer.write(shards.serialize(record, i, bytes([i % 256]) * (1000 + 37 * i)))
+    url = f"{bucket}/sequential/x.tfrecord"
+    storage.write_bytes(url, local.read_bytes())
+    size = local.stat().st_size
+    with storage.open_sequential(url, chunk=4096) as f:
+        assert f.read(10) == local.read_bytes()[:10]
+        f.seek(100, 1)
+        assert f.read(5000) == local.read_bytes()[110:5110]
+    requests.clear()
+    pieces = []
+    with storage.open_sequential(url, chunk=4096) as f:
+        while piece := f.read(100):  # small reads, as TFRecord frames are read
+            pieces.append(piece)
+    assert b"".join(pieces) == local.read_bytes()
+    assert _media_reads(requests, "sequential/") == {("sequential/x.tfrecord", "range"): -(-size // 4096)}
+    assert list(shards.iter_serialized(url, 3, 30)) == list(shards.iter_serialized(str(local), 3, 30))

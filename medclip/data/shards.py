@@ -103,7 +103,7 @@ def parse_in_graph(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
 def iter_serialized(path: str, start: int = 0, stop: int | None = None) -> Iterator[bytes]:
     """Rows [start, stop) of one TFRecord file (any path or URL, through medclip.storage), skipping earlier rows
     by seeking past them; each row read is checked against its CRCs (`CorruptShardError` names the row)."""
-    with storage.open_file(path, "rb") as f:
+    with storage.open_sequential(path) as f:
         yield from read_records(f, path, start, stop)
 
 
