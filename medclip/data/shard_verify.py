@@ -33,7 +33,7 @@ def verify_shard(path: str, examples: int, checksum: str | None, advance=lambda 
     """What is wrong with one shard, in a few words, or None. `advance(n)` is told of every n bytes read."""
     crc, rows = [0], 0
     try:
-        with storage.open_file(path, "rb") as f:
+        with storage.open_sequential(path) as f:
             for data in read_records(f, path, crc=crc):
                 rows += 1
                 advance(len(data) + _FRAME_BYTES)
