@@ -124,15 +124,9 @@ def run_decode(mode: str, split: str, folder: Path, batches: int, args) -> dict:
 
 
 # -- report -------------------------------------------------------------------------------------------------------
-def phase_rows(result: dict) -> list[tuple[str, float, float]]:
-    """(phase, wall s, CPU s) with the unclaimed rest of the process as "other"."""
-    rows = [(name, s["wall_s"], s["cpu_s"]) for name, s in result["phases"].items()]
-    total = result["phases_total"]
-    rows.append(("other", total["wall_s"] - sum(r[1] for r in rows), total["cpu_s"] - sum(r[2] for r in rows)))
-    return rows
-
-
 def markdown(args, runs: list[tuple[str, dict]], decode: dict[tuple[str, str], list[dict]]) -> str:
+    from medclip.training.phase_times import rows as phase_rows
+
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     lines = [f"# Where the preset's run spends its time, {when}", "",
              f"`python benchmarks/run_phases.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}`", "",

@@ -62,19 +62,23 @@ class PhaseTimer:
         return {"phases": phases, "phases_total": total}
 
 
-def table(record: dict) -> str:
-    """A `PhaseTimer.record()` as a short text table: each phase's wall and CPU seconds and share of the run,
-    with the unclaimed rest as "other"."""
+def rows(record: dict) -> list[tuple[str, float, float]]:
+    """(phase, wall s, CPU s) of a `PhaseTimer.record()`, with the unclaimed rest of the run as "other"."""
     phases, total = record["phases"], record["phases_total"]
-    rows = [(name, seconds["wall_s"], seconds["cpu_s"]) for name, seconds in phases.items()]
-    rows.append((OTHER, total["wall_s"] - sum(r[1] for r in rows), total["cpu_s"] - sum(r[2] for r in rows)))
-    width = max(len(name) for name, *_ in rows)
+    found = [(name, seconds["wall_s"], seconds["cpu_s"]) for name, seconds in phases.items()]
+    return [*found, (OTHER, total["wall_s"] - sum(r[1] for r in found), total["cpu_s"] - sum(r[2] for r in found))]
+
+
+def table(record: dict) -> str:
+    """A `PhaseTimer.record()` as a short text table: each phase's wall and CPU seconds and share of the run."""
+    total, listed = record["phases_total"], rows(record)
+    width = max(len(name) for name, *_ in listed)
 
     def share(part: float, whole: float) -> str:
         return f"{100 * part / whole:5.1f}%" if whole > 0 else "    -"
 
     lines = [f"{'phase':<{width}}  {'wall s':>8} {'share':>6}  {'CPU s':>8} {'share':>6}"]
-    for name, wall, cpu in [*rows, ("total", total["wall_s"], total["cpu_s"])]:
+    for name, wall, cpu in [*listed, ("total", total["wall_s"], total["cpu_s"])]:
         lines.append(f"{name:<{width}}  {wall:8.1f} {share(wall, total['wall_s'])}  {cpu:8.1f} "
                      f"{share(cpu, total['cpu_s'])}")
     return "\n".join(lines)
