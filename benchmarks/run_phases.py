@@ -68,9 +68,9 @@ def read_phases(output_dir: Path) -> dict:
 
 
 # -- one training run ---------------------------------------------------------------------------------------------
-def run_variant(args, train: Path, test: Path, flags: str, work: Path, index: int) -> dict:
+def run_variant(args, train: Path, test: Path, flags: str, work: Path, index: int, cache: Path) -> dict:
     fresh = work / f"xla-fresh-{index}"
-    flags = flags.format(test=test, cache=work / "xla-cache", fresh_cache=fresh)
+    flags = flags.format(test=test, cache=cache, fresh_cache=fresh)
     out, log = work / f"run{index}", work / f"run{index}.log"
     argv = quality.ours_argv(args, train, out, flags)
     start, cpu_start = time.perf_counter(), quality.children_cpu_s()
@@ -81,13 +81,22 @@ def run_variant(args, train: Path, test: Path, flags: str, work: Path, index: in
     if code != 0:
         raise RuntimeError(f"run_hybrid_clip.py exited {code}; see {log}")
     if fresh.is_dir():  # the cold run's compilations warm the shared cache for the next runs
-        shutil.copytree(fresh, work / "xla-cache", dirs_exist_ok=True)
+        shutil.copytree(fresh, cache, dirs_exist_ok=True)
     record = read_phases(out)
     return {"flags": flags, "process_wall_s": wall, "process_cpu_s": cpu, "phases": record["phases"],
             "phases_total": record["phases_total"]}
 
 
 # -- the input pipeline alone (python run_phases.py --decode_worker MODE SPLIT FOLDER BATCHES) ----------------------
+def finished_run(output_dir: Path) -> dict:
+    """A run made elsewhere (`--add_run`): its process figures are its own phase record's totals (from the
+    script's first line: the interpreter's own start-up, a fraction of a second, is not in them)."""
+    record = read_phases(output_dir)
+    return {"flags": f"(finished run {output_dir})", "process_wall_s": record["phases_total"]["wall_s"],
+            "process_cpu_s": record["phases_total"]["cpu_s"], "phases": record["phases"],
+            "phases_total": record["phases_total"]}
+
+
 def decode_worker(mode: str, split: str, folder: Path, batches: int, size: int, batch_size: int) -> None:
     from medclip.data import images
     from medclip.data.pipeline import Captions, ImageSettings, make_eval_dataset, make_train_dataset
@@ -114,6 +123,28 @@ def decode_worker(mode: str, split: str, folder: Path, batches: int, size: int, 
                       "cpu_s": time.process_time() - cpu_start}))
 
 
+def startup_worker(mode: str) -> None:
+    """The script's start-up up to the trainer (its imports with the TensorFlow hook): CPU seconds of the process.
+    mode "keras": the hook's Keras skip turned off (TensorFlow's eager import of Keras, as before it)."""
+    from medclip import quiet_imports
+
+    if mode == "keras":
+        quiet_imports._NoKeras.find_spec = lambda self, fullname, path, target=None: None
+    quiet_imports.quiet_tensorflow_start_up()
+    import medclip.training.trainer  # noqa: F401  (what run_hybrid_clip.py imports before the trainer starts)
+
+    print(json.dumps({"cpu_s": time.process_time(), "keras": "keras" in sys.modules}))
+
+
+def run_startup(mode: str) -> dict:
+    argv = [sys.executable, str(Path(__file__).resolve()), "--startup_worker", mode]
+    start = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if done.returncode != 0:
+        raise RuntimeError(f"start-up worker {mode} exited {done.returncode}: {done.stderr[-2000:]}")
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "wall_s": time.perf_counter() - start}
+
+
 def run_decode(mode: str, split: str, folder: Path, batches: int, args) -> dict:
     argv = [sys.executable, str(Path(__file__).resolve()), "--decode_worker", mode, split, str(folder), str(batches),
             "--batch_size", str(args.batch_size)]
@@ -124,7 +155,8 @@ def run_decode(mode: str, split: str, folder: Path, batches: int, args) -> dict:
 
 
 # -- report -------------------------------------------------------------------------------------------------------
-def markdown(args, runs: list[tuple[str, dict]], decode: dict[tuple[str, str], list[dict]]) -> str:
+def markdown(args, runs: list[tuple[str, dict]], decode: dict[tuple[str, str], list[dict]],
+             startup: dict[str, list[dict]]) -> str:
     from medclip.training.phase_times import rows as phase_rows
 
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
@@ -161,6 +193,15 @@ def markdown(args, runs: list[tuple[str, dict]], decode: dict[tuple[str, str], l
                          f"{np.mean([r['pairs'] / r['cpu_s'] for r in rows]):.0f} | "
                          f"{', '.join(f'{w:.1f}' for w in wall)} |")
         lines.append("")
+    if startup:
+        lines += ["## Start-up to the trainer: TensorFlow's first import with / without Keras", "",
+                  "| TensorFlow's first import | CPU s (each process, alternated) | mean | Keras loaded |",
+                  "|---|---|---|---|"]
+        for mode, rows in startup.items():
+            cpu = [r["cpu_s"] for r in rows]
+            lines.append(f"| {'skips Keras (shipped)' if mode == 'hook' else 'imports Keras (before)'} | "
+                         f"{', '.join(f'{c:.2f}' for c in cpu)} | {np.mean(cpu):.2f} | {rows[0]['keras']} |")
+        lines.append("")
     lines += ["Per run:", "", "```", json.dumps(runs, indent=1), "```", ""]
     return "\n".join(lines)
 
@@ -170,6 +211,8 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--decode_worker", nargs=4, metavar=("MODE", "SPLIT", "FOLDER", "BATCHES"),
                         help=argparse.SUPPRESS)
+    parser.add_argument("--startup_worker", help=argparse.SUPPRESS)
+    parser.add_argument("--startup_repeats", type=int, default=3, help="rounds of the start-up A/B (0: none)")
     parser.add_argument("--show", metavar="OUTPUT_DIR", help="print the phase table of a finished run and exit")
     parser.add_argument("--train_data", default=str(ROOT.parent / "shared" / "roco-train"))
     parser.add_argument("--test_data", default=str(ROOT.parent / "shared" / "roco-sample"))
@@ -179,6 +222,9 @@ def parse_args(argv=None):
     parser.add_argument("--variant", action="append", default=None, metavar="LABEL=FLAGS",
                         help="a run of the variants (repeat; default: the four above); {test}, {cache}, "
                              "{fresh_cache} as described")
+    parser.add_argument("--add_run", action="append", default=[], metavar="LABEL=OUTPUT_DIR",
+                        help="a finished run to list first (its process figures from its phase record)")
+    parser.add_argument("--cache_dir", default=None, help="the folder {cache} stands for (default: in --work_dir)")
     parser.add_argument("--repeats", type=int, default=1, help="rounds of the variants, alternated")
     parser.add_argument("--decode_repeats", type=int, default=2, help="rounds of the decode A/B")
     parser.add_argument("--no_decode", action="store_true", help="skip the decode A/B")
@@ -194,6 +240,9 @@ def main(argv=None) -> int:
         mode, split, folder, batches = args.decode_worker
         decode_worker(mode, split, Path(folder), int(batches), 128, args.batch_size)
         return 0
+    if args.startup_worker:
+        startup_worker(args.startup_worker)
+        return 0
     if args.show:
         from medclip.training.phase_times import table
 
@@ -206,11 +255,13 @@ def main(argv=None) -> int:
     qargs = quality.parse_args(["--epochs", str(args.epochs), "--batch_size", str(args.batch_size),
                                 "--seed", str(args.seed)])
     variants = ([tuple(v.split("=", 1)) for v in args.variant] if args.variant else default_variants(args.epochs))
-    runs: list[tuple[str, dict]] = []
+    runs: list[tuple[str, dict]] = [(label, finished_run(Path(folder)))
+                                    for label, folder in (a.split("=", 1) for a in args.add_run)]
+    cache = Path(args.cache_dir) if args.cache_dir else work / "xla-cache"
     index = 0
     for round_ in range(args.repeats if not args.no_runs else 0):
         for label, flags in variants:
-            result = run_variant(qargs, train, test, flags, work, index)
+            result = run_variant(qargs, train, test, flags, work, index, cache)
             index += 1
             runs.append((f"{label} (round {round_ + 1})", result))
             from medclip.training.phase_times import table
@@ -226,7 +277,13 @@ def main(argv=None) -> int:
                     result = run_decode(mode, split, Path(folder), batches, args)
                     decode.setdefault((split, mode), []).append(result)
                     print(f"decode {split} {mode}: {json.dumps(result)}", flush=True)
-    report = markdown(args, runs, decode)
+    startup: dict[str, list[dict]] = {}
+    for _ in range(args.startup_repeats):
+        for mode in ("hook", "keras"):
+            result = run_startup(mode)
+            startup.setdefault(mode, []).append(result)
+            print(f"start-up {mode}: {json.dumps(result)}", flush=True)
+    report = markdown(args, runs, decode, startup)
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"phases-{datetime.date.today()}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report)
