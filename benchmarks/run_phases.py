@@ -11,7 +11,8 @@ The run is benchmarks/quality.py's 'ours' (`quality.ours_argv`: tiny CLIP ViT 4x
 all-MiniLM-L6-v2, text cached, batch 64) with the preset's choices (`--lr_schedule cosine --warmup_steps 20 --loss
 concept`), trained on --train_data. Variants (run in this order, `--repeats` times round):
 - cold cache: evaluating on --test_data every epoch (the preset's default with a validation split), with an empty
-  persistent compilation cache (`{fresh_cache}`: a new folder per run, merged into `{cache}` afterwards);
+  persistent compilation cache (`{empty_cache}`: the `{cache}` folder emptied first; not a fresh folder, because
+  JAX's cache keys hold the folder's path: a copied cache misses);
 - warm cache: the same with `{cache}`, which the cold run filled;
 - eval at the end: the same, warm, with `--eval_epochs` = the number of epochs (one evaluation, after the last step);
 - no eval: quality.py's own form (no validation set), warm.
@@ -51,7 +52,7 @@ EVAL = "--do_eval --validation_file {test} --per_device_eval_batch_size 64"
 
 
 def default_variants(epochs: int) -> list[tuple[str, str]]:
-    return [("cold cache, eval every epoch", f"{PRESET} {EVAL} --compilation_cache_dir {{fresh_cache}}"),
+    return [("cold cache, eval every epoch", f"{PRESET} {EVAL} --compilation_cache_dir {{empty_cache}}"),
             ("warm cache, eval every epoch", f"{PRESET} {EVAL} --compilation_cache_dir {{cache}}"),
             ("warm cache, eval at the end only", f"{PRESET} {EVAL} --eval_epochs {epochs} --compilation_cache_dir {{cache}}"),
             ("warm cache, no eval (quality.py's form)", f"{PRESET} --compilation_cache_dir {{cache}}")]
@@ -69,8 +70,9 @@ def read_phases(output_dir: Path) -> dict:
 
 # -- one training run ---------------------------------------------------------------------------------------------
 def run_variant(args, train: Path, test: Path, flags: str, work: Path, index: int, cache: Path) -> dict:
-    fresh = work / f"xla-fresh-{index}"
-    flags = flags.format(test=test, cache=cache, fresh_cache=fresh)
+    if "{empty_cache}" in flags:  # the same folder emptied: JAX's cache keys hold its path, so no fresh folder
+        shutil.rmtree(cache, ignore_errors=True)
+    flags = flags.format(test=test, cache=cache, empty_cache=cache)
     out, log = work / f"run{index}", work / f"run{index}.log"
     argv = quality.ours_argv(args, train, out, flags)
     start, cpu_start = time.perf_counter(), quality.children_cpu_s()
@@ -80,8 +82,6 @@ def run_variant(args, train: Path, test: Path, flags: str, work: Path, index: in
     wall, cpu = time.perf_counter() - start, quality.children_cpu_s() - cpu_start
     if code != 0:
         raise RuntimeError(f"run_hybrid_clip.py exited {code}; see {log}")
-    if fresh.is_dir():  # the cold run's compilations warm the shared cache for the next runs
-        shutil.copytree(fresh, cache, dirs_exist_ok=True)
     record = read_phases(out)
     return {"flags": flags, "process_wall_s": wall, "process_cpu_s": cpu, "phases": record["phases"],
             "phases_total": record["phases_total"]}
@@ -167,7 +167,7 @@ def markdown(args, runs: list[tuple[str, dict]], decode: dict[tuple[str, str], l
              "(CPU: user + system, all threads). Phase CPU: `time.process_time()` (all threads: the input "
              "pipeline's decoding runs beside the step and is charged to the phase the main thread is in).", ""]
     if runs:
-        names = [name for name, _ in phase_rows(runs[0][1])]
+        names = [row[0] for row in phase_rows(runs[0][1])]
         lines += ["## Runs (in the order run)", "",
                   "| run | process wall s | process CPU s | " + " | ".join(f"{n} CPU s (share)" for n in names) + " |",
                   "|---" * (len(names) + 3) + "|"]
@@ -221,7 +221,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variant", action="append", default=None, metavar="LABEL=FLAGS",
                         help="a run of the variants (repeat; default: the four above); {test}, {cache}, "
-                             "{fresh_cache} as described")
+                             "{empty_cache} as described")
     parser.add_argument("--add_run", action="append", default=[], metavar="LABEL=OUTPUT_DIR",
                         help="a finished run to list first (its process figures from its phase record)")
     parser.add_argument("--cache_dir", default=None, help="the folder {cache} stands for (default: in --work_dir)")
