@@ -246,7 +246,11 @@ def main(argv=None) -> int:
     if args.show:
         from medclip.training.phase_times import table
 
-        print(table(read_phases(Path(args.show))))
+        try:
+            print(table(read_phases(Path(args.show))))
+        except (OSError, ValueError) as error:
+            print(f"run_phases.py: {error}", file=sys.stderr)
+            return 2
         return 0
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="medclip-phases-"))
     train_items, test_items = quality.load_pairs(Path(args.train_data)), quality.load_pairs(Path(args.test_data))
