@@ -11,7 +11,11 @@ reached), 3 a data error.
 
 from __future__ import annotations
 
-import os
+import time
+
+STARTED = time.perf_counter(), time.process_time()  # the phase table's origin (medclip.training.phase_times)
+
+import os  # noqa: E402
 
 # transformers advises at import that PyTorch is missing ("Models won't be available"): this is a JAX tool and
 # needs none of them. Only advisories are silenced (real warnings still print); set it to "" to see them.
@@ -61,7 +65,10 @@ def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArgum
     return parser.parse_flags(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, started: tuple[float, float] | None = None) -> int:
+    """`started`: (perf_counter, process_time) at the process's start, charged to the phase table's start-up;
+    default: now."""
+    started = started if started is not None else (time.perf_counter(), time.process_time())
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     quiet_tensorflow_start_up()
@@ -77,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
         check_model_names(model_args.model_name_or_path, model_args.text_model_name_or_path,
                           model_args.vision_model_name_or_path, model_args.tokenizer_name)
-        return run(model_args, data_args, train_args)
+        return run(model_args, data_args, train_args, started)
     except (ConfigError, FlagError) as error:
         print(f"run_hybrid_clip.py: configuration error: {error}", file=sys.stderr)
         return EXIT_CONFIG
@@ -92,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_MODEL
 
 
-def run(model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments) -> int:
+def run(model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments,
+        started: tuple[float, float] | None = None) -> int:
     from medclip.training.distributed import maybe_initialize
     from medclip.training.host_memory import keep_host_memory_mapped
 
@@ -103,16 +111,19 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
     logging.getLogger(__name__).info("XLA compilation cache: %s", cache or "off")
 
     maybe_initialize(train_args.coordinator_address, train_args.num_processes, train_args.process_id)
+    from medclip.training.phase_times import PhaseTimer
     from medclip.training.trainer import Trainer
 
-    trainer = Trainer(model_args, data_args, train_args)
+    phases = PhaseTimer(started)
+    phases.since_last("start-up")  # imports, flags, checks, the compilation cache, the trainer's modules
+    trainer = Trainer(model_args, data_args, train_args, phases)
     summary = trainer.train() if train_args.do_train else trainer.evaluate_only()
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
 
 if __name__ == "__main__":
-    code = main()
+    code = main(started=STARTED)
     # All output is written and closed. The interpreter's final garbage collection would walk the whole object
     # graph of the run (JAX traces and caches, TensorFlow, transformers): up to tens of seconds of exit time.
     gc.freeze()

@@ -31,6 +31,7 @@ from medclip.training.distributed import barrier
 from medclip.training.arguments import DataArguments, TrainingArguments, csv_delimiter
 from medclip.training.config_check import ConfigError, DataError
 from medclip.training.losses import batch_fields
+from medclip.training.phase_times import PhaseTimer
 
 logger = logging.getLogger(__name__)
 
@@ -227,10 +228,12 @@ def image_settings(args: DataArguments, model_config) -> ImageSettings:
 
 def build_data(args: DataArguments, train_args: TrainingArguments, tokenizer, model_config, output_dir: Path, *,
                num_devices: int, train_fields: TrainFields | None = None,
-               prepared: PreparedSources | None = None) -> DataFeed:
+               prepared: PreparedSources | None = None, phases: PhaseTimer | None = None) -> DataFeed:
     """`train_fields` adds per-example fields computed from the training records and captions, before the
-    training iterator is built. `prepared`: what the caller has learnt of which sources are prepared folders."""
+    training iterator is built. `prepared`: what the caller has learnt of which sources are prepared folders.
+    `phases` is charged the tokenization (medclip.training.phase_times)."""
     prepared = PreparedSources() if prepared is None else prepared
+    phases = phases if phases is not None else PhaseTimer()
     image = image_settings(args, model_config)
     global_train = train_args.per_device_train_batch_size * num_devices
     global_eval = train_args.per_device_eval_batch_size * num_devices
@@ -250,11 +253,13 @@ def build_data(args: DataArguments, train_args: TrainingArguments, tokenizer, mo
         if not items:
             raise ConfigError("--do_train needs training data: --train_file, --data_dir, --dataset_name or "
                              "--synthetic_train_samples")
-        fields = _second_text(items, tokenizer, args)
+        with phases.phase("tokenization"):
+            fields = _second_text(items, tokenizer, args)
         if len(items) < global_train:
             raise DataError(f"{len(items)} training pairs do not fill one global batch of {global_train} "
                              f"({train_args.per_device_train_batch_size} per device x {num_devices} devices)")
-        captions = tokenize_captions(items, tokenizer, args.max_seq_length)
+        with phases.phase("tokenization"):
+            captions = tokenize_captions(items, tokenizer, args.max_seq_length)
         if concept_width:
             vocab = ConceptVocabulary.build(items, source=args.concept_source)
             fields.append(concept_field(items, vocab, concept_width, counter))
@@ -265,9 +270,11 @@ def build_data(args: DataArguments, train_args: TrainingArguments, tokenizer, mo
     if train_args.do_eval or train_args.do_train:
         items, counter = load_split(args, "validation", output_dir, train_args.seed, prepared)
         if items:
-            fields = _second_text(items, tokenizer, args)
+            with phases.phase("tokenization"):
+                fields = _second_text(items, tokenizer, args)
+                captions = tokenize_captions(items, tokenizer, args.max_seq_length)
             counters["validation"] = (len(items), counter)
-            evaluation = make_eval_dataset(items, tokenize_captions(items, tokenizer, args.max_seq_length),
+            evaluation = make_eval_dataset(items, captions,
                                            global_batch_size=global_eval, image=image, fields=fields,
                                            counter=counter, threads=args.preprocessing_num_workers)
             eval_captions = [record.captions[0] for record in items]

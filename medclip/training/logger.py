@@ -68,7 +68,7 @@ class MetricsLogger:
                     tf.summary.scalar(key, value)
             self._tb.flush()
             self._upload_tensorboard()
-        if self._wandb is not None:
+        if self._wandb is not None and numbers:  # (a record of nested numbers, e.g. the phase table: file only)
             self._wandb.log(numbers, step=int(step))
 
     def _upload_tensorboard(self) -> None:

@@ -41,6 +41,7 @@ from medclip.training.image_cache import why_not_cacheable as why_not_image_cach
 from medclip.training.text_cache import pooled_text_features, why_not_cacheable
 from medclip.training.model_setup import build_model_and_tokenizer, compute_dtype
 from medclip.training.optim import OptimizerConfig, make_optimizer, set_lr_scale
+from medclip.training.phase_times import PhaseTimer, table
 from medclip.training.plateau import Plateau, PlateauConfig, mode_for
 from medclip.training.step import (StepConfig, TrainState, init_state, make_embed_step, make_eval_loss,
                                    make_train_step)
@@ -84,9 +85,16 @@ def _may_cache(tower: str, mode: str, reason: str | None, frozen: bool) -> bool:
 
 
 class Trainer:
-    """Expects flags that `config_check.validate` accepted (`train()` below validates; so does the script)."""
+    """Expects flags that `config_check.validate` accepted (`train()` below validates; so does the script).
+    `phases`: the run's phase timer (the script's, holding its start-up); default a new one from now."""
 
-    def __init__(self, model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments):
+    def __init__(self, model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments,
+                 phases: PhaseTimer | None = None):
+        self.phases = phases if phases is not None else PhaseTimer()
+        with self.phases.phase("model build"):  # data loading inside it is charged to its own phases
+            self._set_up(model_args, data_args, train_args)
+
+    def _set_up(self, model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments) -> None:
         self.model_args, self.data_args, self.args = model_args, data_args, train_args
         check_locations(model_args, data_args, train_args)
         self.output_dir = prepare_output_dir(train_args)
@@ -102,9 +110,11 @@ class Trainer:
         check_model(model_args, data_args, train_args, ModelFacts.of(self.model.config, model_name(model_args)))
         self.text_cached = self.image_cached = False  # set by _train_fields
         self.prepared_sources = PreparedSources()  # asked once per source (a request each on a bucket)
-        self.data: DataFeed = build_data(data_args, train_args, self.tokenizer, self.model.config,
-                                         self.output_dir, num_devices=jax.device_count(),
-                                         train_fields=self._train_fields, prepared=self.prepared_sources)
+        with self.phases.phase("data loading"):
+            self.data: DataFeed = build_data(data_args, train_args, self.tokenizer, self.model.config,
+                                             self.output_dir, num_devices=jax.device_count(),
+                                             train_fields=self._train_fields, prepared=self.prepared_sources,
+                                             phases=self.phases)
         self.graphdef, params, batch_stats = nnx.split(self.model, nnx.Param, nnx.BatchStat)
         self.params, self.batch_stats = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
         if train_args.hybrid_alpha_learnable:  # trained beside the model, not exported with it
@@ -159,12 +169,15 @@ class Trainer:
         """What the training batches carry beyond pixels and captions, computed from the model and the training
         records before the feed is built: locked towers' cached features, whole-word flags."""
         fields = []
-        pooled = self._cache_locked_text(captions)
+        with self.phases.phase("locked-tower cache"):
+            pooled = self._cache_locked_text(captions)
         if pooled is not None:
             fields.append(cached_text(pooled))
         if self.args.mlm and self.args.mlm_masking == "whole_word":
-            fields.append(word_start(self._word_starts(items, captions)))
-        features = self._cache_locked_image(items)
+            with self.phases.phase("tokenization"):
+                fields.append(word_start(self._word_starts(items, captions)))
+        with self.phases.phase("locked-tower cache"):
+            features = self._cache_locked_image(items)
         if features is not None:
             fields.append(features.field())
         self.text_cached, self.image_cached = pooled is not None, features is not None
@@ -243,9 +256,11 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
-        args = self.args
-        state, progress = self._initial_state()
+        args, phases = self.args, self.phases
+        with phases.phase("first step"):  # the state's initialisation (or restore) and the step's compilation
+            state, progress = self._initial_state()
         step = int(state.step)
+        first = True
         barrier("train start")
         steps_per_epoch = self.data.steps_per_epoch
         global_batch = self.data.global_train_batch_size
@@ -259,45 +274,62 @@ class Trainer:
         last_time, last_step = time.perf_counter(), step
         while step < self.total_steps and not progress.stopped_early:
             start = self.data.train.position
-            try:
-                batch = next(self.data.train)
-            except Exception:  # a data error met mid-run (a corrupt shard): its one line goes below the bar
-                bar.close()
-                raise
-            state, metrics = self.train_step(state, batch)
-            step += 1
-            if args.log_data_order:
-                self._log_data_order(step, self.data.train_ids(start, self.data.train.position))
-            bar.update(1)
-            epoch = (step - 1) // steps_per_epoch
-            if step % args.logging_steps == 0 or step == self.total_steps:
-                now = time.perf_counter()
-                rate = (step - last_step) * global_batch / (now - last_time)
-                last_time, last_step = now, step
-                logged = self._log_train(step, epoch, metrics, rate)
-                bar.set_postfix(loss=f"{logged['train_loss']:.4f}", pairs_per_s=f"{rate:.1f}")
-            self._check_finite(state)
+            with phases.phase("data wait"):  # the first call also builds and starts the input pipeline
+                try:
+                    batch = next(self.data.train)
+                except Exception:  # a data error met mid-run (a corrupt shard): its one line goes below the bar
+                    bar.close()
+                    raise
+            # The step's own time ends where the loop already syncs on its output (_check_finite, logging).
+            with phases.phase("first step" if first else "step"):
+                state, metrics = self.train_step(state, batch)
+                first = False
+                step += 1
+                if args.log_data_order:
+                    self._log_data_order(step, self.data.train_ids(start, self.data.train.position))
+                bar.update(1)
+                epoch = (step - 1) // steps_per_epoch
+                if step % args.logging_steps == 0 or step == self.total_steps:
+                    now = time.perf_counter()
+                    rate = (step - last_step) * global_batch / (now - last_time)
+                    last_time, last_step = now, step
+                    logged = self._log_train(step, epoch, metrics, rate)
+                    bar.set_postfix(loss=f"{logged['train_loss']:.4f}", pairs_per_s=f"{rate:.1f}")
+                self._check_finite(state)
             end_of_epoch = step % steps_per_epoch == 0 or step == self.total_steps
             evaluate = step == self.total_steps or (end_of_epoch and (epoch + 1) % args.eval_epochs == 0)
             if evaluate and self.data.has_eval:
-                summary["eval"] = self.evaluate(state, step, epoch)
-                self._track_best(state, summary["eval"], progress, epoch)
-                if plateau is not None:
-                    state = self._step_plateau(plateau, state, summary["eval"], progress)
+                with phases.phase("evaluation"):
+                    summary["eval"] = self.evaluate(state, step, epoch)
+                    with phases.phase("export"):  # a new best model is exported
+                        self._track_best(state, summary["eval"], progress, epoch)
+                    if plateau is not None:
+                        state = self._step_plateau(plateau, state, summary["eval"], progress)
                 last_time = time.perf_counter()  # evaluation time is not training throughput
             if end_of_epoch or (args.save_steps > 0 and step % args.save_steps == 0):
-                self._save(step, state, progress)
+                with phases.phase("checkpoint save"):
+                    self._save(step, state, progress)
         bar.close()
         self._check_finite(state, final=True)
-        summary.update(self._export_final(state, summary.get("eval")))
+        with phases.phase("export"):
+            summary.update(self._export_final(state, summary.get("eval")))
         summary.update(steps=step, text_tower_cached=self.text_cached,
                        image_tower_cached=self.image_cached, nonfinite_steps_skipped=int(state.nonfinite_total),
                        stopped_early=progress.stopped_early, best_metric=progress.best_metric,
                        best_epoch=progress.best_epoch, dropped=self.data.drop_summary)
         write_data_report(self.data, self.output_dir)
+        self._log_phases(step)
         self.metrics.close()
         self.checkpointer.close()
         return summary
+
+    def _log_phases(self, step: int) -> None:
+        """The run's phase times, once: a `phases` record in metrics.jsonl and a table in the log (process 0)."""
+        record = self.phases.record()
+        self.metrics.log(step, record)
+        if jax.process_index() == 0:
+            logger.info("where the time went (process CPU includes the input pipeline's threads):\n%s",
+                        table(record))
 
     def _step_plateau(self, plateau: Plateau, state: TrainState, metrics: dict, progress: Progress) -> TrainState:
         """ReduceLROnPlateau after an evaluation: the new rate goes into the optimizer state (both checkpointed)."""
@@ -410,6 +442,7 @@ class Trainer:
         return export.export_final(final, self.output_dir, self.tokenizer, self._model_card(eval_metrics), self.args)
 
 
-def train(model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments) -> dict[str, Any]:
+def train(model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments,
+          phases: PhaseTimer | None = None) -> dict[str, Any]:
     validate(model_args, data_args, train_args)
-    return Trainer(model_args, data_args, train_args).train()
+    return Trainer(model_args, data_args, train_args, phases).train()
