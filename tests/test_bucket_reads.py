@@ -238,12 +238,15 @@ def test_start_up_asks_once_whether_a_bucket_source_is_prepared(tmp_path, bucket
 
 def test_a_process_training_from_bucket_objects_exits_with_its_iterator_alive(tmp_path, bucket):
     """The iterator is still prefetching when the script ends; freed during interpreter finalisation it would wait
-    for fetches that need fsspec's IO thread, stopped by then, and the process would never exit."""
+    for fetches that need fsspec's IO thread, stopped by then, and the process would never exit; freed after
+    gcsfs's exit finalizers, a fetch in flight never returned (1 exit in 16 under load). A hang prints the stacks."""
     import os
     import subprocess
 
     _, remote_jsonl = _jsonl_in_bucket(tmp_path, bucket, 16, 32, "exit")
     script = f"""
+import faulthandler
+faulthandler.dump_traceback_later({HANG_S - 60}, exit=True)
 from medclip.data import pipeline
 from medclip.data.records import DropCounter
 from medclip.data.sources.auto import load_records

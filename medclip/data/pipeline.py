@@ -347,13 +347,20 @@ class _GapAccounting:
 _LIVE: weakref.WeakSet[TrainIterator] = weakref.WeakSet()
 
 
-@atexit.register
 def _release_iterators() -> None:
     """Drops the TF iterators of live train iterators while the interpreter still runs every thread: one freed
     during finalisation waits for its in-flight fetches, which need fsspec's IO thread, stopped by then (a
     process training from a bucket would hang at exit)."""
     for live in list(_LIVE):
         live.close()
+
+
+def _release_first_at_exit() -> None:
+    """(Re-)registers `_release_iterators` as the last exit hook, so that it runs first (atexit is last in,
+    first out): before gcsfs's exit finalizers close the sessions an in-flight fetch is still using (that fetch
+    then never returned and the TF iterator's destructor waited for it: 1 exit in 16 hung under load)."""
+    atexit.unregister(_release_iterators)
+    atexit.register(_release_iterators)
 
 
 class TrainIterator(Iterator[dict[str, np.ndarray]]):
@@ -374,6 +381,7 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         self._orders: dict[int, np.ndarray] = {}
         self._gaps = _GapAccounting(items, self.counter)
         _LIVE.add(self)
+        _release_first_at_exit()
 
     def close(self) -> None:
         """Stops the background reading now (the next batch starts it again from the position)."""
