@@ -100,17 +100,17 @@ def parse_in_graph(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return parsed["index"], parsed["image"]
 
 
-def iter_serialized(path: str, start: int = 0, stop: int | None = None) -> Iterator[bytes]:
+def iter_serialized(path: str, start: int = 0, stop: int | None = None, size: int | None = None) -> Iterator[bytes]:
     """Rows [start, stop) of one TFRecord file (any path or URL, through medclip.storage), skipping earlier rows
     by seeking past them; each row read is checked against its CRCs (`CorruptShardError` names the row)."""
-    with storage.open_sequential(path) as f:
+    with storage.open_sequential(path, size=size) as f:
         yield from read_records(f, path, start, stop)
 
 
-def _readable_rows(path: str, start: int, stop: int) -> Iterator[bytes]:
+def _readable_rows(path: str, start: int, stop: int, size: int) -> Iterator[bytes]:
     """Rows [start, stop) up to the first that cannot be read (the stream marks the rest unread)."""
     try:
-        yield from iter_serialized(path, start, stop)
+        yield from iter_serialized(path, start, stop, size)
     except (ShardError, OSError):
         return
 
@@ -271,7 +271,7 @@ class ShardStream:
         """(position, epoch, serialized example) from stream `position` on; groups before the position's are not
         read, the position's group is read up to it and skipped."""
         start_epoch, offset = divmod(position, per_epoch)
-        paths = list(self.split.paths)
+        paths, sizes = list(self.split.paths), self.split.sizes  # sizes: the manifest's, checked at start-up
         local = not any(storage.is_url(p) for p in paths)
         path_table = tf.constant(paths)
 
@@ -298,7 +298,8 @@ class ShardStream:
                 rows = rows.skip(start).take(stop - start)
             else:
                 rows = tf.data.Dataset.from_generator(
-                    lambda s, a, b: _readable_rows(paths[int(s)], int(a), int(b)), args=(shard, start, stop),
+                    lambda s, a, b: _readable_rows(paths[int(s)], int(a), int(b), sizes[int(s)]),
+                    args=(shard, start, stop),
                     output_signature=tf.TensorSpec([], tf.string))
             unread = tf.strings.join([_UNREAD, tf.strings.as_string(shard)])
             return rows.concatenate(tf.data.Dataset.from_tensors(unread).repeat(stop - start)).take(stop - start)
